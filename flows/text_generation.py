@@ -1,0 +1,101 @@
+"""The nlp-text-generation flow: one commit of a linked repository in, one output version out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.errors import RepositoryError
+from tasks.generate import generate_text
+from tasks.model import load_generator, local_revision
+from tasks.repo import RepoLocation, fetch_repo_commit
+from tasks.settings import read_settings
+from tasks.tracking import RunRecord, Tracker, log_to_mlflow
+
+REPO_ENV = "TEXTGEN_REPO"
+
+
+def default_repo_url() -> str:
+    """`TEXTGEN_REPO`, else the git checkout this project runs from (it links itself)."""
+    explicit = os.environ.get(REPO_ENV)
+    if explicit:
+        return explicit
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        return str(root)
+    raise RepositoryError(
+        f"no repository given, and {root} is not a git checkout: pass repo_url (or --repo), "
+        f"or set {REPO_ENV}"
+    )
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    ref = params.get("commit_sha") or params.get("branch") or "main"
+    return f"{params.get('trigger', 'manual')}-{str(ref)[:12]}"
+
+
+def _markdown(record: RunRecord, params: dict[str, Any]) -> str:
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.items())
+    title = f"Version {record.version}" if record.version else record.outcome.capitalize()
+    return (
+        f"# {title}\n\n"
+        f"- outcome: **{record.outcome}** {record.reason}\n"
+        f"- commit: `{record.commit_sha}`\n"
+        f"- settings digest: `{record.settings_digest}`\n"
+        f"- MLflow run: [{record.run_id}]({record.url})\n\n"
+        f"| setting | value |\n|---|---|\n{rows}\n"
+    )
+
+
+@flow(name="nlp-text-generation", flow_run_name=_flow_run_name, log_prints=False)
+def nlp_text_generation(
+    repo_url: str | None = None,
+    branch: str = "main",
+    commit_sha: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    trigger: str = "manual",
+    force: bool = False,
+) -> RunRecord:
+    """Generate text with the settings at one commit and record it as a new MLflow version.
+
+    Args:
+        repo_url: URL or local path of the linked repository (default: this project's own).
+        branch: The branch to fetch; its tip is run when `commit_sha` is not given.
+        commit_sha: The commit to run, full or short.
+        overrides: Settings changed for this run only, validated like the settings file.
+        trigger: What started the run: manual, push, poll, ...
+        force: Make a new version even when this commit, settings and model already have one.
+    """
+    location = RepoLocation.parse(repo_url or default_repo_url())
+    tracker = Tracker.for_repo(location.url)
+    run_id = tracker.start(branch, commit_sha, trigger)
+    try:
+        commit = fetch_repo_commit(repo_url or location.url, branch, commit_sha)
+        tracker.tag_commit(run_id, commit)
+        settings, source = read_settings(commit, overrides)
+        revision = local_revision(settings)
+        existing = None if force else tracker.find_version(commit.sha, settings.digest(), revision)
+        if existing is not None:
+            record = tracker.finish_reused(run_id, existing, settings)
+        else:
+            generator = load_generator(settings, revision)
+            generations = generate_text(generator, settings)
+            record = log_to_mlflow(
+                tracker, run_id, commit, settings, source, generator, generations
+            )
+    except BaseException as exc:
+        tracker.fail(run_id, exc)
+        raise
+    create_markdown_artifact(
+        _markdown(record, settings.as_params()),
+        key="nlp-text-generation",
+        description=record.summary(),
+    )
+    return record

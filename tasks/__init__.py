@@ -1,0 +1,1 @@
+"""The flow's tasks, one module per stage."""

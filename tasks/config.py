@@ -1,0 +1,100 @@
+"""Where things live and what the operator allows, read from the environment when asked.
+
+Nothing here runs at import time: the data folder is created by the code that writes to it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.errors import SettingsError
+
+DATA_DIR_ENV = "TEXTGEN_HOME"
+
+
+def data_dir() -> Path:
+    """The embedded data folder: MLflow store and artifacts, repository mirrors, models."""
+    explicit = os.environ.get(DATA_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser().resolve() / "textgen"
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else a SQLite store in the data folder."""
+    explicit = os.environ.get("MLFLOW_TRACKING_URI")
+    if explicit:
+        return explicit
+    folder = data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def artifact_root() -> str | None:
+    """Where new experiments keep artifacts: the data folder for the embedded store.
+
+    `None` lets a remote tracking server choose (its `--default-artifact-root`).
+    """
+    explicit = os.environ.get("TEXTGEN_ARTIFACT_ROOT")
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://", "databricks")):
+        return None
+    return (data_dir() / "artifacts").as_uri()
+
+
+def repo_cache_dir() -> Path:
+    """Bare mirrors of the linked repositories, one per repository."""
+    return Path(os.environ.get("TEXTGEN_REPO_CACHE") or data_dir() / "repos")
+
+
+def model_cache_dir() -> Path:
+    """Models converted to safetensors (from GGUF) and the offline model."""
+    return Path(os.environ.get("TEXTGEN_MODEL_CACHE") or data_dir() / "models")
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(
+            f"environment variable {name}={raw!r} is not an integer; "
+            "unset it or give a whole number"
+        ) from None
+    if value < minimum:
+        raise SettingsError(f"environment variable {name}={value} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class OperatorLimits:
+    """Caps set by whoever runs the worker, so that a push cannot exhaust it."""
+
+    max_return_sequences: int
+    max_total_tokens: int
+    max_prompt_chars: int
+    allowed_models: tuple[str, ...]
+    trust_remote_code: bool
+
+    @classmethod
+    def from_env(cls) -> OperatorLimits:
+        """Read `TEXTGEN_MAX_*`, `TEXTGEN_ALLOWED_MODELS` and `TEXTGEN_TRUST_REMOTE_CODE`."""
+        allowed = os.environ.get("TEXTGEN_ALLOWED_MODELS", "")
+        return cls(
+            max_return_sequences=_env_int("TEXTGEN_MAX_RETURN_SEQUENCES", 20),
+            max_total_tokens=_env_int("TEXTGEN_MAX_TOTAL_TOKENS", 1024),
+            max_prompt_chars=_env_int("TEXTGEN_MAX_PROMPT_CHARS", 4000),
+            allowed_models=tuple(p.strip() for p in allowed.split(",") if p.strip()),
+            trust_remote_code=os.environ.get("TEXTGEN_TRUST_REMOTE_CODE", "") in {"1", "true"},
+        )
+
+
+def requested_device() -> str:
+    """`TEXTGEN_DEVICE` (cpu, cuda, cuda:1, mps) or `auto`: CUDA when present."""
+    return os.environ.get("TEXTGEN_DEVICE", "auto").strip() or "auto"

@@ -1,0 +1,360 @@
+"""Fetch one commit of a linked repository into a cached bare mirror, with GitPython.
+
+The commit is the provenance of every output: files are read from the commit object itself,
+never from a working tree that may have moved on. Credentials in a URL are handed to git
+through its environment (`url.<with-credentials>.insteadOf`), so they reach neither the
+mirror's config on disk, nor a command line, nor any message, tag or parameter.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import git
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import repo_cache_dir
+from tasks.errors import RepositoryError, TransientRepositoryError
+
+CREDENTIALS_ENV = "TEXTGEN_GIT_CREDENTIALS"
+_FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHORT_SHA = re.compile(r"^[0-9a-f]{4,40}$")
+_TRANSIENT_MARKERS = (
+    "could not resolve host",
+    "failed to connect",
+    "couldn't connect to server",
+    "connection refused",
+    "connection timed out",
+    "operation timed out",
+    "timed out",
+    "network is unreachable",
+    "temporary failure",
+    "the remote end hung up unexpectedly",
+    "early eof",
+    "502",
+    "503",
+    "504",
+)
+
+
+@dataclass(frozen=True)
+class RepoLocation:
+    """A repository as given (URL or local path), split into what is recorded and what is secret."""
+
+    url: str
+    """The location with credentials removed: what logs, tags and parameters show."""
+    secret: str | None = field(default=None, repr=False, compare=False)
+    """The userinfo (`user:token` or `token`) for an http(s) URL, never recorded."""
+
+    @classmethod
+    def parse(cls, location: str | os.PathLike[str]) -> RepoLocation:
+        """Accept an http(s)/ssh/git/file URL, an scp-like `git@host:org/repo`, or a local path."""
+        text = os.fspath(location).strip()
+        if not text:
+            raise RepositoryError("the repository location is empty; give a URL or a local path")
+        parts = urlsplit(text)
+        if parts.scheme in {"http", "https"}:
+            secret = None
+            netloc = parts.netloc
+            if "@" in netloc:
+                userinfo, _, hostport = netloc.rpartition("@")
+                secret, netloc = userinfo, hostport
+            secret = secret or os.environ.get(CREDENTIALS_ENV) or None
+            return cls(urlunsplit((parts.scheme, netloc, parts.path, "", "")), secret)
+        if parts.scheme in {"ssh", "git", "file"} or re.match(r"^[\w.-]+@[\w.-]+:", text):
+            return cls(text)
+        return cls(str(Path(text).expanduser().resolve()))
+
+    @property
+    def is_local(self) -> bool:
+        """True for a path on this machine (or a file:// URL)."""
+        return self.url.startswith(("/", "file://"))
+
+    @property
+    def display_name(self) -> str:
+        """A short human name: `owner/name` for a hosted repository, the folder name for a path."""
+        path = urlsplit(self.url).path if "://" in self.url else self.url.split(":")[-1]
+        parts = [p for p in path.rstrip("/").split("/") if p]
+        tail = parts[-2:] if not self.is_local else parts[-1:]
+        return "/".join(tail).removesuffix(".git") or self.url
+
+    def git_env(self) -> dict[str, str]:
+        """Environment for git commands: no prompts, and the credentials as a URL rewrite."""
+        env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
+        env.setdefault("GIT_SSH_COMMAND", os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"))
+        if self.secret:
+            parts = urlsplit(self.url)
+            with_secret = urlunsplit(
+                (parts.scheme, f"{self.secret}@{parts.netloc}", parts.path, "", "")
+            )
+            env.update(
+                {
+                    "GIT_CONFIG_COUNT": "1",
+                    "GIT_CONFIG_KEY_0": f"url.{with_secret}.insteadOf",
+                    "GIT_CONFIG_VALUE_0": self.url,
+                }
+            )
+        return env
+
+    def redact(self, text: str) -> str:
+        """Remove the secret (and any userinfo of an http URL) from a message."""
+        if self.secret:
+            text = text.replace(self.secret, "***")
+            encoded = base64.b64encode(self.secret.encode()).decode()
+            text = text.replace(encoded, "***")
+        return re.sub(r"(https?://)[^/\s@]+@", r"\1***@", text)
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """One resolved commit and where its objects are kept."""
+
+    repo_url: str
+    branch: str
+    sha: str
+    message: str
+    author: str
+    authored_at: str
+    changed_paths: tuple[str, ...]
+    mirror: str
+    on_branch: bool
+
+    @property
+    def short_sha(self) -> str:
+        """The first 7 characters of the SHA, as git shows it."""
+        return self.sha[:7]
+
+    def read_file(self, path: str) -> bytes | None:
+        """The file's bytes at this commit, or None when the commit has no such file."""
+        return read_blob(Path(self.mirror), self.sha, path)
+
+    def list_files(self, folder: str) -> list[str]:
+        """Paths of the files directly inside `folder` at this commit (empty if none)."""
+        repo = git.Repo(self.mirror)
+        try:
+            out = repo.git.ls_tree("--name-only", "-z", f"{self.sha}:{folder.rstrip('/')}")
+        except git.GitCommandError:
+            return []
+        return sorted(f"{folder.rstrip('/')}/{name}" for name in out.split("\0") if name)
+
+
+def mirror_path(location: RepoLocation) -> Path:
+    """The cached bare mirror for a repository: one per (credential-free) location."""
+    digest = hashlib.sha256(location.url.encode()).hexdigest()[:12]
+    slug = re.sub(r"[^\w.-]+", "-", location.display_name).strip("-") or "repo"
+    return repo_cache_dir() / f"{slug}-{digest}.git"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialize fetches into one mirror across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_mirror(location: RepoLocation) -> git.Repo:
+    path = mirror_path(location)
+    if (path / "HEAD").exists():
+        repo = git.Repo(path)
+        with repo.config_writer() as cfg:
+            cfg.set_value('remote "origin"', "url", location.url)
+        return repo
+    repo = git.Repo.init(path, bare=True, mkdir=True)
+    repo.create_remote("origin", location.url)
+    return repo
+
+
+def _git_error(
+    location: RepoLocation, action: str, ref: str, exc: git.GitCommandError
+) -> Exception:
+    stderr = str(exc.stderr or exc).strip()
+    # GitPython formats it as "stderr: '<text>'".
+    stderr = re.sub(r"^stderr: '(.*)'$", r"\1", stderr, flags=re.S).strip()
+    stderr = location.redact(stderr)
+    lowered = stderr.lower()
+    message = f"{action} {ref!r} from repository {location.url} failed: {stderr}"
+    if "couldn't find remote ref" in lowered:
+        return RepositoryError(f"branch or ref {ref!r} does not exist in repository {location.url}")
+    if any(marker in lowered for marker in _TRANSIENT_MARKERS):
+        return TransientRepositoryError(message)
+    return RepositoryError(message)
+
+
+def _fetch(
+    repo: git.Repo, location: RepoLocation, refspec: str, ref: str, env: Mapping[str, str]
+) -> None:
+    timeout = float(os.environ.get("TEXTGEN_GIT_TIMEOUT", "300"))
+    try:
+        repo.git.execute(
+            ["git", "fetch", "--no-tags", "--quiet", "origin", refspec],
+            env=dict(env),
+            kill_after_timeout=timeout,
+        )
+    except git.GitCommandError as exc:
+        raise _git_error(location, "fetching", ref, exc) from None
+
+
+def _resolve(repo: git.Repo, ref: str) -> str | None:
+    try:
+        return str(repo.git.rev_parse("--verify", "--quiet", f"{ref}^{{commit}}")).strip() or None
+    except git.GitCommandError:
+        return None
+
+
+def _ambiguous(repo: git.Repo, short: str) -> list[str]:
+    out = repo.git.execute(
+        ["git", "rev-parse", "--disambiguate=" + short], with_extended_output=True
+    )
+    return [line for line in out[1].splitlines() if line]
+
+
+def changed_between(mirror: str | Path, before: str | None, after: str) -> tuple[str, ...]:
+    """Paths that differ between two commits; `before=None` compares with the first parent
+    (or, for a root commit, lists every file)."""
+    repo = git.Repo(mirror)
+    base = before
+    if base is None:
+        parents = repo.commit(after).parents
+        base = parents[0].hexsha if parents else None
+    if base is None:
+        out = repo.git.ls_tree("-r", "--name-only", "-z", after)
+    else:
+        out = repo.git.diff("--name-only", "--no-renames", "-z", base, after)
+    return tuple(sorted(p for p in out.split("\0") if p))
+
+
+def read_blob(mirror: Path, sha: str, path: str) -> bytes | None:
+    """Bytes of `path` at commit `sha` in the mirror, or None if absent (or not a file)."""
+    repo = git.Repo(mirror)
+    try:
+        kind = repo.git.cat_file("-t", f"{sha}:{path}")
+    except git.GitCommandError:
+        return None
+    if kind.strip() != "blob":
+        return None
+    data = repo.git.cat_file(
+        "blob", f"{sha}:{path}", stdout_as_string=False, strip_newline_in_stdout=False
+    )
+    return bytes(data)
+
+
+def resolve_commit(location: RepoLocation, branch: str, commit_sha: str | None) -> CommitInfo:
+    """Fetch what is missing into the mirror and resolve `commit_sha` (or the tip of `branch`)."""
+    if location.is_local and not Path(location.url.removeprefix("file://")).exists():
+        raise RepositoryError(f"repository {location.url} does not exist on this machine")
+    if not branch or branch.startswith("-") or ".." in branch:
+        raise RepositoryError(f"branch name {branch!r} is not valid for repository {location.url}")
+    wanted = (commit_sha or "").strip().lower() or None
+    if wanted is not None and not _SHORT_SHA.match(wanted):
+        raise RepositoryError(
+            f"commit {commit_sha!r} is not a SHA (4 to 40 hexadecimal characters); "
+            f"repository {location.url}"
+        )
+    env = location.git_env()
+    path = mirror_path(location)
+    with _locked(path):
+        repo = _open_mirror(location)
+        tracking = f"refs/remotes/origin/{branch}"
+        have = _resolve(repo, wanted) if wanted and _FULL_SHA.match(wanted) else None
+        if have is None:
+            _fetch(repo, location, f"+refs/heads/{branch}:{tracking}", branch, env)
+        if wanted is None:
+            sha = _resolve(repo, tracking)
+            if sha is None:
+                raise RepositoryError(
+                    f"branch {branch!r} has no commits in repository {location.url}"
+                )
+        else:
+            sha = have or _resolve(repo, wanted)
+            if sha is None and len(wanted) < 40 and len(_ambiguous(repo, wanted)) > 1:
+                raise RepositoryError(
+                    f"short SHA {wanted!r} is ambiguous in repository {location.url}: "
+                    f"give more characters"
+                )
+            if sha is None and _FULL_SHA.match(wanted):
+                # Not on the branch: ask the remote for the commit itself.
+                with contextlib.suppress(RepositoryError):
+                    _fetch(repo, location, wanted, wanted, env)
+                sha = _resolve(repo, wanted)
+            if sha is None:
+                raise RepositoryError(
+                    f"commit {wanted!r} was not found in repository {location.url} "
+                    f"(branch {branch!r} fetched)"
+                )
+        on_branch = _is_ancestor(repo, sha, tracking)
+    commit = repo.commit(sha)
+    return CommitInfo(
+        repo_url=location.url,
+        branch=branch,
+        sha=sha,
+        message=str(commit.message).strip(),
+        author=f"{commit.author.name} <{commit.author.email}>",
+        authored_at=datetime.fromtimestamp(commit.authored_date, UTC).isoformat(),
+        changed_paths=changed_between(path, None, sha),
+        mirror=str(path),
+        on_branch=on_branch,
+    )
+
+
+def _is_ancestor(repo: git.Repo, sha: str, tracking: str) -> bool:
+    if _resolve(repo, tracking) is None:
+        return False
+    try:
+        repo.git.merge_base("--is-ancestor", sha, tracking)
+    except git.GitCommandError:
+        return False
+    return True
+
+
+def _is_transient(task: object, task_run: object, state: object) -> bool:
+    """Retry only failures that a later attempt can fix (an unreachable remote)."""
+    try:
+        state.result()  # type: ignore[attr-defined]
+    except TransientRepositoryError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(
+    name="fetch-repo-commit",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_is_transient,
+    cache_policy=NO_CACHE,
+)
+def fetch_repo_commit(
+    repo_url: str, branch: str = "main", commit_sha: str | None = None
+) -> CommitInfo:
+    """Resolve the commit to run (a short SHA too, or the tip of `branch`) in a cached mirror."""
+    location = RepoLocation.parse(repo_url)
+    commit = resolve_commit(location, branch, commit_sha)
+    logger = get_run_logger()
+    logger.info(
+        "Resolved %s@%s to %s (%s): %s",
+        location.url,
+        commit_sha or branch,
+        commit.sha,
+        commit.author,
+        commit.message.splitlines()[0] if commit.message else "",
+    )
+    if not commit.on_branch:
+        logger.warning("Commit %s is not on branch %r of %s", commit.sha, branch, location.url)
+    return commit

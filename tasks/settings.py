@@ -1,0 +1,307 @@
+"""Generation settings: one pydantic model for `textgen.yaml`, read at the commit being run.
+
+A repository laid out like the original Gradient example (`nlp_text_generation.py` with the
+four settings as module-level assignments) is read too, with `ast`: the script is never run.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from fnmatch import fnmatch
+from typing import Any, Literal
+
+import yaml
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.config import OperatorLimits
+from tasks.errors import SettingsError
+from tasks.repo import CommitInfo
+
+SETTINGS_FILE = "textgen.yaml"
+LEGACY_SCRIPT = "nlp_text_generation.py"
+LEGACY_NAMES = ("random_seed", "max_length", "num_return_sequences", "initial_sentence")
+OPERATOR_ONLY = {
+    "trust_remote_code": "TEXTGEN_TRUST_REMOTE_CODE (operator only, never from a repository)",
+    "device": "TEXTGEN_DEVICE (operator only)",
+}
+
+
+class GenerationSettings(BaseModel):
+    """The contract of `textgen.yaml`. Knobs left unset keep the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    model: str = Field("gpt2", min_length=1, description="hub id, local folder, or .gguf file")
+    revision: str | None = Field(None, min_length=1, description="hub branch, tag or commit")
+    random_seed: int = Field(42, ge=0, le=2**32 - 1, description="seed given to set_seed")
+    max_length: int | None = Field(
+        None, ge=1, description="prompt tokens + new tokens, as in transformers"
+    )
+    max_new_tokens: int | None = Field(None, ge=1, description="new tokens, excluding the prompt")
+    num_return_sequences: int = Field(5, ge=1, description="texts generated from the one prompt")
+    initial_sentence: str = Field(
+        "Hello, I'm a language model,", min_length=1, description="the prompt"
+    )
+    do_sample: bool | None = Field(None, description="sample (true) or decode greedily (false)")
+    temperature: float | None = Field(None, gt=0, description="sampling temperature")
+    top_k: int | None = Field(None, ge=0, description="sample among the k likeliest tokens")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
+    typical_p: float | None = Field(None, gt=0, le=1, description="typical sampling mass")
+    repetition_penalty: float | None = Field(None, gt=0, description="1.0 means none")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, description="forbid repeated n-grams")
+    num_beams: int | None = Field(None, ge=1, description="beam search width")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = Field(
+        None, description="weights' dtype; unset keeps transformers' default"
+    )
+
+    @model_validator(mode="after")
+    def _lengths(self) -> GenerationSettings:
+        if self.max_length is not None and self.max_new_tokens is not None:
+            raise ValueError("give max_length or max_new_tokens, not both")
+        if self.num_beams is not None and self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                f"num_return_sequences ({self.num_return_sequences}) cannot exceed "
+                f"num_beams ({self.num_beams}) in beam search"
+            )
+        if self.do_sample is False and self.num_beams is None and self.num_return_sequences > 1:
+            raise ValueError(
+                "greedy decoding (do_sample: false) gives one sequence: "
+                "set num_return_sequences: 1, "
+                "do_sample: true, or num_beams >= num_return_sequences"
+            )
+        return self
+
+    def effective(self) -> GenerationSettings:
+        """These settings with the original example's length (max_length 30) when none is given."""
+        if self.max_length is None and self.max_new_tokens is None:
+            return self.model_copy(update={"max_length": 30})
+        return self
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the pipeline call: lengths, count and the knobs that are set."""
+        skip = {"model", "revision", "random_seed", "initial_sentence", "dtype"}
+        return {
+            k: v
+            for k, v in self.effective().model_dump().items()
+            if k not in skip and v is not None
+        }
+
+    def as_params(self) -> dict[str, str]:
+        """Every setting as an MLflow parameter (unset knobs shown as `None`)."""
+        return {k: str(v) for k, v in self.effective().model_dump().items()}
+
+    def digest(self) -> str:
+        """A stable SHA-256 of the effective settings, the identity of an output's inputs."""
+        canonical = json.dumps(self.effective().model_dump(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def check_limits(self, limits: OperatorLimits, source: str) -> None:
+        """Refuse settings beyond the operator's caps, naming the cap and how to raise it."""
+        problems = []
+        if self.num_return_sequences > limits.max_return_sequences:
+            problems.append(
+                f"num_return_sequences={self.num_return_sequences} exceeds the operator limit "
+                f"{limits.max_return_sequences} (TEXTGEN_MAX_RETURN_SEQUENCES)"
+            )
+        length = self.effective().max_length or self.max_new_tokens or 0
+        if length > limits.max_total_tokens:
+            key = "max_length" if self.max_length else "max_new_tokens"
+            problems.append(
+                f"{key}={length} exceeds the operator limit {limits.max_total_tokens} "
+                f"(TEXTGEN_MAX_TOTAL_TOKENS)"
+            )
+        if len(self.initial_sentence) > limits.max_prompt_chars:
+            problems.append(
+                f"initial_sentence has {len(self.initial_sentence)} characters, over the operator "
+                f"limit {limits.max_prompt_chars} (TEXTGEN_MAX_PROMPT_CHARS)"
+            )
+        if limits.allowed_models and not any(fnmatch(self.model, p) for p in limits.allowed_models):
+            problems.append(
+                f"model={self.model!r} is not allowed on this worker; allowed: "
+                f"{', '.join(limits.allowed_models)} (TEXTGEN_ALLOWED_MODELS)"
+            )
+        if problems:
+            raise SettingsError(f"{source}: " + "; ".join(problems))
+
+
+def _format_validation(exc: ValidationError, raw: dict[str, Any], source: str) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(settings)"
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(GenerationSettings.model_fields)
+            hint = OPERATOR_ONLY.get(key)
+            reason = f"is set by {hint}" if hint else f"is not a setting; allowed keys: {allowed}"
+            lines.append(f"unknown key {key!r} {reason}")
+            continue
+        value = raw.get(key, error.get("input"))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "literal_error":
+            message = f"allowed values: {error.get('ctx', {}).get('expected', '')}"
+        if key == "(settings)":
+            lines.append(message)
+        else:
+            lines.append(f"{key}={value!r}: {message}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def parse_settings(raw: Any, source: str) -> GenerationSettings:
+    """Validate a mapping of settings; `source` names the file and commit in every message."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SettingsError(
+            f"{source}: expected a mapping of settings (key: value), got {type(raw).__name__}"
+        )
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise SettingsError(f"{source}: keys must be names, got {bad_keys!r}")
+    for key, value in raw.items():
+        # pydantic would quietly turn "7" into 7 and 1.0 into 1; a settings file should not.
+        field = GenerationSettings.model_fields.get(key)
+        if field is None or value is None:
+            continue
+        types = _annotation_types(field.annotation) - {type(None)}
+        problem = None
+        if bool in types:
+            if not isinstance(value, bool):
+                problem = "expected true or false"
+        elif int in types or float in types:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                problem = "expected a number"
+            elif float not in types and isinstance(value, float) and not value.is_integer():
+                problem = "expected a whole number"
+        elif str in types and not isinstance(value, str):
+            problem = "expected text (quote it in YAML)"
+        if problem:
+            raise SettingsError(f"{source}: {key}={value!r}: {problem}")
+    try:
+        return GenerationSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise SettingsError(_format_validation(exc, raw, source)) from None
+
+
+def _annotation_types(annotation: Any) -> set[type]:
+    args = getattr(annotation, "__args__", None)
+    return set(args) if args else {annotation}
+
+
+def parse_yaml_settings(text: bytes, source: str) -> dict[str, Any]:
+    """Load a YAML settings file into a mapping, with a message naming the line on errors."""
+    try:
+        raw = yaml.safe_load(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SettingsError(f"{source}: the file is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{source}: not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SettingsError(
+            f"{source}: expected a mapping of settings (key: value), got {type(raw).__name__}"
+        )
+    return raw
+
+
+def parse_legacy_script(text: bytes, source: str) -> dict[str, Any]:
+    """Read the original example's settings from its script with `ast`, without running it.
+
+    Module-level `name = <literal>` assignments of the four settings, and the literal
+    `model=` of its `pipeline(...)` call. Any other value form is refused.
+    """
+    try:
+        tree = ast.parse(text.decode("utf-8"), filename=source)
+    except (SyntaxError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{source}: cannot parse the script: {exc}") from None
+    found: dict[str, Any] = {}
+    for node in tree.body:
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets = [node.target]
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in LEGACY_NAMES:
+                value_node = node.value  # type: ignore[attr-defined]
+                try:
+                    found[target.id] = ast.literal_eval(value_node)
+                except ValueError:
+                    raise SettingsError(
+                        f"{source}, line {node.lineno}: {target.id} must be a literal value "
+                        f"(number or string), got `{ast.unparse(value_node)}`"
+                    ) from None
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    for call in calls:
+        if getattr(call.func, "id", getattr(call.func, "attr", None)) != "pipeline":
+            continue
+        for keyword in call.keywords:
+            if keyword.arg == "model":
+                try:
+                    found["model"] = ast.literal_eval(keyword.value)
+                except ValueError:
+                    raise SettingsError(
+                        f"{source}, line {call.lineno}: pipeline(model=...) must be a literal "
+                        f"string, got `{ast.unparse(keyword.value)}`"
+                    ) from None
+    missing = [name for name in LEGACY_NAMES if name not in found]
+    if missing:
+        raise SettingsError(
+            f"{source}: the script assigns none of {', '.join(missing)} at module level; "
+            f"expected the original example's `random_seed = 42`-style settings"
+        )
+    return found
+
+
+def load_settings(
+    commit: CommitInfo,
+    overrides: dict[str, Any] | None = None,
+    limits: OperatorLimits | None = None,
+) -> tuple[GenerationSettings, str]:
+    """The validated settings at `commit`, with `overrides` applied; and the file they came from."""
+    where = f"at commit {commit.short_sha} of {commit.repo_url}"
+    text = commit.read_file(SETTINGS_FILE)
+    if text is not None:
+        source = SETTINGS_FILE
+        raw = parse_yaml_settings(text, f"{SETTINGS_FILE} {where}")
+    else:
+        script = commit.read_file(LEGACY_SCRIPT)
+        if script is None:
+            raise SettingsError(
+                f"no settings {where}: expected {SETTINGS_FILE} (or the original example's "
+                f"{LEGACY_SCRIPT}) at the repository root"
+            )
+        source = LEGACY_SCRIPT
+        raw = parse_legacy_script(script, f"{LEGACY_SCRIPT} {where}")
+    label = f"{source} {where}"
+    if overrides:
+        file_raw = raw
+        parse_settings(file_raw, label)
+        raw = {**file_raw, **overrides}
+        # An override of one length setting replaces the file's other one.
+        for key, other in (("max_new_tokens", "max_length"), ("max_length", "max_new_tokens")):
+            if key in overrides and other not in overrides:
+                raw.pop(other, None)
+        label = f"{label} with overrides of {', '.join(sorted(overrides))}"
+    settings = parse_settings(raw, label)
+    settings.check_limits(limits or OperatorLimits.from_env(), label)
+    return settings, source
+
+
+@task(name="read-settings", cache_policy=NO_CACHE)
+def read_settings(
+    commit: CommitInfo, overrides: dict[str, Any] | None = None
+) -> tuple[GenerationSettings, str]:
+    """Read and validate the settings at the commit; fail before any model is loaded."""
+    settings, source = load_settings(commit, overrides)
+    get_run_logger().info(
+        "Settings from %s at %s%s: %s",
+        source,
+        commit.short_sha,
+        f" with overrides {sorted(overrides)}" if overrides else "",
+        settings.pipeline_kwargs() | {"model": settings.model, "random_seed": settings.random_seed},
+    )
+    return settings, source
