@@ -13,9 +13,11 @@ An MLflow run ends in one of four outcomes (tag `textgen.outcome`):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import time
 import traceback
 import warnings
@@ -98,6 +100,12 @@ def experiment_name(repo_url: str) -> str:
     return RepoLocation.parse(repo_url).url
 
 
+def _folder_name(name: str) -> str:
+    """A readable, unique folder name for an experiment's artifacts."""
+    slug = re.sub(r"[^\w.-]+", "-", RepoLocation.parse(name).display_name).strip("-") or "repo"
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
 def _truncate(text: str, limit: int = _MAX_TAG) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -140,10 +148,11 @@ class Tracker:
                         f"no MLflow experiment for repository {name} in {tracking_uri()}: "
                         f"nothing has run for it yet"
                     )
+                root = artifact_root()
                 try:
                     experiment_id = client.create_experiment(
                         name,
-                        artifact_location=artifact_root(),
+                        artifact_location=f"{root}/{_folder_name(name)}" if root else None,
                         tags={"textgen.repo_url": name},
                     )
                 except MlflowException:
