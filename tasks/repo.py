@@ -129,6 +129,8 @@ class CommitInfo:
     changed_paths: tuple[str, ...]
     mirror: str
     on_branch: bool
+    branch_tip: str | None = None
+    """The branch's tip in the mirror when the commit was resolved."""
 
     @property
     def short_sha(self) -> str:
@@ -254,8 +256,13 @@ def read_blob(mirror: Path, sha: str, path: str) -> bytes | None:
     return bytes(data)
 
 
-def resolve_commit(location: RepoLocation, branch: str, commit_sha: str | None) -> CommitInfo:
-    """Fetch what is missing into the mirror and resolve `commit_sha` (or the tip of `branch`)."""
+def resolve_commit(
+    location: RepoLocation, branch: str, commit_sha: str | None, refresh: bool = False
+) -> CommitInfo:
+    """Fetch what is missing into the mirror and resolve `commit_sha` (or the tip of `branch`).
+
+    `refresh` fetches the branch even when the commit is known, to learn the current tip.
+    """
     if location.is_local and not Path(location.url.removeprefix("file://")).exists():
         raise RepositoryError(f"repository {location.url} does not exist on this machine")
     if not branch or branch.startswith("-") or ".." in branch:
@@ -272,7 +279,7 @@ def resolve_commit(location: RepoLocation, branch: str, commit_sha: str | None) 
         repo = _open_mirror(location)
         tracking = f"refs/remotes/origin/{branch}"
         have = _resolve(repo, wanted) if wanted and _FULL_SHA.match(wanted) else None
-        if have is None:
+        if have is None or refresh:
             _fetch(repo, location, f"+refs/heads/{branch}:{tracking}", branch, env)
         if wanted is None:
             sha = _resolve(repo, tracking)
@@ -298,6 +305,7 @@ def resolve_commit(location: RepoLocation, branch: str, commit_sha: str | None) 
                     f"(branch {branch!r} fetched)"
                 )
         on_branch = _is_ancestor(repo, sha, tracking)
+        tip = _resolve(repo, tracking)
     commit = repo.commit(sha)
     return CommitInfo(
         repo_url=location.url,
@@ -309,17 +317,24 @@ def resolve_commit(location: RepoLocation, branch: str, commit_sha: str | None) 
         changed_paths=changed_between(path, None, sha),
         mirror=str(path),
         on_branch=on_branch,
+        branch_tip=tip,
     )
 
 
-def _is_ancestor(repo: git.Repo, sha: str, tracking: str) -> bool:
-    if _resolve(repo, tracking) is None:
+def _is_ancestor(repo: git.Repo, sha: str, descendant: str) -> bool:
+    if _resolve(repo, descendant) is None:
         return False
     try:
-        repo.git.merge_base("--is-ancestor", sha, tracking)
+        repo.git.merge_base("--is-ancestor", sha, descendant)
     except git.GitCommandError:
         return False
     return True
+
+
+def is_ancestor(mirror: str | Path, ancestor: str, descendant: str) -> bool:
+    """Whether `ancestor` is reachable from `descendant` in the mirror (False if one is absent)."""
+    repo = git.Repo(mirror)
+    return _resolve(repo, ancestor) is not None and _is_ancestor(repo, ancestor, descendant)
 
 
 def _is_transient(task: object, task_run: object, state: object) -> bool:
@@ -341,11 +356,14 @@ def _is_transient(task: object, task_run: object, state: object) -> bool:
     cache_policy=NO_CACHE,
 )
 def fetch_repo_commit(
-    repo_url: str, branch: str = "main", commit_sha: str | None = None
+    repo_url: str, branch: str = "main", commit_sha: str | None = None, refresh: bool = False
 ) -> CommitInfo:
-    """Resolve the commit to run (a short SHA too, or the tip of `branch`) in a cached mirror."""
+    """Resolve the commit to run (a short SHA too, or the tip of `branch`) in a cached mirror.
+
+    `refresh` fetches the branch even for a known commit, to learn the branch's current tip.
+    """
     location = RepoLocation.parse(repo_url)
-    commit = resolve_commit(location, branch, commit_sha)
+    commit = resolve_commit(location, branch, commit_sha, refresh)
     logger = get_run_logger()
     logger.info(
         "Resolved %s@%s to %s (%s): %s",

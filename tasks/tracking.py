@@ -239,15 +239,18 @@ class Tracker:
             "reused", run_id, self.experiment_id, version, sha, settings.digest(), self.url(run_id)
         )
 
-    def finish_skipped(self, run_id: str, reason: str, commit_sha: str | None = None) -> RunRecord:
-        """End a run that had nothing to generate, saying why."""
+    def finish_skipped(
+        self, run_id: str, reason: str, commit_sha: str | None = None, kind: str = "filtered"
+    ) -> RunRecord:
+        """End a run that had nothing to generate, saying why (`kind`: filtered or superseded)."""
         self.client.log_batch(
             run_id,
             tags=_tags(
                 {
                     TAG_OUTCOME: "skipped",
+                    "textgen.skip_kind": kind,
                     "textgen.skip_reason": _truncate(reason),
-                    "mlflow.runName": f"{(commit_sha or '')[:7]} skipped".strip(),
+                    "mlflow.runName": f"{(commit_sha or '')[:7]} {kind}".strip(),
                 }
             ),
         )
@@ -255,6 +258,25 @@ class Tracker:
         return RunRecord(
             "skipped", run_id, self.experiment_id, None, commit_sha, None, self.url(run_id), reason
         )
+
+    def last_handled_commit(self, branch: str, triggers: frozenset[str]) -> str | None:
+        """The commit of the latest automatic run on `branch` that was not superseded.
+
+        Changes since that commit are what a new push brings, even when pushes in between were
+        superseded before they ran.
+        """
+        query = f"tags.`mlflow.source.git.branch` = '{branch}' and attributes.status = 'FINISHED'"
+        runs = self.client.search_runs(
+            [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=100
+        )
+        for run in runs:
+            tags = run.data.tags
+            if tags.get(TAG_TRIGGER) not in triggers or TAG_COMMIT not in tags:
+                continue
+            if tags.get(TAG_OUTCOME) == "skipped" and tags.get("textgen.skip_kind") == "superseded":
+                continue
+            return str(tags[TAG_COMMIT])
+        return None
 
     def fail(self, run_id: str, exc: BaseException) -> None:
         """Mark a run FAILED with its reason; never raises (the original error matters more)."""

@@ -1,0 +1,635 @@
+"""The push receiver: webhooks in, `git.push` Prefect events out, with nothing lost in between.
+
+- `POST /webhooks/github` (also `/webhooks/gitea`, `/webhooks/gitlab`) verifies the delivery
+  (`X-Hub-Signature-256`: HMAC-SHA256 over the raw body, compared in constant time; GitLab:
+  `X-Gitlab-Token`), parses it, and keeps only pushes to the served branch of the served
+  repository.
+- An accepted push is written to a durable outbox (SQLite) before the 202 answer, and emitted to
+  the Prefect API afterwards, retried until it is taken: a Prefect server that is down or
+  restarting loses no accepted push.
+- Deliveries are deduplicated by delivery id (redelivery) and by repository, branch and SHA.
+- The flow always clones the configured repository: nothing in a payload picks what is cloned.
+
+The local git hook (deployments/hook.py) and the poller below send the same event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from tasks.repo import RepoLocation
+
+logger = logging.getLogger(__name__)
+
+EVENT_NAME = "git.push"
+ZERO_SHA = "0" * 40
+PROVIDERS = ("github", "gitea", "gitlab")
+DEFAULT_MAX_BYTES = 5 * 1024 * 1024
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+_EVENT_NAMESPACE = uuid.UUID("6f1c3a52-8d7e-4f43-9a55-2c1f0e6b7d10")
+# GitHub and Gitea list at most 20 commits in a push payload; GitLab says how many there were.
+_GITHUB_COMMIT_CAP = 20
+
+
+@dataclass(frozen=True)
+class PushEvent:
+    """One push to the served branch, as the flow needs it."""
+
+    provider: str
+    delivery: str
+    ref: str
+    after: str
+    before: str | None
+    changed_paths: list[str] | None
+    forced: bool = False
+    pusher: str = ""
+    trigger: str = "push"
+
+    @property
+    def branch(self) -> str:
+        """The branch name of `refs/heads/<branch>`."""
+        return self.ref.removeprefix("refs/heads/")
+
+
+@dataclass
+class Verdict:
+    """The HTTP answer to one delivery."""
+
+    status: int
+    body: dict[str, Any]
+    push: PushEvent | None = field(default=None, repr=False)
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The `X-Hub-Signature-256` value for a body: `sha256=<hex HMAC-SHA256>`."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: bytes, body: bytes, header: str | None) -> bool:
+    """Check a GitHub/Gitea `X-Hub-Signature-256` header in constant time."""
+    if not header:
+        return False
+    return hmac.compare_digest(sign(secret, body).encode(), header.strip().encode())
+
+
+def _normalize_repo(text: str) -> str:
+    """A comparable form of a repository location: host/path, no scheme, user, `.git` or slash."""
+    text = text.strip()
+    scp = re.match(r"^[\w.-]+@([\w.-]+):(.+)$", text)
+    if scp:
+        host, path = scp.groups()
+    elif "://" in text:
+        parts = urlsplit(text)
+        if parts.scheme == "file":
+            return (
+                str(Path(parts.path).resolve())
+                .rstrip("/")
+                .removesuffix("/.git")
+                .removesuffix(".git")
+            )
+        host, path = (parts.hostname or ""), parts.path
+    else:
+        return (
+            str(Path(text).expanduser().resolve())
+            .rstrip("/")
+            .removesuffix("/.git")
+            .removesuffix(".git")
+        )
+    return f"{host.lower()}/{path.strip('/')}".removesuffix(".git").lower()
+
+
+def _payload_repositories(payload: Mapping[str, Any]) -> list[str]:
+    names: list[str] = []
+    for key in ("repository", "project"):
+        info = payload.get(key)
+        if not isinstance(info, dict):
+            continue
+        for field_name in (
+            "clone_url",
+            "ssh_url",
+            "html_url",
+            "git_url",
+            "url",
+            "git_http_url",
+            "git_ssh_url",
+            "web_url",
+        ):
+            value = info.get(field_name)
+            if isinstance(value, str) and value:
+                names.append(value)
+    return names
+
+
+def _changed_paths(commits: Any) -> list[str] | None:
+    if not isinstance(commits, list) or not commits:
+        return None
+    paths: set[str] = set()
+    for commit in commits:
+        if not isinstance(commit, dict):
+            return None
+        for key in ("added", "removed", "modified"):
+            values = commit.get(key)
+            if not isinstance(values, list):
+                return None
+            paths.update(v for v in values if isinstance(v, str))
+    return sorted(paths)
+
+
+class Receiver:
+    """Turns deliveries into verdicts, and accepted pushes into outbox rows."""
+
+    def __init__(
+        self,
+        repo: RepoLocation,
+        branch: str,
+        secret: bytes | None,
+        outbox: Outbox,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.repo = repo
+        self.branch = branch
+        self.secret = secret
+        self.outbox = outbox
+        self.max_bytes = max_bytes
+        self._repo_key = _normalize_repo(repo.url)
+
+    def handle(self, provider: str, headers: Mapping[str, str], body: bytes) -> Verdict:
+        """The answer to one delivery; accepted pushes are stored before this returns."""
+        if provider not in PROVIDERS:
+            return Verdict(
+                404, {"error": f"unknown webhook provider {provider!r}; use {', '.join(PROVIDERS)}"}
+            )
+        h = {k.lower(): v for k, v in headers.items()}
+        if not self._authentic(provider, h, body):
+            return Verdict(401, {"error": "missing or invalid signature"})
+        event, delivery = self._event_and_delivery(provider, h, body)
+        try:
+            payload = self._decode(h, body)
+        except ValueError as exc:
+            return Verdict(400, {"error": f"body is not valid JSON: {exc}"})
+        if event in {"ping", "system hook"}:
+            return Verdict(200, {"status": "pong"})
+        if event not in {"push", "push hook", "tag push hook"}:
+            return Verdict(202, {"status": "ignored", "reason": f"event {event!r} starts no run"})
+        if not isinstance(payload, dict):
+            return Verdict(400, {"error": "push payload must be a JSON object"})
+        ref = payload.get("ref")
+        after = str(payload.get("after") or "").lower()
+        if not isinstance(ref, str) or not _SHA.match(after):
+            return Verdict(
+                400, {"error": "push payload needs `ref` and a 40-character `after` SHA"}
+            )
+        if ref.startswith("refs/tags/") or event == "tag push hook":
+            return Verdict(202, {"status": "ignored", "reason": f"tag push {ref} starts no run"})
+        if payload.get("deleted") is True or after == ZERO_SHA:
+            return Verdict(
+                202, {"status": "ignored", "reason": f"branch deletion {ref} starts no run"}
+            )
+        if ref != f"refs/heads/{self.branch}":
+            return Verdict(
+                202,
+                {
+                    "status": "ignored",
+                    "reason": f"push to {ref}; this receiver serves {self.branch}",
+                },
+            )
+        named = _payload_repositories(payload)
+        if named and self._repo_key not in {_normalize_repo(n) for n in named}:
+            return Verdict(
+                202,
+                {
+                    "status": "ignored",
+                    "reason": f"push for {named[0]}; this receiver serves {self.repo.url}",
+                },
+            )
+        before = str(payload.get("before") or "").lower() or None
+        forced = payload.get("forced") is True
+        commits = payload.get("commits")
+        changed = None if forced else _changed_paths(commits)
+        total = payload.get("total_commits_count")
+        if isinstance(commits, list) and (
+            (isinstance(total, int) and total > len(commits))
+            or (total is None and len(commits) >= _GITHUB_COMMIT_CAP)
+        ):
+            changed = None  # truncated: let git compute it
+        pusher_info = payload.get("pusher") or {}
+        pusher = str(pusher_info.get("name", "")) if isinstance(pusher_info, dict) else ""
+        if not pusher:
+            pusher = str(payload.get("user_username") or payload.get("user_name") or "")
+        push = PushEvent(
+            provider=provider,
+            delivery=delivery or f"sha-{after}",
+            ref=ref,
+            after=after,
+            before=before if before and _SHA.match(before) else None,
+            changed_paths=changed,
+            forced=forced,
+            pusher=pusher,
+        )
+        status, event_id = self.outbox.enqueue(push, self.repo, self.branch)
+        code = 202 if status == "queued" else 200
+        return Verdict(code, {"status": status, "event_id": event_id, "after": after}, push)
+
+    def _authentic(self, provider: str, h: Mapping[str, str], body: bytes) -> bool:
+        if self.secret is None:
+            return True  # started with --insecure
+        if provider == "gitlab":
+            token = h.get("x-gitlab-token", "")
+            return hmac.compare_digest(token.encode(), self.secret)
+        if provider == "gitea" and "x-gitea-signature" in h:
+            expected = hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+            return hmac.compare_digest(expected.encode(), h["x-gitea-signature"].strip().encode())
+        return verify_signature(self.secret, body, h.get("x-hub-signature-256"))
+
+    @staticmethod
+    def _event_and_delivery(provider: str, h: Mapping[str, str], body: bytes) -> tuple[str, str]:
+        if provider == "gitlab":
+            event = h.get("x-gitlab-event", "")
+            delivery = h.get("x-gitlab-event-uuid", "") or h.get("x-gitlab-webhook-uuid", "")
+        else:
+            event = h.get("x-github-event", "") or h.get("x-gitea-event", "")
+            delivery = h.get("x-github-delivery", "") or h.get("x-gitea-delivery", "")
+        return event.strip().lower(), delivery.strip()[:200]
+
+    @staticmethod
+    def _decode(h: Mapping[str, str], body: bytes) -> Any:
+        text = body.decode("utf-8")
+        if h.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            form = parse_qs(text)
+            if "payload" not in form:
+                raise ValueError("form body has no `payload` field")
+            text = form["payload"][0]
+        return json.loads(text)
+
+
+def event_document(
+    push: PushEvent, repo: RepoLocation, branch: str, received_at: float
+) -> dict[str, Any]:
+    """The Prefect event for a push: stable id per delivery, repository and branch as labels."""
+    slug = re.sub(r"[^\w.-]+", "-", repo.display_name).strip("-") or "repo"
+    digest = hashlib.sha256(repo.url.encode()).hexdigest()[:8]
+    return {
+        "id": str(uuid.uuid5(_EVENT_NAMESPACE, f"{push.provider}:{push.delivery}")),
+        "occurred": datetime.fromtimestamp(received_at, UTC).isoformat(),
+        "event": EVENT_NAME,
+        "resource": {
+            "prefect.resource.id": f"git.repo.{slug}-{digest}",
+            "prefect.resource.name": repo.display_name,
+            "git.repository": repo.url,
+            "git.branch": branch,
+        },
+        "payload": {**asdict(push), "branch": push.branch, "repository": repo.url},
+    }
+
+
+class Outbox:
+    """Accepted pushes, durable on disk until the Prefect API has taken them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.wake = threading.Event()
+        with self._connect() as db:
+            db.executescript(
+                """
+                PRAGMA journal_mode=WAL;
+                CREATE TABLE IF NOT EXISTS deliveries (
+                    provider TEXT NOT NULL,
+                    delivery TEXT NOT NULL,
+                    repo TEXT NOT NULL,
+                    ref TEXT NOT NULL,
+                    after TEXT NOT NULL,
+                    status TEXT NOT NULL,
+                    event TEXT,
+                    received_at REAL NOT NULL,
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    last_error TEXT,
+                    sent_at REAL,
+                    PRIMARY KEY (provider, delivery)
+                );
+                CREATE UNIQUE INDEX IF NOT EXISTS one_event_per_commit
+                    ON deliveries (repo, ref, after) WHERE status IN ('pending', 'sent');
+                CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                """
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def enqueue(self, push: PushEvent, repo: RepoLocation, branch: str) -> tuple[str, str | None]:
+        """Store a push; returns (queued | duplicate delivery | duplicate commit, event id)."""
+        now = time.time()
+        event = event_document(push, repo, branch, now)
+        with self._lock, self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            seen = db.execute(
+                "SELECT status FROM deliveries WHERE provider = ? AND delivery = ?",
+                (push.provider, push.delivery),
+            ).fetchone()
+            if seen:
+                db.execute("COMMIT")
+                return "duplicate delivery", None
+            same_commit = db.execute(
+                "SELECT 1 FROM deliveries WHERE repo = ? AND ref = ? AND after = ? "
+                "AND status IN ('pending', 'sent')",
+                (repo.url, push.ref, push.after),
+            ).fetchone()
+            status = "duplicate" if same_commit else "pending"
+            db.execute(
+                "INSERT INTO deliveries "
+                "(provider, delivery, repo, ref, after, status, event, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    push.provider,
+                    push.delivery,
+                    repo.url,
+                    push.ref,
+                    push.after,
+                    status,
+                    json.dumps(event),
+                    now,
+                ),
+            )
+            db.execute("COMMIT")
+        if same_commit:
+            return "duplicate commit", None
+        self.wake.set()
+        return "queued", str(event["id"])
+
+    def pending(self, limit: int = 100) -> list[tuple[str, str, dict[str, Any]]]:
+        """Events not yet taken by Prefect, oldest first: (provider, delivery, event)."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT provider, delivery, event FROM deliveries WHERE status = 'pending' "
+                "ORDER BY received_at LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(p, d, json.loads(e)) for p, d, e in rows]
+
+    def mark(self, provider: str, delivery: str, error: str | None) -> None:
+        """Record an attempt: sent when `error` is None, else still pending with the error."""
+        with self._lock, self._connect() as db:
+            if error is None:
+                db.execute(
+                    "UPDATE deliveries SET status = 'sent', sent_at = ?, attempts = attempts + 1, "
+                    "last_error = NULL WHERE provider = ? AND delivery = ?",
+                    (time.time(), provider, delivery),
+                )
+            else:
+                db.execute(
+                    "UPDATE deliveries SET attempts = attempts + 1, last_error = ? "
+                    "WHERE provider = ? AND delivery = ?",
+                    (error[:2000], provider, delivery),
+                )
+
+    def latest(self, repo: RepoLocation, branch: str) -> str | None:
+        """The SHA of the last push accepted for the branch, in the order pushes arrived."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT after FROM deliveries WHERE repo = ? AND ref = ? "
+                "AND status IN ('pending', 'sent') ORDER BY received_at DESC LIMIT 1",
+                (repo.url, f"refs/heads/{branch}"),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def counts(self) -> dict[str, int]:
+        """Deliveries by status."""
+        with self._connect() as db:
+            return dict(
+                db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
+            )
+
+    def get_state(self, key: str) -> str | None:
+        """A small persisted value (the poller's last seen SHA)."""
+        with self._connect() as db:
+            row = db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_state(self, key: str, value: str) -> None:
+        """Persist a small value."""
+        with self._lock, self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+
+def post_events(events: list[dict[str, Any]]) -> None:
+    """Send events to the Prefect API over HTTP, raising unless they were taken (2xx)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/events", json=events)
+        response.raise_for_status()
+
+
+class Emitter(threading.Thread):
+    """Drains the outbox into Prefect, retrying with backoff while the API is unreachable."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        send: Callable[[list[dict[str, Any]]], None] = post_events,
+        after_send: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(name="textgen-emitter", daemon=True)
+        self.outbox = outbox
+        self.send = send
+        self.after_send = after_send
+        self.stopping = threading.Event()
+        self.delay = 0.0
+
+    def run(self) -> None:
+        """Loop until stopped."""
+        while not self.stopping.is_set():
+            self.outbox.wake.clear()
+            try:
+                sent = self.drain()
+            except Exception:  # never let the thread die
+                logger.exception("outbox drain failed")
+                sent = False
+            if sent and self.after_send is not None:
+                try:
+                    self.after_send()
+                except Exception:
+                    logger.exception("after-send step failed")
+            wait = self.delay if self.delay else 5.0
+            self.outbox.wake.wait(wait)
+
+    def drain(self) -> bool:
+        """Send every pending event in order; stop at the first failure. True if any was sent."""
+        sent = False
+        for provider, delivery, event in self.outbox.pending():
+            try:
+                self.send([event])
+            except Exception as exc:
+                self.outbox.mark(provider, delivery, f"{type(exc).__name__}: {exc}")
+                self.delay = min(30.0, max(0.5, self.delay * 2))
+                logger.warning(
+                    "Prefect API did not take the push event for %s (%s); retrying in %.1f s",
+                    event["payload"]["after"][:7],
+                    exc,
+                    self.delay,
+                )
+                return sent
+            self.outbox.mark(provider, delivery, None)
+            self.delay = 0.0
+            sent = True
+            logger.info(
+                "Emitted %s for %s@%s (delivery %s)",
+                EVENT_NAME,
+                event["payload"]["branch"],
+                event["payload"]["after"][:7],
+                delivery,
+            )
+        return sent
+
+
+class Poller(threading.Thread):
+    """For remotes that send no webhook: notices new commits and emits the same event."""
+
+    def __init__(self, repo: RepoLocation, branch: str, outbox: Outbox, seconds: float) -> None:
+        super().__init__(name="textgen-poller", daemon=True)
+        self.repo = repo
+        self.branch = branch
+        self.outbox = outbox
+        self.seconds = seconds
+        self.stopping = threading.Event()
+
+    def tip(self) -> str | None:
+        """The branch's tip on the remote, or None if it has no such branch."""
+        import git
+
+        out = git.Git().execute(
+            ["git", "ls-remote", self.repo.url, f"refs/heads/{self.branch}"],
+            env=self.repo.git_env(),
+            kill_after_timeout=60,
+        )
+        for line in str(out).splitlines():
+            sha, _, ref = line.partition("\t")
+            if ref == f"refs/heads/{self.branch}":
+                return sha.strip()
+        return None
+
+    def check(self) -> str | None:
+        """Compare the tip with the last one seen; enqueue a push when it moved. Returns the tip."""
+        key = f"poll:{self.repo.url}:{self.branch}"
+        tip = self.tip()
+        last = self.outbox.get_state(key)
+        if tip is None or tip == last:
+            return tip
+        if last is None:
+            logger.info("Polling %s@%s from %s on", self.repo.url, self.branch, tip[:7])
+        else:
+            push = PushEvent(
+                provider="poll",
+                delivery=f"poll-{tip}",
+                ref=f"refs/heads/{self.branch}",
+                after=tip,
+                before=last,
+                changed_paths=None,
+                trigger="poll",
+            )
+            status, _ = self.outbox.enqueue(push, self.repo, self.branch)
+            logger.info("Poll: %s moved %s -> %s (%s)", self.branch, last[:7], tip[:7], status)
+        self.outbox.set_state(key, tip)
+        return tip
+
+    def run(self) -> None:
+        """Check every `seconds` until stopped."""
+        while not self.stopping.is_set():
+            try:
+                self.check()
+            except Exception as exc:
+                logger.warning("Polling %s failed: %s", self.repo.url, self.repo.redact(str(exc)))
+            self.stopping.wait(self.seconds)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    receiver: Receiver
+    server_version = "textgen-receiver"
+    timeout = 15
+
+    def _answer(self, verdict: Verdict) -> None:
+        data = json.dumps(verdict.body).encode()
+        self.send_response(verdict.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") in {"/healthz", "/health"}:
+            self._answer(Verdict(200, {"status": "ok", "outbox": self.receiver.outbox.counts()}))
+        else:
+            self._answer(Verdict(404, {"error": "not found"}))
+
+    def do_POST(self) -> None:
+        try:
+            match = re.fullmatch(r"/webhooks/([a-z]+)/?", urlsplit(self.path).path)
+            if not match:
+                self._answer(
+                    Verdict(404, {"error": "not found; POST to /webhooks/github, gitea or gitlab"})
+                )
+                return
+            length_header = self.headers.get("Content-Length")
+            if length_header is None or not length_header.isdigit():
+                self.close_connection = True
+                self._answer(Verdict(411, {"error": "Content-Length is required"}))
+                return
+            length = int(length_header)
+            if length > self.receiver.max_bytes:
+                self.close_connection = True
+                self._answer(
+                    Verdict(
+                        413, {"error": f"body of {length} bytes exceeds {self.receiver.max_bytes}"}
+                    )
+                )
+                return
+            body = self.rfile.read(length)
+            verdict = self.receiver.handle(match.group(1), dict(self.headers.items()), body)
+            logger.info(
+                "%s %s -> %d %s",
+                self.command,
+                self.path,
+                verdict.status,
+                verdict.body.get("status") or verdict.body.get("error"),
+            )
+            self._answer(verdict)
+        except Exception as exc:  # the receiver must never crash
+            logger.exception("webhook handling failed")
+            with contextlib.suppress(OSError):
+                self._answer(Verdict(500, {"error": f"internal error: {type(exc).__name__}"}))
+
+    def do_PUT(self) -> None:
+        self._answer(Verdict(405, {"error": "use POST"}))
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s - %s", self.address_string(), format % args)
+
+
+def start_http(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:
+    """Serve the receiver on host:port in a background thread; returns the server."""
+    handler = type("Handler", (_Handler,), {"receiver": receiver})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="textgen-receiver", daemon=True).start()
+    return server

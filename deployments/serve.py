@@ -1,0 +1,468 @@
+"""`textgen serve`: the on-push deployment, its runner and the push receiver in one process.
+
+When `PREFECT_API_URL` is unset it also starts and supervises a local `prefect server start`
+with its data in the project's data folder, and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+from urllib.request import urlopen
+
+from deployments.receiver import (
+    EVENT_NAME,
+    Emitter,
+    Outbox,
+    Poller,
+    Receiver,
+    start_http,
+)
+from tasks.config import data_dir
+from tasks.errors import TextgenError
+from tasks.repo import RepoLocation, mirror_path
+
+logger = logging.getLogger(__name__)
+
+FLOW_NAME = "nlp-text-generation"
+DEFAULT_DEPLOYMENT = "on-push"
+AUTOMATIC = ("push", "poll")
+
+
+class ServeError(TextgenError):
+    """The service cannot start as asked."""
+
+    exit_code = 6
+
+
+def prefect_home() -> Path:
+    """Where the embedded Prefect server keeps its database and logs."""
+    return data_dir() / "prefect"
+
+
+def server_file() -> Path:
+    """Written while `textgen serve` supervises a local Prefect server: its URL and pid."""
+    return prefect_home() / "server.json"
+
+
+def _healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urlopen(f"{api_url}/health", timeout=timeout) as response:
+            return bool(response.status == 200)
+    except (URLError, OSError, ValueError):
+        return False
+
+
+def running_local_server() -> str | None:
+    """The API URL of a local server that `textgen serve` supervises, if one is up."""
+    try:
+        info = json.loads(server_file().read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    url = str(info["url"])
+    return url if _healthy(url) else None
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise ServeError("no free local port for the Prefect server")
+
+
+class LocalPrefectServer:
+    """A `prefect server start` child process on 127.0.0.1, restarted if it dies."""
+
+    def __init__(self, port: int) -> None:
+        self.port = _free_port(port)
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self._watch = threading.Thread(
+            target=self._supervise, name="prefect-server-watch", daemon=True
+        )
+
+    def _spawn(self) -> None:
+        home = prefect_home()
+        home.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_URL": self.url,
+        }
+        log = open(home / "server.log", "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C reaches us; we stop the server in order
+        )
+        log.close()
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the server and wait until it answers."""
+        self._spawn()
+        deadline = time.monotonic() + timeout
+        while not _healthy(self.url):
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise ServeError(
+                    f"prefect server exited with code {self.process.returncode}; "
+                    f"see {prefect_home() / 'server.log'}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServeError(
+                    f"prefect server did not answer on {self.url} within {timeout:.0f} s"
+                )
+            time.sleep(0.5)
+        assert self.process is not None
+        server_file().write_text(json.dumps({"url": self.url, "pid": self.process.pid}))
+        self._watch.start()
+        logger.info("Prefect server on %s (UI: http://127.0.0.1:%d)", self.url, self.port)
+
+    def _supervise(self) -> None:
+        while not self.stopping.wait(2.0):
+            if self.process is not None and self.process.poll() is not None:
+                logger.warning(
+                    "Prefect server exited (code %s); restarting it", self.process.returncode
+                )
+                self._spawn()
+
+    def stop(self) -> None:
+        """Stop the server we started (by its pid), then forget it."""
+        self.stopping.set()
+        with contextlib.suppress(OSError):
+            server_file().unlink()
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def use_api_url(url: str | None) -> None:
+    """Point this process (and the processes it starts) at a Prefect API, or at none."""
+    if url is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = url
+    # Prefect reads its settings when imported; take the change into its global context.
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+
+
+@contextlib.contextmanager
+def prefect_api(port: int = 4200) -> Iterator[str]:
+    """`PREFECT_API_URL` when set; else a local server started (and stopped) here."""
+    explicit = os.environ.get("PREFECT_API_URL")
+    if explicit:
+        yield explicit
+        return
+    server = LocalPrefectServer(port)
+    server.start()
+    use_api_url(server.url)
+    try:
+        yield server.url
+    finally:
+        use_api_url(None)
+        server.stop()
+
+
+def push_trigger(repo_url: str, branch: str) -> Any:
+    """The deployment trigger: a `git.push` event for this repository and branch."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name=f"{EVENT_NAME} to {branch}",
+        expect={EVENT_NAME},
+        match={
+            "prefect.resource.id": "git.repo.*",
+            "git.repository": repo_url,
+            "git.branch": branch,
+        },
+        parameters={
+            "commit_sha": "{{ event.payload.after }}",
+            "before": "{{ event.payload.before }}",
+            "changed_paths": "{{ event.payload.changed_paths }}",
+            "trigger": "{{ event.payload.trigger }}",
+        },
+    )
+
+
+def supersede_queued_runs(deployment_id: Any, newest_sha: str) -> int:
+    """Mark queued push/poll runs of a deployment Superseded by the newest push, `newest_sha`.
+
+    Runs not yet started whose commit is not `newest_sha` are cancelled with state name
+    `Superseded` and the newer commit in the message: the newest push's run (queued now or
+    soon) runs instead. Manual runs are never touched. Returns how many were marked.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+            ),
+            limit=200,
+        )
+        marked = 0
+        for run in runs:
+            if run.parameters.get("trigger") not in AUTOMATIC:
+                continue
+            if str(run.parameters.get("commit_sha") or "").lower() == newest_sha:
+                continue
+            client.set_flow_run_state(
+                run.id,
+                Cancelled(
+                    name="Superseded",
+                    message=f"superseded by the newer push of {newest_sha[:7]}, which runs instead",
+                ),
+                force=True,
+            )
+            marked += 1
+        if marked:
+            logger.info("Marked %d queued run(s) superseded by %s", marked, newest_sha[:7])
+        return marked
+
+
+class Janitor(threading.Thread):
+    """Keeps at most one queued automatic run per deployment: the newest push's."""
+
+    def __init__(
+        self,
+        deployment_id: Any,
+        outbox: Outbox,
+        repo: RepoLocation,
+        branch: str,
+        seconds: float = 1.0,
+    ) -> None:
+        super().__init__(name="textgen-janitor", daemon=True)
+        self.deployment_id = deployment_id
+        self.outbox = outbox
+        self.repo = repo
+        self.branch = branch
+        self.seconds = seconds
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        """Check after each emitted push and every `seconds`."""
+        while not self.stopping.is_set():
+            newest = self.outbox.latest(self.repo, self.branch)
+            if newest:
+                try:
+                    supersede_queued_runs(self.deployment_id, newest)
+                except Exception as exc:
+                    logger.debug("superseding queued runs failed: %s", exc)
+            self.wake.wait(self.seconds)
+            self.wake.clear()
+
+
+def read_secret(secret_file: str | None, insecure: bool) -> bytes | None:
+    """The webhook secret from `--secret-file` or `TEXTGEN_WEBHOOK_SECRET`; none means refuse."""
+    if secret_file:
+        try:
+            value = Path(secret_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ServeError(f"cannot read the webhook secret file {secret_file}: {exc}") from None
+        if not value:
+            raise ServeError(f"the webhook secret file {secret_file} is empty")
+        return value.encode()
+    value = os.environ.get("TEXTGEN_WEBHOOK_SECRET", "").strip()
+    if value:
+        return value.encode()
+    if insecure:
+        logger.warning(
+            "Accepting unsigned webhooks (--insecure): anyone who reaches the port can start runs"
+        )
+        return None
+    raise ServeError(
+        "no webhook secret: set TEXTGEN_WEBHOOK_SECRET or pass --secret-file FILE "
+        "(or --insecure to accept unsigned deliveries, for a receiver only this machine can reach)"
+    )
+
+
+def receiver_outbox(repo: RepoLocation, branch: str) -> Outbox:
+    """The outbox of one repository and branch, in the data folder."""
+    name = mirror_path(repo).name.removesuffix(".git")
+    return Outbox(data_dir() / "receiver" / f"{name}-{branch.replace('/', '_')}.sqlite")
+
+
+def start_receiver(
+    repo: RepoLocation,
+    branch: str,
+    host: str,
+    port: int,
+    secret: bytes | None,
+    poll_seconds: float | None,
+    deployment_id: Any | None,
+) -> tuple[Any, list[Any]]:
+    """Outbox, HTTP endpoint, emitter, janitor and poller, in background threads.
+
+    Returns the HTTP server and the threads (each has a `stopping` event).
+    """
+    outbox = receiver_outbox(repo, branch)
+    receiver = Receiver(repo, branch, secret, outbox)
+    try:
+        http = start_http(receiver, host, port)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port}: {exc}") from None
+    threads: list[Any] = []
+    janitor = None
+    if deployment_id is not None:
+        janitor = Janitor(deployment_id, outbox, repo, branch)
+        threads.append(janitor)
+    threads.append(Emitter(outbox, after_send=janitor.wake.set if janitor else None))
+    if poll_seconds:
+        threads.append(Poller(repo, branch, outbox, poll_seconds))
+    for thread in threads:
+        thread.start()
+    address = http.server_address
+    logger.info(
+        "Push receiver for %s@%s on http://%s:%s/webhooks/github (also /gitea, /gitlab)%s",
+        repo.url,
+        branch,
+        address[0],
+        address[1],
+        f"; polling every {poll_seconds:g} s" if poll_seconds else "",
+    )
+    return http, threads
+
+
+def _deployment(repo_url: str, branch: str, name: str) -> Any:
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.text_generation import nlp_text_generation
+
+    return nlp_text_generation.to_deployment(
+        name=name,
+        parameters={"repo_url": repo_url, "branch": branch},
+        triggers=[push_trigger(repo_url, branch)],
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
+        description=f"Text generation for every push to {branch} of {repo_url}",
+        tags=["textgen", "on-push"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def run_service(
+    repo_url: str,
+    branch: str,
+    host: str,
+    port: int,
+    poll_seconds: float | None,
+    secret: bytes | None,
+    name: str = DEFAULT_DEPLOYMENT,
+    prefect_port: int = 4200,
+) -> int:
+    """Serve until interrupted: Prefect API (local if needed), receiver, runner, janitor."""
+    repo = RepoLocation.parse(repo_url)
+    query_seconds = float(os.environ.get("TEXTGEN_RUNNER_POLL_SECONDS", "1"))
+    with prefect_api(prefect_port) as api_url:
+        from prefect.runner import Runner
+
+        http = None
+        threads: list[Any] = []
+        stop = False
+        try:
+            delay = 1.0
+            while not stop:
+                runner = Runner(
+                    name=f"textgen-{mirror_path(repo).name.removesuffix('.git')}",
+                    query_seconds=query_seconds,
+                    limit=1,
+                    pause_on_shutdown=False,
+                )
+                try:
+                    deployment_id = runner.add_deployment(_deployment(repo.url, branch, name))
+                except Exception as exc:
+                    logger.warning(
+                        "Cannot register the deployment with %s (%s); retrying", api_url, exc
+                    )
+                    time.sleep(delay)
+                    delay = min(30.0, delay * 2)
+                    continue
+                if http is None:
+                    http, threads = start_receiver(
+                        repo, branch, host, port, secret, poll_seconds, deployment_id
+                    )
+                    logger.info(
+                        "Serving %s/%s: `git push` to %s, or `prefect deployment run '%s/%s'`",
+                        FLOW_NAME,
+                        name,
+                        branch,
+                        FLOW_NAME,
+                        name,
+                    )
+                # Ctrl-C shuts the runner down as gracefully as SIGTERM does.
+                signal.signal(signal.SIGINT, runner.handle_sigterm)
+                try:
+                    asyncio.run(runner.start())
+                    stop = runner.stopping  # a signal shut the runner down
+                except (KeyboardInterrupt, SystemExit):
+                    stop = True
+                except Exception as exc:
+                    logger.warning("The runner stopped (%s); restarting it", exc)
+                if not stop:
+                    time.sleep(delay)
+                    delay = min(30.0, delay * 2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for thread in threads:
+                thread.stopping.set()
+            if http is not None:
+                http.shutdown()
+                http.server_close()
+    return 0
