@@ -213,7 +213,6 @@ def cmd_receive(args: argparse.Namespace) -> int:
         deployment_id = None
         if args.deployment:
             from prefect.client.orchestration import get_client
-
             from prefect.exceptions import ObjectNotFound
 
             from deployments.serve import ServeError

@@ -80,7 +80,7 @@ def nlp_text_generation(
         before: For a push, the branch's previous tip.
         changed_paths: For a push, the files it changed, when the sender knows them.
     """
-    location = RepoLocation.parse(repo_url or default_repo_url())
+    location = RepoLocation.parse(default_repo_url() if repo_url is None else repo_url)
     tracker = Tracker.for_repo(location.url)
     run_id = tracker.start(branch, commit_sha, trigger)
     automatic = trigger in AUTOMATIC_TRIGGERS

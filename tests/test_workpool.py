@@ -1,0 +1,145 @@
+"""deployments/prefect.yaml on a process work pool: `prefect deploy`, a worker, `textgen receive`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from deployments.hook import install
+from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
+from tests.servers import PrefectServer, Service, free_port, wait_for
+
+pytestmark = pytest.mark.server
+
+PROJECT = Path(__file__).resolve().parents[1]
+SECRET = "workpool-secret-0815"
+SPEC = "on:\n  github:\n    branches:\n      only: main\n"
+
+
+def prefect_cli(args: list[str], env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *args],
+        env=env,
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def pool(
+    tmp_path_factory: pytest.TempPathFactory, shared_model_cache: Path
+) -> Iterator[dict[str, object]]:
+    root = tmp_path_factory.mktemp("workpool")
+    model = build_tiny_gpt2(root / "tiny")
+    work = GitRepo(root / "work")
+    work.commit(
+        {"textgen.yaml": settings_yaml(model), ".gradient/workflows/w.yaml": SPEC}, "initial"
+    )
+    bare = root / "origin.git"
+    subprocess.run(["git", "clone", "--quiet", "--bare", str(work.path), str(bare)], check=True)
+    work.git("remote", "add", "origin", str(bare))
+
+    prefect = PrefectServer(root / "prefect")
+    prefect.start()
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {
+        **os.environ,
+        "PWD": str(PROJECT),
+        "PREFECT_API_URL": prefect.api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "TEXTGEN_REPO": str(bare),
+        "TEXTGEN_HOME": str(root / "home"),
+        "TEXTGEN_MODEL_CACHE": str(shared_model_cache),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "TEXTGEN_ARTIFACT_ROOT": (root / "artifacts").as_uri(),
+        "TEXTGEN_WEBHOOK_SECRET": SECRET,
+    }
+    services: list[Service] = []
+    try:
+        prefect_cli(["work-pool", "create", "textgen", "--type", "process"], env)
+        deployed = prefect_cli(
+            ["deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], env
+        )
+        assert "nlp-text-generation/on-push" in deployed
+        worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "textgen"]
+        services.append(Service(worker, env, root / "worker.log", cwd=PROJECT))
+        port = free_port()
+        receiver = Service.textgen(
+            ["receive", "--repo", str(bare), "--port", str(port)], env, root / "receive.log"
+        )
+        services.append(receiver)
+        wait_for(
+            lambda: "Push receiver for" in receiver.output() or not receiver.alive(),
+            60,
+            "textgen receive",
+        )
+        assert receiver.alive(), receiver.output()
+        secret_file = root / "secret"
+        secret_file.write_text(SECRET)
+        install(bare, f"http://127.0.0.1:{port}/webhooks/github", secret_file)
+        yield {"work": work, "model": model, "bare": bare, "env": env, "tracking_uri": tracking_uri}
+    finally:
+        for service in services:
+            service.stop()
+        prefect.stop()
+
+
+def run_of(tracking_uri: str, bare: Path, sha: str) -> object:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(str(bare))
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`mlflow.source.git.commit` = '{sha}' and attributes.status = 'FINISHED'",
+    )
+    return runs[0] if runs else None
+
+
+def test_a_push_runs_on_a_worker(pool: dict[str, object]) -> None:
+    work, model = pool["work"], pool["model"]
+    assert isinstance(work, GitRepo)
+    sha = work.commit({"textgen.yaml": settings_yaml(model, random_seed=9)}, "seed 9")
+    work.git("push", "--quiet", "origin", "main")
+    run = wait_for(
+        lambda: run_of(str(pool["tracking_uri"]), Path(str(pool["bare"])), sha),
+        180,
+        f"a run of {sha[:7]}",
+    )
+    assert run.data.tags["textgen.outcome"] == "new"  # type: ignore[attr-defined]
+    assert run.data.tags["textgen.trigger"] == "push"  # type: ignore[attr-defined]
+
+
+def test_prefect_deployment_run_with_a_quoted_sha(pool: dict[str, object]) -> None:
+    work = pool["work"]
+    assert isinstance(work, GitRepo)
+    first = work.git("rev-list", "--max-parents=0", "HEAD")
+    env = pool["env"]
+    assert isinstance(env, dict)
+    prefect_cli(
+        [
+            "deployment",
+            "run",
+            "nlp-text-generation/on-push",
+            "--param",
+            f'commit_sha="{first[:7]}"',
+        ],
+        env,
+    )
+    run = wait_for(
+        lambda: run_of(str(pool["tracking_uri"]), Path(str(pool["bare"])), first),
+        180,
+        "the manual run",
+    )
+    assert run.data.tags["textgen.trigger"] == "manual"  # type: ignore[attr-defined]
