@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -93,7 +95,33 @@ def _fmt_time(millis: int | None) -> str:
     return datetime.fromtimestamp(millis / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def history_rows(repo: str | None, limit: int) -> list[dict[str, str]]:
+def parse_since(text: str) -> int:
+    """`--since` in epoch milliseconds, from a date (2026-11-01T12:00) or an age (3d, 12h, 2w)."""
+    match = re.fullmatch(r"(\d+)\s*([mhdw])", text.strip())
+    if match:
+        seconds = (
+            int(match.group(1)) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+        )
+        return int((datetime.now(UTC).timestamp() - seconds) * 1000)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise SettingsError(
+            f"--since {text!r}: expected a date (2026-11-01 or 2026-11-01T12:00) "
+            f"or an age (3d, 12h, 30m, 2w)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def history_rows(
+    repo: str | None,
+    limit: int,
+    since: str | None = None,
+    commit: str | None = None,
+    model: str | None = None,
+) -> list[dict[str, str]]:
     """The experiment's runs, newest first, as rows of the history table."""
     from flows.text_generation import default_repo_url
     from tasks.tracking import (
@@ -106,8 +134,21 @@ def history_rows(repo: str | None, limit: int) -> list[dict[str, str]]:
     )
 
     tracker = Tracker.for_repo(repo or default_repo_url(), create=False)
+    filters = []
+    if since:
+        filters.append(f"attributes.start_time >= {parse_since(since)}")
+    if commit:
+        if not re.fullmatch(r"[0-9a-fA-F]{1,40}", commit):
+            raise SettingsError(f"--commit {commit!r}: expected a (short) SHA")
+        filters.append(f"tags.`{TAG_COMMIT}` LIKE '{commit.lower()}%'")
+    if model:
+        pattern = model.replace("'", "") if "%" in model else f"%{model.replace(chr(39), '')}%"
+        filters.append(f"params.model LIKE '{pattern}'")
     runs = tracker.client.search_runs(
-        [tracker.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit
+        [tracker.experiment_id],
+        " and ".join(filters),
+        order_by=["attributes.start_time DESC"],
+        max_results=limit,
     )
     rows = []
     for run in runs:
@@ -116,11 +157,15 @@ def history_rows(repo: str | None, limit: int) -> list[dict[str, str]]:
         version = tags.get(TAG_VERSION, "")
         if outcome == "reused":
             version = f"={tags.get('textgen.reused_version', '')}"
+        model_name = run.data.params.get("model", "")
         rows.append(
             {
                 "version": version,
                 "commit": tags.get(TAG_COMMIT, "")[:7],
                 "settings": tags.get(TAG_DIGEST, "")[:12],
+                "model": model_name.rstrip("/").rsplit("/", 1)[-1]
+                if model_name.startswith(("/", ".", "~"))
+                else model_name,
                 "status": run.info.status,
                 "outcome": outcome,
                 "trigger": tags.get(TAG_TRIGGER, ""),
@@ -144,11 +189,24 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """List the output versions of a repository."""
-    rows = history_rows(_repo_argument(args.repo), args.limit)
+    rows = history_rows(_repo_argument(args.repo), args.limit, args.since, args.commit, args.model)
     if not rows:
         print("no runs yet")
         return 0
     print(format_table(rows))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare two output versions: settings, commits, metrics and texts."""
+    from deployments.compare import compare, render_html, render_text
+    from flows.text_generation import default_repo_url
+
+    comparison = compare(_repo_argument(args.repo) or default_repo_url(), args.a, args.b)
+    if args.html:
+        Path(args.html).write_text(render_html(comparison), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    sys.stdout.write(render_text(comparison, color=sys.stdout.isatty() and not args.no_color))
     return 0
 
 
@@ -296,7 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="list the output versions of a repository")
     history.add_argument("--repo", help="URL or local path of the repository (default: this one)")
     history.add_argument("--limit", type=int, default=50, help="most recent runs to show")
+    history.add_argument(
+        "--since", help="runs started since a date (2026-11-01) or an age (3d, 12h)"
+    )
+    history.add_argument("--commit", help="runs of commits starting with this SHA")
+    history.add_argument(
+        "--model", help="runs whose model contains this text (or LIKE pattern with %%)"
+    )
     history.set_defaults(func=cmd_history)
+
+    comp = commands.add_parser(
+        "compare", help="compare two versions: settings, commits, metrics and texts side by side"
+    )
+    comp.add_argument("a", help="a version (3, v3), a commit SHA or an MLflow run id")
+    comp.add_argument("b", help="the other one")
+    comp.add_argument("--repo", help="URL or local path of the repository (default: this one)")
+    comp.add_argument(
+        "--html", metavar="FILE", help="also write the report as a self-contained page"
+    )
+    comp.add_argument("--no-color", action="store_true", help="mark changes without colours")
+    comp.set_defaults(func=cmd_compare)
 
     ui = commands.add_parser("ui", help="start the MLflow UI on the same store")
     ui.add_argument("--host", default="127.0.0.1")
@@ -377,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # A local Prefect server has no network to send usage statistics to.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

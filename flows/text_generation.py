@@ -13,6 +13,7 @@ from prefect.states import Completed, State
 from tasks.errors import RepositoryError
 from tasks.generate import generate_text
 from tasks.model import load_generator, local_revision
+from tasks.quality import score_text
 from tasks.repo import RepoLocation, fetch_repo_commit
 from tasks.settings import read_settings
 from tasks.tracking import RunRecord, Tracker, log_to_mlflow
@@ -110,8 +111,9 @@ def nlp_text_generation(
         else:
             generator = load_generator(settings, revision)
             generations = generate_text(generator, settings)
+            quality = score_text(generator, generations)
             record = log_to_mlflow(
-                tracker, run_id, commit, settings, source, generator, generations
+                tracker, run_id, commit, settings, source, generator, generations, quality
             )
     except BaseException as exc:
         tracker.fail(run_id, exc)

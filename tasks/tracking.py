@@ -92,7 +92,9 @@ def ui_base_url() -> str:
 
 def run_url(experiment_id: str, run_id: str) -> str:
     """Link to a run in the MLflow UI."""
-    return f"{ui_base_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+    # `workflowType` opens MLflow 3's model-training navigation rather than the GenAI one.
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui_base_url()}/{page}?workflowType=machine_learning"
 
 
 def experiment_name(repo_url: str) -> str:
@@ -115,11 +117,13 @@ def _prefect_links() -> dict[str, str]:
     tags: dict[str, str] = {}
     with contextlib.suppress(Exception):
         from prefect.runtime import flow_run
+        from prefect.utilities.urls import url_for
 
         if flow_run.id:
             tags["textgen.prefect.flow_run_id"] = str(flow_run.id)
             tags["textgen.prefect.flow_run_name"] = str(flow_run.name)
-            url = flow_run.ui_url
+            # The UI's own route, as the engine's "View at" log line uses.
+            url = url_for("flow-run", obj_id=flow_run.id)
             if url:
                 tags["textgen.prefect.flow_run_url"] = str(url)
     return tags
@@ -153,7 +157,11 @@ class Tracker:
                     experiment_id = client.create_experiment(
                         name,
                         artifact_location=f"{root}/{_folder_name(name)}" if root else None,
-                        tags={"textgen.repo_url": name},
+                        # Opens in the UI's model-training view (runs table), not GenAI's.
+                        tags={
+                            "textgen.repo_url": name,
+                            "mlflow.experimentKind": "custom_model_development",
+                        },
                     )
                 except MlflowException:
                     # Created meanwhile by a concurrent run.
@@ -343,7 +351,7 @@ class Tracker:
         settings_source: str,
         generator: Generator,
         generations: Generations,
-        extra_metrics: dict[str, float] | None = None,
+        quality: dict[str, float] | None = None,
     ) -> RunRecord:
         """Log the whole record of a new output and end the run FINISHED."""
         import pandas as pd
@@ -367,9 +375,8 @@ class Tracker:
             "generation_seconds": generations.generation_seconds,
             "new_tokens": float(generations.total_new_tokens),
             "tokens_per_second": generations.tokens_per_second,
-            "mean_new_tokens": generations.total_new_tokens / max(1, len(generations.texts)),
             "prompt_tokens": float(len(generations.prompt_token_ids)),
-            **(extra_metrics or {}),
+            **(quality or {}),
         }
         self.client.log_batch(
             run_id,
@@ -389,12 +396,14 @@ class Tracker:
             "generation": generations.generation_config,
         }
         self.client.log_dict(run_id, settings_doc, "settings.json")
+        # Column order matters to MLflow's artifact evaluation view: it groups by the first
+        # column and compares the second across runs.
         table = pd.DataFrame(
             {
                 "sequence": list(range(1, len(generations.texts) + 1)),
-                "prompt": [generations.prompt] * len(generations.texts),
                 "generated_text": generations.texts,
                 "new_tokens": generations.new_tokens,
+                "prompt": [generations.prompt] * len(generations.texts),
             }
         )
         self.client.log_table(run_id, table, "generations.json")
@@ -473,10 +482,11 @@ def log_to_mlflow(
     settings_source: str,
     generator: Generator,
     generations: Generations,
+    quality: dict[str, float] | None = None,
 ) -> RunRecord:
     """Record the output as a new numbered version: tags, params, metrics, artifacts, dataset."""
     record = tracker.record_generation(
-        run_id, commit, settings, settings_source, generator, generations
+        run_id, commit, settings, settings_source, generator, generations, quality
     )
     get_run_logger().info("Logged %s", record.summary())
     return record

@@ -1,0 +1,173 @@
+"""The MLflow UI in headless Chromium: two versions, their commits, their generation tables.
+
+Needs Debian's chromium (/usr/bin/chromium, or $CHROMIUM); CI installs it. Screenshots are
+written to a temporary folder (printed on failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from deployments.cli import main
+from flows.text_generation import nlp_text_generation
+from tests.conftest import RepoFactory, settings_yaml
+from tests.servers import Service, free_port, wait_for
+
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("prefect_harness")]
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which(CHROMIUM), (
+        f"{CHROMIUM} not found: apt-get install chromium (or set CHROMIUM)"
+    )
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+@pytest.fixture
+def two_versions(make_repo: RepoFactory, tiny_model: Path) -> dict[str, Any]:
+    repo = make_repo({"textgen.yaml": settings_yaml(tiny_model, random_seed=1)}, "seed 1")
+    first = nlp_text_generation(repo_url=str(repo.path))
+    repo.commit({"textgen.yaml": settings_yaml(tiny_model, random_seed=2)}, "seed 2")
+    second = nlp_text_generation(repo_url=str(repo.path))
+    assert (first.version, second.version) == (1, 2)
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    texts = {}
+    for record in (first, second):
+        table = json.loads(
+            Path(client.download_artifacts(record.run_id, "generations.json")).read_text()
+        )
+        texts[record.version] = [
+            row[table["columns"].index("generated_text")] for row in table["data"]
+        ]
+    return {"repo": repo, "records": (first, second), "texts": texts}
+
+
+@pytest.fixture
+def mlflow_ui(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    service = Service.textgen(["ui", "--port", str(port)], dict(os.environ), tmp_path / "ui.log")
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(lambda: up() or not service.alive(), 90, "the MLflow UI to answer")
+        assert service.alive(), service.output()
+        yield url
+    finally:
+        service.stop()
+
+
+def test_the_runs_page_and_the_artifact_view_show_both_versions(
+    browser: Any,
+    two_versions: dict[str, Any],
+    mlflow_ui: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    shots = tmp_path_factory.mktemp("screenshots")
+    first, second = two_versions["records"]
+    page = browser.new_page(viewport={"width": 1800, "height": 1000})
+    page.goto(f"{mlflow_ui}/#/experiments/{first.experiment_id}/runs?workflowType=machine_learning")
+    try:
+        for record in (first, second):
+            page.get_by_text(f"v{record.version} {record.commit_sha[:7]}").first.wait_for(
+                timeout=30000
+            )
+        page.get_by_role("button", name="Columns").click()
+        page.get_by_title("Version", exact=True).click()  # a node of the column picker's tree
+        page.keyboard.press("Escape")
+        header = page.get_by_role("columnheader", name="Version").first
+        header.wait_for(timeout=10000)
+        page.screenshot(path=str(shots / "runs.png"))
+        # The grid renders pinned and scrolling cells in separate rows, joined by row-index.
+        cells = page.locator("[role=gridcell]")
+        by_row: dict[str, dict[str, str]] = {}
+        for index in range(cells.count()):
+            cell = cells.nth(index)
+            row = cell.evaluate("e => e.closest('[role=row]').getAttribute('row-index')")
+            by_row.setdefault(row, {})[cell.get_attribute("col-id") or ""] = cell.inner_text()
+        versions = {
+            cells_of_row["attributes.`Run Name`"].split()[-2]: cells_of_row["attributes.`Version`"]
+            for cells_of_row in by_row.values()
+        }
+        assert set(versions) == {"v1", "v2"}
+        for record in (first, second):
+            shown = versions[f"v{record.version}"].strip()
+            assert len(shown) >= 6 and record.commit_sha.startswith(shown), (
+                shown,
+                record.commit_sha,
+            )
+
+        page.goto(
+            f"{mlflow_ui}/#/experiments/{first.experiment_id}/runs"
+            "?workflowType=machine_learning&compareRunsMode=ARTIFACT"
+        )
+        page.get_by_text("generations.json").first.wait_for(timeout=30000)
+        page.get_by_text(two_versions["texts"][2][0][:40]).first.wait_for(timeout=30000)
+        page.screenshot(path=str(shots / "artifact-view.png"), full_page=True)
+        body = page.inner_text("body")
+        assert "Compare: generated_text" in " ".join(body.split())
+        for version in (1, 2):
+            record = (first, second)[version - 1]
+            assert f"v{version} {record.commit_sha[:7]}" in body
+            for text in two_versions["texts"][version][:2]:
+                assert text.strip()[:40] in body, f"v{version}'s text is not shown"
+    except Exception:
+        page.screenshot(path=str(shots / "failure.png"), full_page=True)
+        print(f"screenshots in {shots}")
+        raise
+
+
+def test_the_html_report_renders(
+    browser: Any, two_versions: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "compare.html"
+    repo = two_versions["repo"]
+    assert (
+        main(["compare", "1", "2", "--repo", str(repo.path), "--html", str(report), "--no-color"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "random_seed  1   2" in out
+    assert "seed 2" in out  # the commit between them
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(report.as_uri())
+    assert page.locator("h1").inner_text() == "v1 vs v2"
+    assert page.locator("del").count() > 0 and page.locator("ins").count() > 0
+    assert page.locator("h3").count() == 5
+    page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+    assert requests == [report.as_uri()], "the page loads nothing else"

@@ -1,0 +1,156 @@
+"""`textgen compare` and `textgen history` filters, on versions made by the flow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from deployments.cli import main
+from deployments.compare import _word_diff, compare, render_html, render_text
+from flows.text_generation import nlp_text_generation
+from tasks.errors import TrackingError
+from tests.conftest import GitRepo, RepoFactory, settings_yaml
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture
+def versions(make_repo: RepoFactory, tiny_model: Path) -> tuple[GitRepo, list[Any]]:
+    repo = make_repo({"textgen.yaml": settings_yaml(tiny_model, random_seed=1)}, "seed 1")
+    v1 = nlp_text_generation(repo_url=str(repo.path))
+    repo.commit({"README.md": "notes"}, "notes")
+    repo.commit({"textgen.yaml": settings_yaml(tiny_model, random_seed=2)}, "seed 2")
+    v2 = nlp_text_generation(repo_url=str(repo.path))
+    v3 = nlp_text_generation(
+        repo_url=str(repo.path), overrides={"random_seed": 1}
+    )  # same commit as v2
+    return repo, [v1, v2, v3]
+
+
+def test_compare_shows_settings_commits_metrics_and_texts(
+    versions: tuple[GitRepo, list[Any]],
+) -> None:
+    repo, (v1, v2, _) = versions
+    result = compare(str(repo.path), "1", "v2")
+    assert (result.a.version, result.b.version) == (1, 2)
+    assert result.settings == [("random_seed", "1", "2")]
+    assert [line.split(" ", 1)[1] for line in result.commits] == [
+        "Dev Example: seed 2",
+        "Dev Example: notes",
+    ]
+    assert result.commits_note == f"{v1.commit_sha[:7]}..{v2.commit_sha[:7]}"
+    metrics = {name for name, _, _ in result.metrics}
+    assert {
+        "distinct_1",
+        "distinct_2",
+        "repetition_rate",
+        "mean_new_tokens",
+        "mean_log_likelihood",
+    } <= metrics
+    assert len(result.pairs) == 5
+    text = render_text(result, width=120)
+    assert "random_seed  1   2" in text
+    assert "[-" in text and "{+" in text
+    assert "Output 5 of 5:" in text
+    page = render_html(result)
+    assert page.startswith("<!doctype html>") and "<del>" in page and "<ins>" in page
+    assert "http" not in page.split("</style>")[0], "no remote assets"
+
+
+def test_the_same_version_twice_is_identical(versions: tuple[GitRepo, list[Any]]) -> None:
+    repo, _ = versions
+    result = compare(str(repo.path), "2", "2")
+    assert result.settings == [] and result.commits_note == "the same commit"
+    assert all(kind == "same" for left, right in result.pairs for kind, _ in left + right)
+    assert "none: the same settings" in render_text(result)
+    assert "(identical)" in render_text(result)
+
+
+def test_references_by_commit_run_id_and_reuse(versions: tuple[GitRepo, list[Any]]) -> None:
+    repo, (v1, _, v3) = versions
+    assert compare(str(repo.path), v1.commit_sha[:7], v3.run_id).b.version == 3
+    reused = nlp_text_generation(repo_url=str(repo.path), commit_sha=v1.commit_sha)
+    assert reused.outcome == "reused"
+    assert compare(str(repo.path), reused.run_id, "3").a.version == 1
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("v9", r"unknown reference 'v9': no version 9; closest matches: v\d \("),
+        ("deadbee", r"unknown reference 'deadbee': no version of a commit starting with it; "),
+        (
+            "main",
+            r"not a version \(3, v3\), a commit SHA or an MLflow run id; latest versions: v3 ",
+        ),
+    ],
+)
+def test_unknown_references_list_the_closest_matches(
+    versions: tuple[GitRepo, list[Any]], ref: str, message: str
+) -> None:
+    repo, _ = versions
+    with pytest.raises(TrackingError, match=message):
+        compare(str(repo.path), ref, "1")
+
+
+def test_a_commit_with_two_versions_is_ambiguous(versions: tuple[GitRepo, list[Any]]) -> None:
+    repo, (_, v2, _) = versions
+    with pytest.raises(
+        TrackingError, match=rf"'{v2.commit_sha[:7]}' is ambiguous: .* 2 versions .*: v3 .*, v2 "
+    ):
+        compare(str(repo.path), v2.commit_sha[:7], "1")
+
+
+def test_the_command_prints_and_writes_html(
+    versions: tuple[GitRepo, list[Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo, _ = versions
+    page = tmp_path / "report.html"
+    assert main(["compare", "1", "2", "--repo", str(repo.path), "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Comparing v1 (commit ")
+    assert "<h1>v1 vs v2</h1>" in page.read_text()
+    assert main(["compare", "1", "v7", "--repo", str(repo.path)]) == 5
+    assert "unknown reference 'v7'" in capsys.readouterr().err
+
+
+def test_history_filters(
+    versions: tuple[GitRepo, list[Any]], capsys: pytest.CaptureFixture[str], tiny_model: Path
+) -> None:
+    repo, (v1, v2, _) = versions
+
+    def rows(*args: str) -> list[list[str]]:
+        assert main(["history", "--repo", str(repo.path), *args]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return [line.split() for line in lines[1:]] if len(lines) > 1 else []
+
+    everything = rows()
+    assert [r[0] for r in everything] == ["3", "2", "1"]
+    assert all(r[3] == tiny_model.name for r in everything)  # the model column
+    assert [r[0] for r in rows("--commit", v1.commit_sha[:6])] == ["1"]
+    assert [r[0] for r in rows("--commit", v2.commit_sha)] == ["3", "2"]
+    assert len(rows("--since", "1h")) == 3
+    assert rows("--since", "2999-01-01") == []
+    assert len(rows("--model", tiny_model.name)) == 3
+    assert rows("--model", "gpt-neo") == []
+    assert main(["history", "--repo", str(repo.path), "--since", "yesterday"]) == 2
+    assert "--since 'yesterday': expected a date" in capsys.readouterr().err
+
+
+def test_word_diff_marks_only_what_changed() -> None:
+    left, right = _word_diff("the quick brown fox", "the slow brown fox jumps")
+    assert left == [("same", "the "), ("del", "quick"), ("same", " brown fox")]
+    assert right == [("same", "the "), ("ins", "slow"), ("same", " brown fox"), ("ins", " jumps")]
+
+
+def test_prefect_and_mlflow_link_to_each_other(versions: tuple[GitRepo, list[Any]]) -> None:
+    _, (v1, _, _) = versions
+    tags = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"]).get_run(v1.run_id).data.tags
+    assert tags["textgen.prefect.flow_run_id"]
+    assert tags["textgen.prefect.flow_run_url"].endswith(
+        f"/runs/flow-run/{tags['textgen.prefect.flow_run_id']}"
+    )
