@@ -284,6 +284,7 @@ def test_commands_run_and_list_history(
         "version",
         "commit",
         "settings",
+        "model",
         "status",
         "outcome",
         "trigger",
@@ -291,7 +292,7 @@ def test_commands_run_and_list_history(
         "run",
         "id",
     ]
-    assert lines[1].split()[1:4] == ["FAILED", "failed", "manual"]  # no version, no settings digest
+    assert lines[1].split()[1:4] == ["FAILED", "failed", "manual"]  # no version, digest or model
     assert lines[2].split()[0] == "1" and "FINISHED" in lines[2]
     assert main(["history", "--repo", str(repo.path.parent / "never-ran")]) == 5
 
