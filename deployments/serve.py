@@ -377,13 +377,16 @@ def start_receiver(
     return http, threads
 
 
-def _deployment(repo_url: str, branch: str, name: str) -> Any:
+def _add_deployment(runner: Any, repo_url: str, branch: str, name: str) -> Any:
+    """Register the on-push deployment with the runner, which then runs it from this process's
+    flow object (as `flow.serve` does); returns the deployment's id."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
 
     from flows.text_generation import nlp_text_generation
 
-    return nlp_text_generation.to_deployment(
+    return runner.add_flow(
+        nlp_text_generation,
         name=name,
         parameters={"repo_url": repo_url, "branch": branch},
         triggers=[push_trigger(repo_url, branch)],
@@ -408,9 +411,13 @@ def run_service(
 ) -> int:
     """Serve until interrupted: Prefect API (local if needed), receiver, runner, janitor."""
     repo = RepoLocation.parse(repo_url)
-    query_seconds = float(os.environ.get("TEXTGEN_RUNNER_POLL_SECONDS", "1"))
+    query_seconds = float(os.environ.get("TEXTGEN_RUNNER_POLL_SECONDS", "0.5"))
     with prefect_api(prefect_port) as api_url:
         from prefect.runner import Runner
+
+        from deployments.warm import enable as enable_warm_starts
+
+        enable_warm_starts()
 
         http = None
         threads: list[Any] = []
@@ -425,7 +432,7 @@ def run_service(
                     pause_on_shutdown=False,
                 )
                 try:
-                    deployment_id = runner.add_deployment(_deployment(repo.url, branch, name))
+                    deployment_id = _add_deployment(runner, repo.url, branch, name)
                 except Exception as exc:
                     logger.warning(
                         "Cannot register the deployment with %s (%s); retrying", api_url, exc

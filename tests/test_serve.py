@@ -156,6 +156,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, shared_model_cache: Path) ->
             "textgen serve to start",
         )
         assert service.alive(), service.output()
+        assert "Runs start warm" in service.output()
         secret_file = root / "secret"
         secret_file.write_text(SECRET)
         install(bare, receiver_url, secret_file)

@@ -1,0 +1,174 @@
+"""A warm local stack for the end-to-end benchmarks: Prefect server, `textgen serve`, a bare
+repository with the hook installed, and a work clone to push from. Everything on 127.0.0.1;
+every process is stopped by its own pid on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _common import bench_dir
+
+from tests.conftest import GitRepo
+from tests.servers import PrefectServer, Service, free_port, wait_for
+
+SECRET = "bench-secret"
+DEPLOYMENT = "nlp-text-generation/on-push"
+SPEC = "on:\n  github:\n    branches:\n      only: main\n"
+
+
+@dataclass
+class Stack:
+    root: Path
+    prefect: PrefectServer
+    service: Service
+    work: GitRepo
+    bare: Path
+    model: Path
+    receiver_url: str
+    tracking_uri: str
+    env: dict[str, str]
+
+    def settings(self, seed: int) -> str:
+        return (
+            f"model: {self.model}\nrandom_seed: {seed}\nmax_length: 30\nnum_return_sequences: 5\n"
+        )
+
+    def commit(self, seed: int) -> str:
+        return self.work.commit({"textgen.yaml": self.settings(seed)}, f"seed {seed}")
+
+    def push(self) -> None:
+        self.work.git("push", "--quiet", "origin", "main")
+
+    def hook(self, enabled: bool) -> None:
+        if enabled:
+            subprocess.run(
+                ["git", "config", "--unset", "core.hooksPath"], cwd=self.bare, check=False
+            )
+        else:
+            subprocess.run(
+                ["git", "config", "core.hooksPath", "/nonexistent"], cwd=self.bare, check=True
+            )
+
+    def deliver(self, after: str, before: str) -> httpx.Response:
+        from deployments.receiver import sign
+
+        body = json.dumps(
+            {
+                "ref": "refs/heads/main",
+                "before": before,
+                "after": after,
+                "repository": {"url": str(self.bare)},
+            }
+        ).encode()
+        headers = {
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": str(uuid.uuid4()),
+            "X-Hub-Signature-256": sign(SECRET.encode(), body),
+            "Content-Type": "application/json",
+        }
+        return httpx.post(self.receiver_url, content=body, headers=headers, timeout=10)
+
+    def mlflow_run(self, sha: str | None = None, flow_run_id: str | None = None) -> Any:
+        """The FINISHED MLflow run of a commit (or of a flow run), if there is one yet."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        experiment = client.get_experiment_by_name(str(self.bare))
+        if experiment is None:
+            return None
+        if flow_run_id:
+            query = f"tags.`textgen.prefect.flow_run_id` = '{flow_run_id}'"
+        else:
+            query = f"tags.`mlflow.source.git.commit` = '{sha}'"
+        runs = client.search_runs(
+            [experiment.experiment_id], query + " and attributes.status = 'FINISHED'"
+        )
+        return runs[0] if runs else None
+
+    def flow_runs(self) -> list[dict[str, Any]]:
+        return self.prefect.flow_runs(DEPLOYMENT)
+
+
+def seconds(text: str | None) -> float | None:
+    """An API timestamp as epoch seconds."""
+    if not text:
+        return None
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+class running_stack:
+    """Start the stack (and a first run, to warm it), and stop it afterwards."""
+
+    def __init__(self, model: Path, name: str) -> None:
+        self.model = model
+        self.root = bench_dir() / "stack" / name
+        self.stack: Stack | None = None
+
+    def __enter__(self) -> Stack:
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True)
+        work = GitRepo(self.root / "work")
+        work.commit({"textgen.yaml": "", ".gradient/workflows/w.yaml": SPEC}, "initial")
+        bare = self.root / "origin.git"
+        subprocess.run(["git", "clone", "--quiet", "--bare", str(work.path), str(bare)], check=True)
+        work.git("remote", "add", "origin", str(bare))
+        prefect = PrefectServer(self.root / "prefect")
+        prefect.start()
+        port = free_port()
+        tracking_uri = f"sqlite:///{self.root / 'mlflow.db'}"
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": prefect.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "TEXTGEN_HOME": str(self.root / "home"),
+            "TEXTGEN_MODEL_CACHE": os.environ.get(
+                "TEXTGEN_MODEL_CACHE", str(bench_dir().parent / "models")
+            ),
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "TEXTGEN_ARTIFACT_ROOT": (self.root / "artifacts").as_uri(),
+            "TEXTGEN_WEBHOOK_SECRET": SECRET,
+        }
+        service = Service.textgen(
+            ["serve", "--repo", str(bare), "--port", str(port)], env, self.root / "serve.log"
+        )
+        receiver_url = f"http://127.0.0.1:{port}/webhooks/github"
+        stack = Stack(
+            self.root, prefect, service, work, bare, self.model, receiver_url, tracking_uri, env
+        )
+        self.stack = stack
+        wait_for(
+            lambda: (
+                "Serving nlp-text-generation/on-push" in service.output() or not service.alive()
+            ),
+            120,
+            "serve",
+        )
+        assert service.alive(), service.output()
+        from deployments.hook import install
+
+        secret_file = self.root / "secret"
+        secret_file.write_text(SECRET)
+        install(bare, receiver_url, secret_file)
+        sha = stack.commit(0)
+        stack.push()
+        wait_for(lambda: stack.mlflow_run(sha), 240, "the warm-up run")
+        time.sleep(1)
+        return stack
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stack is not None:
+            self.stack.service.stop()
+            self.stack.prefect.stop()
