@@ -63,7 +63,7 @@ def main() -> None:
             for s in shas
             if (run := stack.mlflow_run(s)) and run.data.tags.get("textgen.outcome") == "new"
         ]
-        states = Counter(str(r["state_name"]) for r in runs)
+        states = Counter(f"{r['state_name']} ({r['state_type'].lower()})" for r in runs)
         print(f"\npushes                      : {len(shas)} in {last_push - began:.1f} s")
         print(f"flow runs created           : {len(runs)}  ({dict(states)})")
         print(f"generations executed        : {len(generations)} (target <= 3)")
