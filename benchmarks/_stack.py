@@ -5,12 +5,9 @@ every process is stopped by its own pid on exit.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ import httpx
 from _common import bench_dir
 
 from tests.conftest import GitRepo
-from tests.servers import PrefectServer, Service, free_port, wait_for
+from tests.servers import PrefectServer, Service, deliver, set_hook, start_serve, wait_for
 
 SECRET = "bench-secret"
 DEPLOYMENT = "nlp-text-generation/on-push"
@@ -36,7 +33,6 @@ class Stack:
     model: Path
     receiver_url: str
     tracking_uri: str
-    env: dict[str, str]
 
     def settings(self, seed: int) -> str:
         return (
@@ -50,33 +46,16 @@ class Stack:
         self.work.git("push", "--quiet", "origin", "main")
 
     def hook(self, enabled: bool) -> None:
-        if enabled:
-            subprocess.run(
-                ["git", "config", "--unset", "core.hooksPath"], cwd=self.bare, check=False
-            )
-        else:
-            subprocess.run(
-                ["git", "config", "core.hooksPath", "/nonexistent"], cwd=self.bare, check=True
-            )
+        set_hook(self.bare, enabled)
 
     def deliver(self, after: str, before: str) -> httpx.Response:
-        from deployments.receiver import sign
-
-        body = json.dumps(
-            {
-                "ref": "refs/heads/main",
-                "before": before,
-                "after": after,
-                "repository": {"url": str(self.bare)},
-            }
-        ).encode()
-        headers = {
-            "X-GitHub-Event": "push",
-            "X-GitHub-Delivery": str(uuid.uuid4()),
-            "X-Hub-Signature-256": sign(SECRET.encode(), body),
-            "Content-Type": "application/json",
+        payload = {
+            "ref": "refs/heads/main",
+            "before": before,
+            "after": after,
+            "repository": {"url": str(self.bare)},
         }
-        return httpx.post(self.receiver_url, content=body, headers=headers, timeout=10)
+        return deliver(self.receiver_url, SECRET, payload)
 
     def mlflow_run(self, sha: str | None = None, flow_run_id: str | None = None) -> Any:
         """The FINISHED MLflow run of a commit (or of a flow run), if there is one yet."""
@@ -127,41 +106,20 @@ class running_stack:
         work.git("remote", "add", "origin", str(bare))
         prefect = PrefectServer(self.root / "prefect")
         prefect.start()
-        port = free_port()
-        tracking_uri = f"sqlite:///{self.root / 'mlflow.db'}"
-        env = {
-            **os.environ,
-            "PREFECT_API_URL": prefect.api_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "TEXTGEN_HOME": str(self.root / "home"),
-            "TEXTGEN_MODEL_CACHE": os.environ.get(
-                "TEXTGEN_MODEL_CACHE", str(bench_dir().parent / "models")
-            ),
-            "MLFLOW_TRACKING_URI": tracking_uri,
-            "TEXTGEN_ARTIFACT_ROOT": (self.root / "artifacts").as_uri(),
-            "TEXTGEN_WEBHOOK_SECRET": SECRET,
-        }
-        service = Service.textgen(
-            ["serve", "--repo", str(bare), "--port", str(port)], env, self.root / "serve.log"
-        )
-        receiver_url = f"http://127.0.0.1:{port}/webhooks/github"
+        from tasks.config import model_cache_dir
+
+        model_cache = str(model_cache_dir())
+        try:
+            service, receiver_url, tracking_uri = start_serve(
+                self.root, bare, prefect, SECRET, model_cache
+            )
+        except BaseException:
+            prefect.stop()
+            raise
         stack = Stack(
-            self.root, prefect, service, work, bare, self.model, receiver_url, tracking_uri, env
+            self.root, prefect, service, work, bare, self.model, receiver_url, tracking_uri
         )
         self.stack = stack
-        wait_for(
-            lambda: (
-                "Serving nlp-text-generation/on-push" in service.output() or not service.alive()
-            ),
-            120,
-            "serve",
-        )
-        assert service.alive(), service.output()
-        from deployments.hook import install
-
-        secret_file = self.root / "secret"
-        secret_file.write_text(SECRET)
-        install(bare, receiver_url, secret_file)
         sha = stack.commit(0)
         stack.push()
         wait_for(lambda: stack.mlflow_run(sha), 240, "the warm-up run")

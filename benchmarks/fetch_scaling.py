@@ -103,9 +103,7 @@ def main() -> None:
             assert commit.changed_paths == ("textgen.yaml",)
     for name in ("small", "large"):
         pack = sizes[name].get("size-pack", "?")
-        print(
-            f"  {name:5} ({commits[name]} commits, objects {pack} packed): {spread(times[name])}"
-        )
+        print(f"  {name:5} ({commits[name]} commits, objects {pack} packed): {spread(times[name])}")
     print(
         f"  ratio large / small: {median(times['large']) / median(times['small']):.3f} (target <= 1.5)"
     )

@@ -89,39 +89,30 @@ def _free_port(preferred: int) -> int:
 
 
 class LocalPrefectServer:
-    """A `prefect server start` child process on 127.0.0.1, restarted if it dies."""
+    """A `prefect server start` child process on 127.0.0.1, restarted if it dies.
 
-    def __init__(self, port: int) -> None:
+    Its data (SQLite database, log, and `server.json` while it runs) live in `home`.
+    """
+
+    def __init__(self, port: int = 4200, home: Path | None = None) -> None:
+        self.home = home or prefect_home()
         self.port = _free_port(port)
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.process: subprocess.Popen[bytes] | None = None
-        self.stopping = threading.Event()
-        self._watch = threading.Thread(
-            target=self._supervise, name="prefect-server-watch", daemon=True
-        )
+        self.stopping = threading.Event()  # a new one for each start
 
     def _spawn(self) -> None:
-        home = prefect_home()
-        home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
-            "PREFECT_HOME": str(home),
+            "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": self.url,
         }
-        log = open(home / "server.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.home / "server.log", "ab")  # noqa: SIM115 - handed to the child
+        command = [sys.executable, "-m", "prefect", "server", "start"]
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
+            [*command, "--host", "127.0.0.1", "--port", str(self.port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -129,16 +120,21 @@ class LocalPrefectServer:
         )
         log.close()
 
+    def healthy(self) -> bool:
+        """Whether the API answers its health check."""
+        return _healthy(self.url)
+
     def start(self, timeout: float = 120.0) -> None:
-        """Start the server and wait until it answers."""
+        """Start the server (again, on the same port and data) and wait until it answers."""
+        self.stopping = threading.Event()
         self._spawn()
         deadline = time.monotonic() + timeout
-        while not _healthy(self.url):
+        while not self.healthy():
             assert self.process is not None
             if self.process.poll() is not None:
                 raise ServeError(
                     f"prefect server exited with code {self.process.returncode}; "
-                    f"see {prefect_home() / 'server.log'}"
+                    f"see {self.home / 'server.log'}"
                 )
             if time.monotonic() > deadline:
                 self.stop()
@@ -147,12 +143,16 @@ class LocalPrefectServer:
                 )
             time.sleep(0.5)
         assert self.process is not None
-        server_file().write_text(json.dumps({"url": self.url, "pid": self.process.pid}))
-        self._watch.start()
+        (self.home / "server.json").write_text(
+            json.dumps({"url": self.url, "pid": self.process.pid})
+        )
+        threading.Thread(
+            target=self._supervise, args=(self.stopping,), name="prefect-server-watch", daemon=True
+        ).start()
         logger.info("Prefect server on %s (UI: http://127.0.0.1:%d)", self.url, self.port)
 
-    def _supervise(self) -> None:
-        while not self.stopping.wait(2.0):
+    def _supervise(self, stopping: threading.Event) -> None:
+        while not stopping.wait(2.0):
             if self.process is not None and self.process.poll() is not None:
                 logger.warning(
                     "Prefect server exited (code %s); restarting it", self.process.returncode
@@ -163,8 +163,9 @@ class LocalPrefectServer:
         """Stop the server we started (by its pid), then forget it."""
         self.stopping.set()
         with contextlib.suppress(OSError):
-            server_file().unlink()
+            (self.home / "server.json").unlink()
         process = self.process
+        self.process = None
         if process is None or process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):

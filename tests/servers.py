@@ -5,17 +5,21 @@ Each is stopped by its own pid; every wait is bounded.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from deployments.serve import LocalPrefectServer
 
 
 def free_port() -> int:
@@ -48,53 +52,48 @@ def _stop(process: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
         process.wait(timeout=10)
 
 
-class PrefectServer:
-    """`prefect server start` on a fixed port and data folder, so it can be restarted."""
+def set_hook(bare: Path, enabled: bool) -> None:
+    """Let a bare repository's installed hooks run, or point git at none of them."""
+    if enabled:
+        subprocess.run(["git", "config", "--unset", "core.hooksPath"], cwd=bare, check=False)
+    else:
+        subprocess.run(["git", "config", "core.hooksPath", "/nonexistent"], cwd=bare, check=True)
+
+
+def deliver(
+    url: str,
+    secret: str,
+    payload: dict[str, Any],
+    event: str = "push",
+    delivery: str | None = None,
+    signature: str | None = None,
+) -> httpx.Response:
+    """POST a GitHub-style delivery, signed with `secret` unless `signature` is given
+    (an empty `signature` sends none)."""
+    from deployments.receiver import sign
+
+    body = json.dumps(payload).encode()
+    headers = {
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+        "Content-Type": "application/json",
+    }
+    if signature is None:
+        headers["X-Hub-Signature-256"] = sign(secret.encode(), body)
+    elif signature:
+        headers["X-Hub-Signature-256"] = signature
+    return httpx.post(url, content=body, headers=headers, timeout=10)
+
+
+class PrefectServer(LocalPrefectServer):
+    """`prefect server start` on a free port with its data in `home`, so it can be restarted."""
 
     def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(port=free_port(), home=home)
 
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "PREFECT_HOME": str(self.home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": self.api_url,
-        }
-        log = open(self.home / "server.log", "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        wait_for(self.healthy, 120, "the Prefect server to answer")
-
-    def stop(self) -> None:
-        _stop(self.process)
-        self.process = None
+    @property
+    def api_url(self) -> str:
+        return self.url
 
     def flow_runs(self, deployment_name: str | None = None) -> list[dict[str, Any]]:
         """Flow runs (all, or of one deployment), as the API returns them."""
@@ -141,3 +140,46 @@ class Service:
     def stop(self) -> None:
         _stop(self.process, timeout=60)
         self.process = None
+
+
+def start_serve(
+    root: Path, bare: Path, prefect: PrefectServer, secret: str, model_cache: str
+) -> tuple[Service, str, str]:
+    """`textgen serve` for a bare repository (data under `root`), with the hook installed.
+
+    Returns the service, the receiver's GitHub endpoint and the MLflow tracking URI.
+    """
+    from deployments.hook import install
+
+    port = free_port()
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect.api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TEXTGEN_HOME": str(root / "home"),
+        "TEXTGEN_MODEL_CACHE": model_cache,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "TEXTGEN_ARTIFACT_ROOT": (root / "artifacts").as_uri(),
+        "TEXTGEN_WEBHOOK_SECRET": secret,
+    }
+    service = Service.textgen(
+        ["serve", "--repo", str(bare), "--port", str(port)], env, root / "serve.log"
+    )
+    try:
+        wait_for(
+            lambda: (
+                "Serving nlp-text-generation/on-push" in service.output() or not service.alive()
+            ),
+            120,
+            "textgen serve to start",
+        )
+        assert service.alive(), service.output()
+        receiver_url = f"http://127.0.0.1:{port}/webhooks/github"
+        secret_file = root / "secret"
+        secret_file.write_text(secret)
+        install(bare, receiver_url, secret_file)
+    except BaseException:
+        service.stop()
+        raise
+    return service, receiver_url, tracking_uri

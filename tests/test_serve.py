@@ -5,7 +5,6 @@ One service for the module; the tests run in order and each waits for its own co
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,10 +19,8 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from deployments.hook import install
-from deployments.receiver import sign
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
-from tests.servers import PrefectServer, Service, free_port, wait_for
+from tests.servers import PrefectServer, Service, deliver, set_hook, start_serve, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -78,14 +75,7 @@ class Setup:
         return sha
 
     def hook(self, enabled: bool) -> None:
-        if enabled:
-            subprocess.run(
-                ["git", "config", "--unset", "core.hooksPath"], cwd=self.bare, check=False
-            )
-        else:
-            subprocess.run(
-                ["git", "config", "core.hooksPath", "/nonexistent"], cwd=self.bare, check=True
-            )
+        set_hook(self.bare, enabled)
 
     def deliver(
         self,
@@ -94,17 +84,7 @@ class Setup:
         delivery: str | None = None,
         signature: str | None = None,
     ) -> httpx.Response:
-        body = json.dumps(payload).encode()
-        headers = {
-            "X-GitHub-Event": event,
-            "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
-            "Content-Type": "application/json",
-        }
-        if signature is None:
-            headers["X-Hub-Signature-256"] = sign(SECRET.encode(), body)
-        elif signature:
-            headers["X-Hub-Signature-256"] = signature
-        return httpx.post(self.receiver_url, content=body, headers=headers, timeout=10)
+        return deliver(self.receiver_url, SECRET, payload, event, delivery, signature)
 
     def payload(self, after: str, before: str, ref: str = "refs/heads/main") -> dict[str, Any]:
         return {"ref": ref, "before": before, "after": after, "repository": {"url": str(self.bare)}}
@@ -130,37 +110,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory, shared_model_cache: Path) ->
 
     prefect = PrefectServer(root / "prefect")
     prefect.start()
-    port = free_port()
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": prefect.api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "TEXTGEN_HOME": str(root / "home"),
-        "TEXTGEN_MODEL_CACHE": str(shared_model_cache),
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "TEXTGEN_ARTIFACT_ROOT": (root / "artifacts").as_uri(),
-        "TEXTGEN_WEBHOOK_SECRET": SECRET,
-    }
-    service = Service.textgen(
-        ["serve", "--repo", str(bare), "--port", str(port)], env, root / "serve.log"
-    )
-    receiver_url = f"http://127.0.0.1:{port}/webhooks/github"
-    setup = Setup(prefect, service, bare, work, model, receiver_url, tracking_uri)
     try:
-        wait_for(
-            lambda: (
-                "Serving nlp-text-generation/on-push" in service.output() or not service.alive()
-            ),
-            120,
-            "textgen serve to start",
+        service, receiver_url, tracking_uri = start_serve(
+            root, bare, prefect, SECRET, str(shared_model_cache)
         )
-        assert service.alive(), service.output()
+    except BaseException:
+        prefect.stop()
+        raise
+    try:
         assert "Runs start warm" in service.output()
-        secret_file = root / "secret"
-        secret_file.write_text(SECRET)
-        install(bare, receiver_url, secret_file)
-        yield setup
+        yield Setup(prefect, service, bare, work, model, receiver_url, tracking_uri)
     finally:
         service.stop()
         prefect.stop()
