@@ -85,7 +85,6 @@ def nlp_text_generation(
     tracker = Tracker.for_repo(location.url)
     run_id = tracker.start(branch, commit_sha, trigger)
     automatic = trigger in AUTOMATIC_TRIGGERS
-    settings = None
     try:
         commit = fetch_repo_commit(repo_url or location.url, branch, commit_sha, refresh=automatic)
         tracker.tag_commit(run_id, commit)

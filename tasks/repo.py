@@ -91,8 +91,11 @@ class RepoLocation:
 
     def git_env(self) -> dict[str, str]:
         """Environment for git commands: no prompts, and the credentials as a URL rewrite."""
-        env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
-        env.setdefault("GIT_SSH_COMMAND", os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"))
+        env = {
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_ASKPASS": "true",
+            "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
+        }
         if self.secret:
             parts = urlsplit(self.url)
             with_secret = urlunsplit(

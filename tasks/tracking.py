@@ -203,16 +203,16 @@ class Tracker:
 
     def tag_commit(self, run_id: str, commit: CommitInfo) -> None:
         """Record the resolved commit as soon as it is known."""
-        self.client.set_tag(run_id, TAG_COMMIT, commit.sha)
-        self.client.set_tag(run_id, "mlflow.runName", f"{commit.short_sha} (running)")
-        for key, value in {
+        tags = {
+            TAG_COMMIT: commit.sha,
+            "mlflow.runName": f"{commit.short_sha} (running)",
             "textgen.commit.message": _truncate(commit.message),
             "textgen.commit.author": commit.author,
             "textgen.commit.time": commit.authored_at,
             "textgen.commit.on_branch": str(commit.on_branch).lower(),
             "textgen.commit.changed_paths": _truncate(json.dumps(list(commit.changed_paths))),
-        }.items():
-            self.client.set_tag(run_id, key, value)
+        }
+        self.client.log_batch(run_id, tags=_tags(tags))
 
     def find_version(self, commit_sha: str, digest: str, model_revision: str | None) -> Any | None:
         """The run holding an output for this commit, settings and model, if any."""
@@ -273,12 +273,17 @@ class Tracker:
         Changes since that commit are what a new push brings, even when pushes in between were
         superseded before they ran.
         """
-        query = f"tags.`mlflow.source.git.branch` = '{branch}' and attributes.status = 'FINISHED'"
+        # The branch is compared here, not in the query: a git branch name may hold quotes.
         runs = self.client.search_runs(
-            [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=100
+            [self.experiment_id],
+            "attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=200,
         )
         for run in runs:
             tags = run.data.tags
+            if tags.get("mlflow.source.git.branch") != branch:
+                continue
             if tags.get(TAG_TRIGGER) not in triggers or TAG_COMMIT not in tags:
                 continue
             if tags.get(TAG_OUTCOME) == "skipped" and tags.get("textgen.skip_kind") == "superseded":
