@@ -377,3 +377,26 @@ def test_the_endpoint_survives_concurrent_deliveries(
     for thread in threads:
         thread.join(timeout=30)
     assert len(receiver.outbox.pending()) == 20
+
+
+def test_the_receiver_refuses_to_start_without_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deployments.cli import main
+    from deployments.serve import ServeError, read_secret
+
+    monkeypatch.delenv("TEXTGEN_WEBHOOK_SECRET", raising=False)
+    with pytest.raises(ServeError, match="no webhook secret: set TEXTGEN_WEBHOOK_SECRET or pass --secret-file"):
+        read_secret(None, insecure=False)
+    assert read_secret(None, insecure=True) is None
+    monkeypatch.setenv("TEXTGEN_WEBHOOK_SECRET", " from-env ")
+    assert read_secret(None, insecure=False) == b"from-env"
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    assert read_secret(str(secret_file), insecure=False) == b"from-file"
+    secret_file.write_text("")
+    with pytest.raises(ServeError, match="is empty"):
+        read_secret(str(secret_file), insecure=False)
+    monkeypatch.delenv("TEXTGEN_WEBHOOK_SECRET")
+    assert main(["serve", "--repo", str(tmp_path)]) == 6
+    assert "no webhook secret" in capsys.readouterr().err
