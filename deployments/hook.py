@@ -26,7 +26,7 @@ from urllib.request import Request, urlopen
 from tasks.errors import TextgenError
 
 MARKER = "# textgen push hook"
-ZERO_SHA = "0" * 40
+ZERO_SHA = "0" * 40  # as tasks.repo.ZERO_SHA; not imported: the hook must start fast
 DEFAULT_URL = "http://127.0.0.1:8787/webhooks/github"
 
 

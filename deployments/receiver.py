@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tasks.repo import RepoLocation
+from tasks.repo import ZERO_SHA, RepoLocation
 
 logger = logging.getLogger(__name__)
 
 EVENT_NAME = "git.push"
-ZERO_SHA = "0" * 40
 PROVIDERS = ("github", "gitea", "gitlab")
 DEFAULT_MAX_BYTES = 5 * 1024 * 1024
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -282,14 +281,12 @@ def event_document(
     push: PushEvent, repo: RepoLocation, branch: str, received_at: float
 ) -> dict[str, Any]:
     """The Prefect event for a push: stable id per delivery, repository and branch as labels."""
-    slug = re.sub(r"[^\w.-]+", "-", repo.display_name).strip("-") or "repo"
-    digest = hashlib.sha256(repo.url.encode()).hexdigest()[:8]
     return {
         "id": str(uuid.uuid5(_EVENT_NAMESPACE, f"{push.provider}:{push.delivery}")),
         "occurred": datetime.fromtimestamp(received_at, UTC).isoformat(),
         "event": EVENT_NAME,
         "resource": {
-            "prefect.resource.id": f"git.repo.{slug}-{digest}",
+            "prefect.resource.id": f"git.repo.{repo.key}",
             "prefect.resource.name": repo.display_name,
             "git.repository": repo.url,
             "git.branch": branch,

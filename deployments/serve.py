@@ -33,7 +33,7 @@ from deployments.receiver import (
 )
 from tasks.config import data_dir
 from tasks.errors import TextgenError
-from tasks.repo import RepoLocation, mirror_path
+from tasks.repo import RepoLocation
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def read_secret(secret_file: str | None, insecure: bool) -> bytes | None:
 
 def receiver_outbox(repo: RepoLocation, branch: str) -> Outbox:
     """The outbox of one repository and branch, in the data folder."""
-    name = mirror_path(repo).name.removesuffix(".git")
+    name = repo.key
     return Outbox(data_dir() / "receiver" / f"{name}-{branch.replace('/', '_')}.sqlite")
 
 
@@ -427,7 +427,7 @@ def run_service(
             delay = 1.0
             while not stop:
                 runner = Runner(
-                    name=f"textgen-{mirror_path(repo).name.removesuffix('.git')}",
+                    name=f"textgen-{repo.key}",
                     query_seconds=query_seconds,
                     limit=1,
                     pause_on_shutdown=False,

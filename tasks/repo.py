@@ -28,6 +28,8 @@ from tasks.config import repo_cache_dir
 from tasks.errors import RepositoryError, TransientRepositoryError
 
 CREDENTIALS_ENV = "TEXTGEN_GIT_CREDENTIALS"
+ZERO_SHA = "0" * 40
+"""What git reports as the old (or new) tip when a branch is created (or deleted)."""
 _FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHORT_SHA = re.compile(r"^[0-9a-f]{4,40}$")
 _TRANSIENT_MARKERS = (
@@ -88,6 +90,12 @@ class RepoLocation:
         parts = [p for p in path.rstrip("/").split("/") if p]
         tail = parts[-2:] if not self.is_local else parts[-1:]
         return "/".join(tail).removesuffix(".git") or self.url
+
+    @property
+    def key(self) -> str:
+        """A readable name unique to this location (`owner-name-<12 hex>`), for files and ids."""
+        slug = re.sub(r"[^\w.-]+", "-", self.display_name).strip("-") or "repo"
+        return f"{slug}-{hashlib.sha256(self.url.encode()).hexdigest()[:12]}"
 
     def git_env(self) -> dict[str, str]:
         """Environment for git commands: no prompts, and the credentials as a URL rewrite."""
@@ -156,9 +164,7 @@ class CommitInfo:
 
 def mirror_path(location: RepoLocation) -> Path:
     """The cached bare mirror for a repository: one per (credential-free) location."""
-    digest = hashlib.sha256(location.url.encode()).hexdigest()[:12]
-    slug = re.sub(r"[^\w.-]+", "-", location.display_name).strip("-") or "repo"
-    return repo_cache_dir() / f"{slug}-{digest}.git"
+    return repo_cache_dir() / f"{location.key}.git"
 
 
 @contextlib.contextmanager

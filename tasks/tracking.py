@@ -13,11 +13,9 @@ An MLflow run ends in one of four outcomes (tag `textgen.outcome`):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
 import time
 import traceback
 import warnings
@@ -102,12 +100,6 @@ def experiment_name(repo_url: str) -> str:
     return RepoLocation.parse(repo_url).url
 
 
-def _folder_name(name: str) -> str:
-    """A readable, unique folder name for an experiment's artifacts."""
-    slug = re.sub(r"[^\w.-]+", "-", RepoLocation.parse(name).display_name).strip("-") or "repo"
-    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
-
-
 def _truncate(text: str, limit: int = _MAX_TAG) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -156,7 +148,9 @@ class Tracker:
                 try:
                     experiment_id = client.create_experiment(
                         name,
-                        artifact_location=f"{root}/{_folder_name(name)}" if root else None,
+                        artifact_location=f"{root}/{RepoLocation.parse(name).key}"
+                        if root
+                        else None,
                         # Opens in the UI's model-training view (runs table), not GenAI's.
                         tags={
                             "textgen.repo_url": name,

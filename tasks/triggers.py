@@ -28,11 +28,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import SettingsError
-from tasks.repo import CommitInfo, changed_between, is_ancestor
+from tasks.repo import ZERO_SHA, CommitInfo, changed_between, is_ancestor
 
 WORKFLOWS_DIR = ".gradient/workflows"
 AUTOMATIC_TRIGGERS = frozenset({"push", "poll"})
-_ZERO_SHA = "0" * 40
 
 
 @lru_cache(maxsize=512)
@@ -224,7 +223,7 @@ def changed_since(
     for base in bases:
         if (
             base
-            and base != _ZERO_SHA
+            and base != ZERO_SHA
             and base != commit.sha
             and is_ancestor(commit.mirror, base, commit.sha)
         ):

@@ -386,7 +386,9 @@ def test_the_receiver_refuses_to_start_without_a_secret(
     from deployments.serve import ServeError, read_secret
 
     monkeypatch.delenv("TEXTGEN_WEBHOOK_SECRET", raising=False)
-    with pytest.raises(ServeError, match="no webhook secret: set TEXTGEN_WEBHOOK_SECRET or pass --secret-file"):
+    with pytest.raises(
+        ServeError, match="no webhook secret: set TEXTGEN_WEBHOOK_SECRET or pass --secret-file"
+    ):
         read_secret(None, insecure=False)
     assert read_secret(None, insecure=True) is None
     monkeypatch.setenv("TEXTGEN_WEBHOOK_SECRET", " from-env ")
