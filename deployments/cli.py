@@ -64,6 +64,13 @@ def _use_local_server() -> None:
         use_api_url(url)
 
 
+def _repo_or_default(value: str | None) -> str:
+    """`--repo` without credentials, or this checkout when it is not given."""
+    from flows.text_generation import default_repo_url
+
+    return _repo_argument(value) or default_repo_url()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the flow once and say where its output went."""
     _use_local_server()
@@ -116,14 +123,13 @@ def parse_since(text: str) -> int:
 
 
 def history_rows(
-    repo: str | None,
+    repo: str,
     limit: int,
     since: str | None = None,
     commit: str | None = None,
     model: str | None = None,
 ) -> list[dict[str, str]]:
     """The experiment's runs, newest first, as rows of the history table."""
-    from flows.text_generation import default_repo_url
     from tasks.tracking import (
         TAG_COMMIT,
         TAG_DIGEST,
@@ -133,7 +139,7 @@ def history_rows(
         Tracker,
     )
 
-    tracker = Tracker.for_repo(repo or default_repo_url(), create=False)
+    tracker = Tracker.for_repo(repo, create=False)
     filters = []
     if since:
         filters.append(f"attributes.start_time >= {parse_since(since)}")
@@ -189,7 +195,9 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """List the output versions of a repository."""
-    rows = history_rows(_repo_argument(args.repo), args.limit, args.since, args.commit, args.model)
+    rows = history_rows(
+        _repo_or_default(args.repo), args.limit, args.since, args.commit, args.model
+    )
     if not rows:
         print("no runs yet")
         return 0
@@ -200,9 +208,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Compare two output versions: settings, commits, metrics and texts."""
     from deployments.compare import compare, render_html, render_text
-    from flows.text_generation import default_repo_url
 
-    comparison = compare(_repo_argument(args.repo) or default_repo_url(), args.a, args.b)
+    comparison = compare(_repo_or_default(args.repo), args.a, args.b)
     if args.html:
         Path(args.html).write_text(render_html(comparison), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
@@ -242,11 +249,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the on-push deployment and the push receiver until interrupted."""
     from deployments.serve import read_secret, run_service
-    from flows.text_generation import default_repo_url
 
     secret = read_secret(args.secret_file, args.insecure)
     return run_service(
-        repo_url=_repo_argument(args.repo) or default_repo_url(),
+        repo_url=_repo_or_default(args.repo),
         branch=args.branch,
         host=args.host,
         port=args.port,
@@ -262,11 +268,10 @@ def cmd_receive(args: argparse.Namespace) -> int:
     import threading
 
     from deployments.serve import prefect_api, read_secret, start_receiver
-    from flows.text_generation import default_repo_url
     from tasks.repo import RepoLocation
 
     secret = read_secret(args.secret_file, args.insecure)
-    repo = RepoLocation.parse(_repo_argument(args.repo) or default_repo_url())
+    repo = RepoLocation.parse(_repo_or_default(args.repo))
     with prefect_api(args.prefect_port):
         deployment_id = None
         if args.deployment:
@@ -300,8 +305,6 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 def cmd_hook_install(args: argparse.Namespace) -> int:
     """Install the local git hook that reports pushes to the receiver."""
-    from pathlib import Path
-
     from deployments.hook import install
 
     written = install(
