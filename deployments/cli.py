@@ -160,7 +160,7 @@ def history_rows(
     for run in runs:
         tags = run.data.tags
         outcome = tags.get(TAG_OUTCOME, "")
-        version = tags.get(TAG_VERSION, "")
+        version = tags.get(TAG_VERSION, "") if outcome == "new" else ""
         if outcome == "reused":
             version = f"={tags.get('textgen.reused_version', '')}"
         model_name = run.data.params.get("model", "")
@@ -225,6 +225,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"runs are recorded on the tracking server {uri}: open it in a browser")
         return 0
+    from tasks.tracking import mlflow_client
+
+    mlflow_client()  # creates a fresh store once, under its lock, before the server opens it
     command = [
         sys.executable,
         "-m",

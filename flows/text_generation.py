@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, cast
@@ -83,6 +84,7 @@ def nlp_text_generation(
     """
     location = RepoLocation.parse(default_repo_url() if repo_url is None else repo_url)
     tracker = Tracker.for_repo(location.url)
+    _recover(tracker)
     run_id = tracker.start(branch, commit_sha, trigger)
     automatic = trigger in AUTOMATIC_TRIGGERS
     try:
@@ -119,6 +121,14 @@ def nlp_text_generation(
         raise
     _publish(record, settings.as_params())
     return record
+
+
+def _recover(tracker: Tracker) -> None:
+    """End the runs of earlier processes that died (never blocks this run)."""
+    try:
+        tracker.recover_dead_runs()
+    except Exception as exc:
+        logging.getLogger(__name__).warning("Could not check for runs left RUNNING: %s", exc)
 
 
 def _publish(record: RunRecord, params: dict[str, Any]) -> None:

@@ -7,8 +7,6 @@ it is: the model as written in the settings, its resolved revision, the folder a
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -17,7 +15,6 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import OperatorLimits, model_cache_dir, requested_device
+from tasks.config import OperatorLimits, file_lock, model_cache_dir, requested_device
 from tasks.errors import ModelError
 from tasks.settings import GenerationSettings
 
@@ -67,17 +64,6 @@ class Generator:
         }
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file, cached by (path, size, mtime) so large weights are hashed once."""
     stat = path.stat()
@@ -94,7 +80,7 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     value = digest.hexdigest()
-    with _file_lock(index_path.with_suffix(".lock")):
+    with file_lock(index_path.with_suffix(".lock")):
         try:
             index = json.loads(index_path.read_text())
         except (OSError, ValueError):
@@ -159,7 +145,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     target = model_cache_dir() / "gguf" / f"{gguf_path.stem}-{sha[:16]}"
     if (target / _MARKER).exists():
         return target
-    with _file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if (target / _MARKER).exists():
             return target
         try:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +23,7 @@ import git
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import repo_cache_dir
+from tasks.config import file_lock, repo_cache_dir
 from tasks.errors import RepositoryError, TransientRepositoryError
 
 CREDENTIALS_ENV = "TEXTGEN_GIT_CREDENTIALS"
@@ -167,18 +166,6 @@ def mirror_path(location: RepoLocation) -> Path:
     return repo_cache_dir() / f"{location.key}.git"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialize fetches into one mirror across processes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _open_mirror(location: RepoLocation) -> git.Repo:
     path = mirror_path(location)
     if (path / "HEAD").exists():
@@ -284,7 +271,7 @@ def resolve_commit(
         )
     env = location.git_env()
     path = mirror_path(location)
-    with _locked(path):
+    with file_lock(path.with_name(path.name + ".lock")):  # one fetch at a time
         repo = _open_mirror(location)
         tracking = f"refs/remotes/origin/{branch}"
         have = _resolve(repo, wanted) if wanted and _FULL_SHA.match(wanted) else None

@@ -16,16 +16,19 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import artifact_root, tracking_uri
+from tasks.config import artifact_root, file_lock, tracking_uri
 from tasks.errors import TrackingError
 from tasks.generate import Generations, format_output
 from tasks.model import Generator
@@ -41,6 +44,10 @@ TAG_DIGEST = "textgen.settings_digest"
 TAG_MODEL_REVISION = "textgen.model_revision"
 TAG_TRIGGER = "textgen.trigger"
 TAG_COMMIT = "mlflow.source.git.commit"
+TAG_STATE = "textgen.state"
+TAG_HOST = "textgen.worker.host"
+TAG_PID = "textgen.worker.pid"
+TAG_PROCESS_START = "textgen.worker.process_start"
 _MAX_TAG = 5000
 
 
@@ -70,11 +77,28 @@ class RunRecord:
         return f"{self.outcome}: {self.reason} (MLflow run {self.run_id}): {self.url}"
 
 
+_READY_STORES: set[str] = set()
+
+
 def mlflow_client() -> Any:
-    """An MlflowClient on `MLFLOW_TRACKING_URI`, or the embedded SQLite store."""
+    """An MlflowClient on `MLFLOW_TRACKING_URI`, or the embedded SQLite store.
+
+    A SQLite store is created (its tables migrated) by one process at a time, under a file lock
+    beside it: MLflow's migrations race when several processes open a fresh store at once.
+    """
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri())
+    uri = tracking_uri()
+    if uri in _READY_STORES or not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    with file_lock(path.with_name(path.name + ".init.lock")):
+        # Opening the tracking and the registry store runs their migrations, once.
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    _READY_STORES.add(uri)
+    return client
 
 
 def ui_base_url() -> str:
@@ -119,6 +143,39 @@ def _prefect_links() -> dict[str, str]:
             if url:
                 tags["textgen.prefect.flow_run_url"] = str(url)
     return tags
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, from /proc), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: fields follow its last ')'.
+    return stat.rpartition(")")[2].split()[19]
+
+
+def worker_tags() -> dict[str, str]:
+    """Which process on which machine runs this run: lets a later process see it is gone."""
+    pid = os.getpid()
+    return {
+        TAG_HOST: socket.gethostname(),
+        TAG_PID: str(pid),
+        TAG_PROCESS_START: _process_start(pid) or "",
+    }
+
+
+def process_gone(tags: dict[str, str]) -> str | None:
+    """Why the process that ran a run (on this machine) is gone; None if alive or elsewhere."""
+    if tags.get(TAG_HOST) != socket.gethostname() or not tags.get(TAG_PID, "").isdigit():
+        return None
+    pid = int(tags[TAG_PID])
+    started = _process_start(pid)
+    if started is None:
+        return f"its process {pid} on {tags[TAG_HOST]} ended without finishing the run"
+    if tags.get(TAG_PROCESS_START) and started != tags[TAG_PROCESS_START]:
+        return f"its process {pid} on {tags[TAG_HOST]} ended (the pid now belongs to another)"
+    return None
 
 
 class Tracker:
@@ -188,6 +245,7 @@ class Tracker:
             TAG_TRIGGER: trigger,
             TAG_OUTCOME: "running",
             "textgen.requested_ref": ref or branch,
+            **worker_tags(),
             **_prefect_links(),
         }
         run = self.client.create_run(
@@ -306,41 +364,155 @@ class Tracker:
             with contextlib.suppress(Exception):
                 self.client.set_terminated(run_id, "FAILED")
 
-    def allocate_version(self, run_id: str) -> int:
-        """Give the run the next output version of the experiment.
+    @property
+    def registry_name(self) -> str:
+        """The registered model whose version numbers are this experiment's output versions."""
+        return f"textgen-outputs-{self.experiment_id}"
 
-        Claim max+1, then look for another run that claimed the same number earlier; on a
-        clash the later claimant takes the next number. Bounded; numbers stay unique.
-        """
-        for _ in range(20):
-            latest = self.client.search_runs(
-                [self.experiment_id],
-                f"tags.`{TAG_VERSION_KEY}` LIKE '%'",
-                order_by=[f"tags.`{TAG_VERSION_KEY}` DESC"],
-                max_results=1,
-            )
-            version = int(latest[0].data.tags[TAG_VERSION]) + 1 if latest else 1
-            claim = f"{time.time_ns():020d}:{run_id}"
-            self.client.log_batch(
-                run_id,
-                tags=_tags(
-                    {
-                        TAG_VERSION: str(version),
-                        TAG_VERSION_KEY: f"{version:010d}",
-                        "textgen.version_claim": claim,
-                    }
+    def _ensure_registry(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(
+                self.registry_name,
+                tags={
+                    "textgen.repo_url": self.repo_url,
+                    "textgen.experiment_id": self.experiment_id,
+                },
+                description=(
+                    f"Output versions of {self.repo_url}: each version number is allocated here, "
+                    f"once, and names the MLflow run that holds the output."
                 ),
             )
-            holders = self.client.search_runs(
-                [self.experiment_id], f"tags.`{TAG_VERSION}` = '{version}'", max_results=10
-            )
-            claims = sorted(r.data.tags.get("textgen.version_claim", "") for r in holders)
-            if claims and claims[0] == claim:
-                return version
-            time.sleep(0.05)
-        raise TrackingError(
-            f"could not allocate a version number in experiment {self.experiment_id}"
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+    def _allocated(self, run_id: str) -> Any | None:
+        """The model version allocated to a run, if any."""
+        found = self.client.search_model_versions(
+            f"name = '{self.registry_name}' and run_id = '{run_id}'", max_results=5
         )
+        return min(found, key=lambda mv: int(mv.version)) if found else None
+
+    def allocate_version(self, run_id: str) -> int:
+        """Give the run the next output version of the experiment, in one atomic step.
+
+        The number is a model version of the experiment's registered model: the tracking
+        database allocates max+1 under its primary key (name, version), so two runs can never
+        hold the same number, whatever the clocks say, and numbers have no gaps. Call this
+        only once the run's record is complete: a run that dies after it is rolled forward
+        by `recover`, never left holding a number nobody can find.
+        """
+        from mlflow.exceptions import MlflowException
+
+        source = self.client.get_run(run_id).info.artifact_uri
+        delay = 0.05
+        last: Exception | None = None
+        for _ in range(40):
+            try:
+                self._ensure_registry()
+                mv = self.client.create_model_version(
+                    self.registry_name,
+                    source=source,
+                    run_id=run_id,
+                    tags={TAG_STATE: "allocated"},
+                    description=f"output of MLflow run {run_id}",
+                )
+                return int(mv.version)
+            except MlflowException as exc:
+                last = exc
+                # An answer lost on the way back may still have allocated a number: reuse it.
+                with contextlib.suppress(MlflowException):
+                    existing = self._allocated(run_id)
+                    if existing is not None:
+                        return int(existing.version)
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
+        raise TrackingError(
+            f"could not allocate a version number in experiment {self.experiment_id}: {last}"
+        )
+
+    def publish(self, run_id: str, version: int, commit_sha: str, extra: dict[str, str]) -> None:
+        """Tag the run with its version and end it FINISHED; then mark the number published."""
+        self.client.log_batch(
+            run_id,
+            tags=_tags(
+                {
+                    TAG_VERSION: str(version),
+                    TAG_VERSION_KEY: f"{version:010d}",
+                    TAG_OUTCOME: "new",
+                    "mlflow.runName": f"v{version} {commit_sha[:7]}",
+                    **extra,
+                }
+            ),
+        )
+        self.client.set_terminated(run_id, "FINISHED")
+        self.client.set_model_version_tag(self.registry_name, str(version), TAG_STATE, "published")
+
+    def recover(self, run: Any, reason: str) -> str:
+        """End a run whose process is gone: roll it forward to its version when it holds one
+        (its record was complete before the number was taken), else mark it FAILED with
+        `reason`. Returns `published` or `failed`."""
+        run_id = run.info.run_id
+        allocated = self._allocated(run_id)
+        if allocated is not None:
+            commit_sha = run.data.tags.get(TAG_COMMIT, "")
+            self.publish(
+                run_id,
+                int(allocated.version),
+                commit_sha,
+                {"textgen.recovered": _truncate(f"published after its process ended: {reason}")},
+            )
+            logger.warning(
+                "Run %s held version %s when %s; published it", run_id, allocated.version, reason
+            )
+            return "published"
+        self.client.log_batch(
+            run_id,
+            tags=_tags({TAG_OUTCOME: "failed", "textgen.failure": _truncate(reason)}),
+        )
+        with contextlib.suppress(Exception):
+            self.client.log_text(run_id, reason + "\n", "error.txt")
+        self.client.set_terminated(run_id, "FAILED")
+        logger.warning("Run %s was left RUNNING: %s; marked it FAILED", run_id, reason)
+        return "failed"
+
+    def recover_dead_runs(self, is_gone: Callable[[Any], str | None] | None = None) -> int:
+        """End every RUNNING run of the experiment whose process is gone; returns how many.
+
+        A run started on this machine is gone when its process is (pid and start time are
+        tagged at start). `is_gone` may say so for others (from the orchestrator's view):
+        it returns the reason, or None while the run may still be alive.
+        """
+        runs = self.client.search_runs(
+            [self.experiment_id], "attributes.status = 'RUNNING'", max_results=500
+        )
+        ended = 0
+        for run in runs:
+            reason = process_gone(run.data.tags)
+            if reason is None and is_gone is not None:
+                reason = is_gone(run)
+            if reason is None:
+                continue
+            self.recover(run, reason)
+            ended += 1
+        # A number taken and never published (the tags were lost with the process).
+        for mv in self.client.search_model_versions(
+            f"name = '{self.registry_name}' and tags.`{TAG_STATE}` = 'allocated'", max_results=200
+        ):
+            try:
+                run = self.client.get_run(mv.run_id)
+            except Exception:
+                continue
+            if run.info.status != "RUNNING" and run.data.tags.get(TAG_VERSION) != str(mv.version):
+                self.recover(run, "its process ended after the version number was allocated")
+                ended += 1
+            elif run.info.status == "FINISHED":
+                self.client.set_model_version_tag(
+                    self.registry_name, str(mv.version), TAG_STATE, "published"
+                )
+        return ended
 
     def record_generation(
         self,
@@ -424,18 +596,15 @@ class Tracker:
                 ],
             )
         version = self.allocate_version(run_id)
-        self.client.log_batch(
+        self.publish(
             run_id,
-            tags=_tags(
-                {
-                    TAG_OUTCOME: "new",
-                    "mlflow.runName": f"v{version} {commit.short_sha}",
-                    "mlflow.note.content": _note(version, commit, settings, generations),
-                    "textgen.output_digest": dataset.digest,
-                }
-            ),
+            version,
+            commit.sha,
+            {
+                "mlflow.note.content": _note(version, commit, settings, generations),
+                "textgen.output_digest": dataset.digest,
+            },
         )
-        self.client.set_terminated(run_id, "FINISHED")
         return RunRecord(
             "new", run_id, self.experiment_id, version, commit.sha, digest, self.url(run_id)
         )

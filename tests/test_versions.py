@@ -1,0 +1,171 @@
+"""Version numbers under concurrency and crashes: real processes, one store, SIGKILL at the bad
+moment; numbers are counted, not just checked for "no crash"."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from deployments.cli import history_rows
+from deployments.compare import resolve_reference
+from tasks.tracking import TAG_OUTCOME, TAG_VERSION, Tracker
+
+REPO = "https://example.com/org/versions.git"
+
+# A worker process: opens runs and takes version numbers in the store of MLFLOW_TRACKING_URI.
+WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from tasks.tracking import Tracker, _tags, TAG_COMMIT
+    mode, count = sys.argv[1], int(sys.argv[2])
+    tracker = Tracker.for_repo(sys.argv[3])
+    for i in range(count):
+        run_id = tracker.start("main", None, "manual")
+        tracker.client.log_batch(run_id, tags=_tags({TAG_COMMIT: f"{os.getpid():08x}{i:032x}"}))
+        tracker.client.log_text(run_id, "text", "output.txt")
+        if mode == "kill-before":
+            print(run_id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        version = tracker.allocate_version(run_id)
+        print(run_id, version, flush=True)
+        if mode == "kill-after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        tracker.publish(run_id, version, f"{i:040x}", {})
+    """
+)
+
+
+def _worker(mode: str, count: int, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, mode, str(count), REPO],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _versions(client: MlflowClient, experiment_id: str) -> list[int]:
+    runs = client.search_runs([experiment_id], f"tags.`{TAG_OUTCOME}` = 'new'", max_results=1000)
+    return sorted(int(r.data.tags[TAG_VERSION]) for r in runs)
+
+
+def test_concurrent_processes_get_unique_gap_free_numbers(tmp_path: Path) -> None:
+    workers = [_worker("normal", 12, tmp_path) for _ in range(4)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err
+    claimed = sorted(int(line.split()[1]) for out, _ in outputs for line in out.splitlines())
+    assert claimed == list(range(1, 49)), "duplicate or missing numbers"
+    tracker = Tracker.for_repo(REPO, create=False)
+    assert _versions(tracker.client, tracker.experiment_id) == list(range(1, 49))
+
+
+def test_a_run_killed_after_allocation_is_published_not_lost(tmp_path: Path) -> None:
+    first = _worker("normal", 1, tmp_path)
+    first.communicate(timeout=120)
+    assert first.returncode == 0
+    killed = _worker("kill-after", 1, tmp_path)
+    out, _ = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    run_id, number = out.split()
+    assert number == "2"
+    tracker = Tracker.for_repo(REPO, create=False)
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    # The next process to open the experiment finds the dead run and rolls it forward.
+    assert tracker.recover_dead_runs() == 1
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[TAG_VERSION] == "2" and "textgen.recovered" in run.data.tags
+    rows = history_rows(REPO, 10)
+    assert [r["version"] for r in rows] == ["2", "1"]
+    assert resolve_reference(tracker, "2").info.run_id == run_id
+    # The next number follows on: unique and gap-free.
+    after = _worker("normal", 1, tmp_path)
+    out, _ = after.communicate(timeout=120)
+    assert out.split()[1] == "3"
+
+
+def test_a_run_killed_before_allocation_fails_with_its_reason_and_takes_no_number(
+    tmp_path: Path,
+) -> None:
+    killed = _worker("kill-before", 1, tmp_path)
+    out, _ = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    run_id = out.strip()
+    tracker = Tracker.for_repo(REPO, create=False)
+    assert tracker.recover_dead_runs() == 1
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "ended without finishing the run" in run.data.tags["textgen.failure"]
+    assert TAG_VERSION not in run.data.tags
+    assert tracker.recover_dead_runs() == 0  # nothing left to do
+    after = _worker("normal", 1, tmp_path)
+    out, _ = after.communicate(timeout=120)
+    assert out.split()[1] == "1"
+
+
+def test_a_live_run_of_another_process_is_left_alone(tmp_path: Path) -> None:
+    tracker = Tracker.for_repo(REPO)
+    run_id = tracker.start("main", None, "manual")  # this process: alive
+    try:
+        assert tracker.recover_dead_runs() == 0
+        assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    finally:
+        tracker.client.set_terminated(run_id, "FINISHED")
+
+
+@pytest.mark.parametrize("command", ["run", "history"])
+def test_concurrent_first_use_of_a_fresh_store(
+    tmp_path: Path, tiny_model: Path, command: str
+) -> None:
+    """Three processes open one fresh SQLite store at once: it is created once, without races."""
+    store = tmp_path / "fresh" / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    script = textwrap.dedent(
+        """
+        import sys
+        from tasks.tracking import Tracker
+        tracker = Tracker.for_repo(sys.argv[1])
+        run_id = tracker.start("main", None, "manual")
+        tracker.client.set_terminated(run_id, "FINISHED")
+        print(tracker.experiment_id)
+        """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, REPO],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    if command == "history":
+        reader = subprocess.run(
+            [sys.executable, "-m", "deployments.cli", "history", "--repo", REPO],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        # Before any run made the experiment it says so; after, it lists runs: never a race.
+        assert reader.returncode in (0, 5), reader.stderr
+        assert "Traceback" not in reader.stderr, reader.stderr
+    results = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err
+    assert len({out.strip() for out, _ in results}) == 1  # one experiment
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    assert len(client.search_runs([results[0][0].strip()])) == 3
