@@ -10,8 +10,10 @@ from typing import Any, cast
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
+from prefect.utilities.timeout import timeout as deadline
 
-from tasks.errors import RepositoryError
+from tasks.config import RUN_TIMEOUT_ENV, run_timeout
+from tasks.errors import RepositoryError, RunTimeoutError
 from tasks.generate import generate_text
 from tasks.model import load_generator, local_revision
 from tasks.quality import score_text
@@ -35,6 +37,10 @@ def default_repo_url() -> str:
         f"no repository given, and {root} is not a git checkout: pass repo_url (or --repo), "
         f"or set {REPO_ENV}"
     )
+
+
+class _Deadline(TimeoutError):
+    """Raised inside the run when its deadline passes."""
 
 
 def _flow_run_name() -> str:
@@ -87,35 +93,48 @@ def nlp_text_generation(
     _recover(tracker)
     run_id = tracker.start(branch, commit_sha, trigger)
     automatic = trigger in AUTOMATIC_TRIGGERS
+    seconds = run_timeout()
     try:
-        commit = fetch_repo_commit(repo_url or location.url, branch, commit_sha, refresh=automatic)
-        tracker.tag_commit(run_id, commit)
-        if automatic:
-            last = tracker.last_handled_commit(branch, AUTOMATIC_TRIGGERS)
-            go, reason, kind = filter_push(commit, last, before, changed_paths)
-            if not go:
-                record = tracker.finish_skipped(run_id, reason, commit.sha, kind)
-                _publish(record, {})
-                # The flow run ends Completed, named Skipped/Superseded with the reason; a
-                # caller of the flow still receives the record.
-                state: State[RunRecord] = Completed(
-                    message=reason,
-                    name="Superseded" if kind == "superseded" else "Skipped",
-                    data=record,
-                )
-                return cast(RunRecord, state)
-        settings, source = read_settings(commit, overrides)
-        revision = local_revision(settings)
-        existing = None if force else tracker.find_version(commit.sha, settings.digest(), revision)
-        if existing is not None:
-            record = tracker.finish_reused(run_id, existing, settings)
-        else:
-            generator = load_generator(settings, revision)
-            generations = generate_text(generator, settings)
-            quality = score_text(generator, generations)
-            record = log_to_mlflow(
-                tracker, run_id, commit, settings, source, generator, generations, quality
+        with deadline(seconds, timeout_exc_type=_Deadline):
+            commit = fetch_repo_commit(
+                repo_url or location.url, branch, commit_sha, refresh=automatic
             )
+            tracker.tag_commit(run_id, commit)
+            if automatic:
+                last = tracker.last_handled_commit(branch, AUTOMATIC_TRIGGERS)
+                go, reason, kind = filter_push(commit, last, before, changed_paths)
+                if not go:
+                    record = tracker.finish_skipped(run_id, reason, commit.sha, kind)
+                    _publish(record, {})
+                    # The flow run ends Completed, named Skipped/Superseded with the reason; a
+                    # caller of the flow still receives the record.
+                    state: State[RunRecord] = Completed(
+                        message=reason,
+                        name="Superseded" if kind == "superseded" else "Skipped",
+                        data=record,
+                    )
+                    return cast(RunRecord, state)
+            settings, source = read_settings(commit, overrides)
+            revision = local_revision(settings)
+            existing = (
+                None if force else tracker.find_version(commit.sha, settings.digest(), revision)
+            )
+            if existing is not None:
+                record = tracker.finish_reused(run_id, existing, settings)
+            else:
+                generator = load_generator(settings, revision)
+                generations = generate_text(generator, settings)
+                quality = score_text(generator, generations)
+                record = log_to_mlflow(
+                    tracker, run_id, commit, settings, source, generator, generations, quality
+                )
+    except _Deadline:
+        error = RunTimeoutError(
+            f"the run did not finish within its deadline of {seconds:g} s "
+            f"({RUN_TIMEOUT_ENV}); it was stopped"
+        )
+        tracker.fail(run_id, error)
+        raise error from None
     except BaseException as exc:
         tracker.fail(run_id, exc)
         raise

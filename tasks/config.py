@@ -96,6 +96,7 @@ class OperatorLimits:
     max_prompt_chars: int
     allowed_models: tuple[str, ...]
     trust_remote_code: bool
+    max_beams: int = 8
 
     @classmethod
     def from_env(cls) -> OperatorLimits:
@@ -103,11 +104,20 @@ class OperatorLimits:
         allowed = os.environ.get("TEXTGEN_ALLOWED_MODELS", "")
         return cls(
             max_return_sequences=_env_int("TEXTGEN_MAX_RETURN_SEQUENCES", 20),
+            max_beams=_env_int("TEXTGEN_MAX_BEAMS", 8),
             max_total_tokens=_env_int("TEXTGEN_MAX_TOTAL_TOKENS", 1024),
             max_prompt_chars=_env_int("TEXTGEN_MAX_PROMPT_CHARS", 4000),
             allowed_models=tuple(p.strip() for p in allowed.split(",") if p.strip()),
             trust_remote_code=os.environ.get("TEXTGEN_TRUST_REMOTE_CODE", "") in {"1", "true"},
         )
+
+
+RUN_TIMEOUT_ENV = "TEXTGEN_RUN_TIMEOUT"
+
+
+def run_timeout() -> float:
+    """Seconds a flow run may take before it is stopped and marked FAILED (default an hour)."""
+    return float(_env_int(RUN_TIMEOUT_ENV, 3600))
 
 
 def requested_device() -> str:

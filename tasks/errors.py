@@ -35,3 +35,9 @@ class TrackingError(TextgenError):
     """The MLflow store cannot be used, or a reference to a version cannot be resolved."""
 
     exit_code = 5
+
+
+class RunTimeoutError(TextgenError, TimeoutError):
+    """A run went past its deadline (`TEXTGEN_RUN_TIMEOUT`)."""
+
+    exit_code = 8

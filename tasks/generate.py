@@ -14,6 +14,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.errors import SettingsError
 from tasks.model import Generator
 from tasks.settings import GenerationSettings
 
@@ -92,6 +93,47 @@ def _trim(ids: list[int], stop_ids: set[int]) -> list[int]:
     return ids
 
 
+def model_context(generator: Generator) -> int | None:
+    """How many positions the loaded model can attend to, when its config says."""
+    config = generator.pipeline.model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(generator: Generator, settings: GenerationSettings, prompt_tokens: int) -> None:
+    """Refuse lengths past the model's context before generating, naming the key and the cap."""
+    context = model_context(generator)
+    if context is None:
+        return
+    effective = settings.effective()
+    if prompt_tokens >= context:
+        raise SettingsError(
+            f"initial_sentence is {prompt_tokens} tokens, which fills the context of model "
+            f"{generator.model} ({context} positions); allowed: fewer than {context} tokens"
+        )
+    if effective.max_length is not None:
+        key, value, total = "max_length", effective.max_length, effective.max_length
+        if value <= prompt_tokens:
+            raise SettingsError(
+                f"max_length={value} leaves no room for new tokens after the prompt "
+                f"({prompt_tokens} tokens); allowed: more than {prompt_tokens}, or use "
+                f"max_new_tokens"
+            )
+    else:
+        value = effective.max_new_tokens or 0
+        key, total = "max_new_tokens", prompt_tokens + value
+    if total > context:
+        raise SettingsError(
+            f"{key}={value}: the prompt ({prompt_tokens} tokens) and the new tokens come to "
+            f"{total}, past the context of model {generator.model} ({context} positions); "
+            f"allowed: max_length up to {context}, or max_new_tokens up to "
+            f"{context - prompt_tokens}"
+        )
+
+
 def run_generation(generator: Generator, settings: GenerationSettings) -> Generations:
     """Seed, then generate the texts with the pipeline for the settings."""
     import torch
@@ -106,9 +148,11 @@ def run_generation(generator: Generator, settings: GenerationSettings) -> Genera
     postprocess = {**pipe._postprocess_params, **postprocess}
     prompt = settings.initial_sentence
 
+    check_context(generator, settings, len(pipe.tokenizer(prompt)["input_ids"]))
+    model_inputs = pipe.preprocess(prompt, **preprocess)
+
     set_seed(settings.random_seed)
     started = time.perf_counter()
-    model_inputs = pipe.preprocess(prompt, **preprocess)
     model_outputs = pipe.forward(model_inputs, **forward)
     records = pipe.postprocess(model_outputs, **postprocess)
     if generator.device.startswith("cuda"):

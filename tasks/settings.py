@@ -12,11 +12,11 @@ import json
 from fnmatch import fnmatch
 from typing import Any, Literal
 
-import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.bounded import LongNumber, load_yaml, show
 from tasks.config import OperatorLimits
 from tasks.errors import SettingsError
 from tasks.repo import CommitInfo
@@ -33,10 +33,14 @@ OPERATOR_ONLY = {
 class GenerationSettings(BaseModel):
     """The contract of `textgen.yaml`. Knobs left unset keep the model's defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
-    model: str = Field("gpt2", min_length=1, description="hub id, local folder, or .gguf file")
-    revision: str | None = Field(None, min_length=1, description="hub branch, tag or commit")
+    model: str = Field(
+        "gpt2", min_length=1, max_length=1000, description="hub id, local folder, or .gguf file"
+    )
+    revision: str | None = Field(
+        None, min_length=1, max_length=200, description="hub branch, tag or commit"
+    )
     random_seed: int = Field(42, ge=0, le=2**32 - 1, description="seed given to set_seed")
     max_length: int | None = Field(
         None, ge=1, description="prompt tokens + new tokens, as in transformers"
@@ -47,12 +51,16 @@ class GenerationSettings(BaseModel):
         "Hello, I'm a language model,", min_length=1, description="the prompt"
     )
     do_sample: bool | None = Field(None, description="sample (true) or decode greedily (false)")
-    temperature: float | None = Field(None, gt=0, description="sampling temperature")
-    top_k: int | None = Field(None, ge=0, description="sample among the k likeliest tokens")
+    temperature: float | None = Field(None, gt=0, le=100, description="sampling temperature")
+    top_k: int | None = Field(
+        None, ge=0, le=1_000_000, description="sample among the k likeliest tokens"
+    )
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
     typical_p: float | None = Field(None, gt=0, le=1, description="typical sampling mass")
-    repetition_penalty: float | None = Field(None, gt=0, description="1.0 means none")
-    no_repeat_ngram_size: int | None = Field(None, ge=0, description="forbid repeated n-grams")
+    repetition_penalty: float | None = Field(None, gt=0, le=100, description="1.0 means none")
+    no_repeat_ngram_size: int | None = Field(
+        None, ge=0, le=1024, description="forbid repeated n-grams"
+    )
     num_beams: int | None = Field(None, ge=1, description="beam search width")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = Field(
         None, description="weights' dtype; unset keeps transformers' default"
@@ -102,6 +110,11 @@ class GenerationSettings(BaseModel):
     def check_limits(self, limits: OperatorLimits, source: str) -> None:
         """Refuse settings beyond the operator's caps, naming the cap and how to raise it."""
         problems = []
+        if self.num_beams is not None and self.num_beams > limits.max_beams:
+            problems.append(
+                f"num_beams={self.num_beams} exceeds the operator limit {limits.max_beams} "
+                f"(TEXTGEN_MAX_BEAMS)"
+            )
         if self.num_return_sequences > limits.max_return_sequences:
             problems.append(
                 f"num_return_sequences={self.num_return_sequences} exceeds the operator limit "
@@ -121,7 +134,7 @@ class GenerationSettings(BaseModel):
             )
         if limits.allowed_models and not any(fnmatch(self.model, p) for p in limits.allowed_models):
             problems.append(
-                f"model={self.model!r} is not allowed on this worker; allowed: "
+                f"model={show(self.model)} is not allowed on this worker; allowed: "
                 f"{', '.join(limits.allowed_models)} (TEXTGEN_ALLOWED_MODELS)"
             )
         if problems:
@@ -136,7 +149,7 @@ def _format_validation(exc: ValidationError, raw: dict[str, Any], source: str) -
             allowed = ", ".join(GenerationSettings.model_fields)
             hint = OPERATOR_ONLY.get(key)
             reason = f"is set by {hint}" if hint else f"is not a setting; allowed keys: {allowed}"
-            lines.append(f"unknown key {key!r} {reason}")
+            lines.append(f"unknown key {show(key)} {reason}")
             continue
         value = raw.get(key, error.get("input"))
         message = error["msg"].removeprefix("Value error, ")
@@ -145,7 +158,7 @@ def _format_validation(exc: ValidationError, raw: dict[str, Any], source: str) -
         if key == "(settings)":
             lines.append(message)
         else:
-            lines.append(f"{key}={value!r}: {message}")
+            lines.append(f"{key}={show(value)}: {message}")
     return f"{source}: " + "; ".join(lines)
 
 
@@ -159,7 +172,7 @@ def parse_settings(raw: Any, source: str) -> GenerationSettings:
         )
     bad_keys = [k for k in raw if not isinstance(k, str)]
     if bad_keys:
-        raise SettingsError(f"{source}: keys must be names, got {bad_keys!r}")
+        raise SettingsError(f"{source}: keys must be names, got {show(bad_keys)}")
     for key, value in raw.items():
         # pydantic would quietly turn "7" into 7 and 1.0 into 1; a settings file should not.
         field = GenerationSettings.model_fields.get(key)
@@ -167,7 +180,9 @@ def parse_settings(raw: Any, source: str) -> GenerationSettings:
             continue
         types = _annotation_types(field.annotation) - {type(None)}
         problem = None
-        if bool in types:
+        if isinstance(value, LongNumber):
+            problem = f"a number of {len(value)} characters is out of range"
+        elif bool in types:
             if not isinstance(value, bool):
                 problem = "expected true or false"
         elif int in types or float in types:
@@ -178,7 +193,7 @@ def parse_settings(raw: Any, source: str) -> GenerationSettings:
         elif str in types and not isinstance(value, str):
             problem = "expected text (quote it in YAML)"
         if problem:
-            raise SettingsError(f"{source}: {key}={value!r}: {problem}")
+            raise SettingsError(f"{source}: {key}={show(value)}: {problem}")
     try:
         return GenerationSettings.model_validate(raw)
     except ValidationError as exc:
@@ -192,12 +207,7 @@ def _annotation_types(annotation: Any) -> set[type]:
 
 def parse_yaml_settings(text: bytes, source: str) -> dict[str, Any]:
     """Load a YAML settings file into a mapping, with a message naming the line on errors."""
-    try:
-        raw = yaml.safe_load(text.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise SettingsError(f"{source}: the file is not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{source}: not valid YAML: {exc}") from None
+    raw = load_yaml(text, source)
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -18,15 +18,14 @@ characters, `?` makes the preceding character optional, `+` repeats it, `[...]` 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.bounded import load_yaml, show
 from tasks.errors import SettingsError
 from tasks.repo import ZERO_SHA, CommitInfo, changed_between, is_ancestor
 
@@ -34,55 +33,173 @@ WORKFLOWS_DIR = ".gradient/workflows"
 AUTOMATIC_TRIGGERS = frozenset({"push", "poll"})
 
 
-@lru_cache(maxsize=512)
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """Translate one filter pattern (without its leading `!`) into an anchored regex."""
-    out: list[str] = []
+MAX_PATTERN_CHARS = 256
+MAX_PATTERNS = 200
+MAX_FILTERED_PATHS = 5000
+"""A push that changed more files than this runs without path filtering (it cannot be skipped
+wrongly by running; matching stays bounded)."""
+
+
+@dataclass(frozen=True)
+class _Atom:
+    """One piece of a filter pattern: a character, a class, or a wildcard."""
+
+    kind: str  # "char", "class", "star" (no /), "any" (anything), "dirs" (empty or ".../")
+    char: str = ""
+    ranges: tuple[tuple[str, str], ...] = ()
+    negated: bool = False
+    quant: str = ""  # "", "?" (optional) or "+" (one or more)
+
+    def accepts(self, c: str) -> bool:
+        if self.kind == "char":
+            return c == self.char
+        inside = any(lo <= c <= hi for lo, hi in self.ranges)
+        return inside != self.negated
+
+
+def _parse_class(body: str, pattern: str) -> _Atom:
+    negated = body.startswith("^")
+    items = body[1:] if negated else body
+    if not items:
+        raise SettingsError(
+            f"pattern {show(pattern)}: the class [{body}] is empty; list characters or ranges"
+        )
+    ranges: list[tuple[str, str]] = []
+    i = 0
+    while i < len(items):
+        if i + 2 < len(items) and items[i + 1] == "-":
+            lo, hi = items[i], items[i + 2]
+            if lo > hi:
+                raise SettingsError(
+                    f"pattern {show(pattern)}: the class range {lo}-{hi} is reversed; "
+                    f"write the lower character first ({hi}-{lo})"
+                )
+            ranges.append((lo, hi))
+            i += 3
+        else:
+            ranges.append((items[i], items[i]))
+            i += 1
+    return _Atom("class", ranges=tuple(ranges), negated=negated)
+
+
+@lru_cache(maxsize=1024)
+def compile_pattern(pattern: str) -> tuple[_Atom, ...]:
+    """Parse one filter pattern (without its leading `!`) into atoms; refuses what is too long
+    or malformed with a message naming the pattern."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise SettingsError(
+            f"pattern {show(pattern)} has {len(pattern)} characters; "
+            f"allowed: at most {MAX_PATTERN_CHARS}"
+        )
+    atoms: list[_Atom] = []
     i = 0
     n = len(pattern)
     while i < n:
         char = pattern[i]
         if char == "\\" and i + 1 < n:
-            out.append(re.escape(pattern[i + 1]))
+            atoms.append(_Atom("char", char=pattern[i + 1]))
             i += 2
             continue
         if char == "*":
             if pattern.startswith("**", i):
                 i += 2
                 if i < n and pattern[i] == "/":
-                    out.append("(?:.*/)?")  # `**/` also matches no folder at all
+                    atoms.append(_Atom("dirs"))  # `**/` also matches no folder at all
                     i += 1
                 else:
-                    out.append(".*")
+                    atoms.append(_Atom("any"))
                 continue
-            out.append("[^/]*")
+            atoms.append(_Atom("star"))
         elif char in "?+":
-            if out and not out[-1].endswith(("*", "?", "+")):
-                out.append(char)
+            last = atoms[-1] if atoms else None
+            if (
+                last is not None
+                and last.kind in {"char", "class"}
+                and not last.quant
+                and not (last.kind == "char" and last.char in "*?+")
+            ):
+                atoms[-1] = _Atom(last.kind, last.char, last.ranges, last.negated, char)
             else:
-                out.append(re.escape(char))
+                atoms.append(_Atom("char", char=char))
         elif char == "[":
             end = pattern.find("]", i + 1)
             if end == -1:
-                out.append(re.escape(char))
+                atoms.append(_Atom("char", char=char))
             else:
-                body = pattern[i + 1 : end].replace("\\", "\\\\")
-                out.append(f"[{body}]")
+                atoms.append(_parse_class(pattern[i + 1 : end], pattern))
                 i = end
         else:
-            out.append(re.escape(char))
+            atoms.append(_Atom("char", char=char))
         i += 1
-    return re.compile("".join(out) + r"\Z")
+    return tuple(atoms)
+
+
+def _closure(atoms: tuple[_Atom, ...], states: set[tuple[int, bool]]) -> set[tuple[int, bool]]:
+    """Add the states reachable without reading a character (skipping optional atoms)."""
+    todo = list(states)
+    while todo:
+        index, inside = todo.pop()
+        if inside or index >= len(atoms):
+            continue
+        atom = atoms[index]
+        if atom.quant == "?" or atom.kind in {"star", "any", "dirs"}:
+            nxt = (index + 1, False)
+            if nxt not in states:
+                states.add(nxt)
+                todo.append(nxt)
+    return states
+
+
+def glob_match(pattern: str, path: str) -> bool:
+    """Whether the pattern matches the whole path, in time linear in the path's length.
+
+    The pattern is run as a set of positions (an NFA), never by backtracking: a pattern
+    of many wildcards against a long name costs length x atoms steps, not exponential time.
+    """
+    atoms = compile_pattern(pattern)
+    end = len(atoms)
+    states = _closure(atoms, {(0, False)})
+    for c in path:
+        nxt: set[tuple[int, bool]] = set()
+        for index, _inside in states:
+            if index >= end:
+                continue
+            atom = atoms[index]
+            if atom.kind == "dirs":
+                # Inside `(.*/)`: any character stays inside; a slash may also end it.
+                nxt.add((index, True))
+                if c == "/":
+                    nxt.add((index + 1, False))
+            elif atom.kind == "any":
+                nxt.add((index, False))
+            elif atom.kind == "star":
+                if c != "/":
+                    nxt.add((index, False))
+            elif atom.accepts(c):
+                nxt.add((index + 1, False))
+                if atom.quant == "+":
+                    nxt.add((index, False))
+        if not nxt:
+            return False
+        states = _closure(atoms, nxt)
+    return (end, False) in states
 
 
 def _as_list(value: Any, where: str) -> list[str]:
+    """A pattern or list of patterns, each checked to compile (bounded in count and length)."""
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise SettingsError(f"{where}: expected a pattern or a list of patterns, got {value!r}")
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not all(isinstance(v, str) for v in patterns):
+        raise SettingsError(f"{where}: expected a pattern or a list of patterns, got {show(value)}")
+    if len(patterns) > MAX_PATTERNS:
+        raise SettingsError(f"{where}: {len(patterns)} patterns; allowed: at most {MAX_PATTERNS}")
+    for pattern in patterns:
+        try:
+            compile_pattern(pattern.removeprefix("!"))
+        except SettingsError as exc:
+            raise SettingsError(f"{where}: {exc}") from None
+    return list(patterns)
 
 
 def matches_patterns(path: str, patterns: list[str]) -> bool:
@@ -90,7 +207,7 @@ def matches_patterns(path: str, patterns: list[str]) -> bool:
     selected = False
     for pattern in patterns:
         negated = pattern.startswith("!")
-        if glob_regex(pattern[1:] if negated else pattern).match(path):
+        if glob_match(pattern[1:] if negated else pattern, path):
             selected = not negated
     return selected
 
@@ -106,7 +223,7 @@ class WorkflowTrigger:
 
     def decide(self, branch: str, changed: tuple[str, ...] | None) -> tuple[bool, str]:
         """Whether a push of `changed` files to `branch` runs, and why."""
-        if self.branches and not any(glob_regex(b).match(branch) for b in self.branches):
+        if self.branches and not any(glob_match(b, branch) for b in self.branches):
             return (
                 False,
                 f"{self.source}: branch {branch!r} is not in branches.only {list(self.branches)}",
@@ -118,6 +235,11 @@ class WorkflowTrigger:
             )
         if not changed:
             return False, f"{self.source}: the push changed no files"
+        if len(changed) > MAX_FILTERED_PATHS:
+            return True, (
+                f"{self.source}: the push changed {len(changed)} files, more than the "
+                f"{MAX_FILTERED_PATHS} that path filters are applied to"
+            )
         if self.paths is not None:
             hits = [p for p in changed if matches_patterns(p, list(self.paths))]
             if not hits:
@@ -140,10 +262,7 @@ class WorkflowTrigger:
 
 def parse_workflow(text: bytes, source: str) -> WorkflowTrigger | None:
     """The trigger of one workflow file, or None when it has no `on.github` section."""
-    try:
-        doc = yaml.safe_load(text.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise SettingsError(f"{source}: not valid YAML: {exc}") from None
+    doc = load_yaml(text, source)
     if not isinstance(doc, dict):
         return None
     # YAML 1.1 reads a bare `on:` key as the boolean True.
@@ -152,7 +271,7 @@ def parse_workflow(text: bytes, source: str) -> WorkflowTrigger | None:
         return None
     github = on["github"] or {}
     if not isinstance(github, dict):
-        raise SettingsError(f"{source}: on.github must be a mapping, got {github!r}")
+        raise SettingsError(f"{source}: on.github must be a mapping, got {show(github)}")
     branches_doc = github.get("branches")
     if isinstance(branches_doc, dict):
         unknown = set(branches_doc) - {"only"}

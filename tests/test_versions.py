@@ -164,7 +164,7 @@ def test_concurrent_first_use_of_a_fresh_store(
         assert reader.returncode in (0, 5), reader.stderr
         assert "Traceback" not in reader.stderr, reader.stderr
     results = [p.communicate(timeout=300) for p in procs]
-    for proc, (out, err) in zip(procs, results, strict=True):
+    for proc, (_out, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err
     assert len({out.strip() for out, _ in results}) == 1  # one experiment
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
