@@ -15,23 +15,33 @@ The local git hook (deployments/hook.py) and the poller below send the same even
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import os
 import re
+import socket
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tasks.repo import ZERO_SHA, RepoLocation
 
@@ -40,6 +50,14 @@ logger = logging.getLogger(__name__)
 EVENT_NAME = "git.push"
 PROVIDERS = ("github", "gitea", "gitlab")
 DEFAULT_MAX_BYTES = 5 * 1024 * 1024
+MAX_CONNECTIONS = 64
+CONNECTION_SECONDS = 30.0
+BODY_SECONDS = 20.0
+MAX_EVENT_BYTES = 64 * 1024
+"""Events stay far below the Prefect server's limit (PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES,
+1.5 MB by default), which it enforces by dropping the event after answering 2xx."""
+MAX_EVENT_PATHS = 500
+RETENTION_SECONDS = 14 * 86400
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _EVENT_NAMESPACE = uuid.UUID("6f1c3a52-8d7e-4f43-9a55-2c1f0e6b7d10")
 # GitHub and Gitea list at most 20 commits in a push payload; GitLab says how many there were.
@@ -130,7 +148,7 @@ def _payload_repositories(payload: Mapping[str, Any]) -> list[str]:
             "web_url",
         ):
             value = info.get(field_name)
-            if isinstance(value, str) and value:
+            if isinstance(value, str) and 0 < len(value) <= 2000:
                 names.append(value)
     return names
 
@@ -181,7 +199,9 @@ class Receiver:
         try:
             payload = self._decode(h, body)
         except ValueError as exc:
-            return Verdict(400, {"error": f"body is not valid JSON: {exc}"})
+            return Verdict(400, {"error": f"body is not valid JSON: {str(exc)[:200]}"})
+        except RecursionError:
+            return Verdict(400, {"error": "body is not valid JSON: nested too deeply"})
         if event in {"ping", "system hook"}:
             return Verdict(200, {"status": "pong"})
         if event not in {"push", "push hook", "tag push hook"}:
@@ -208,8 +228,16 @@ class Receiver:
                     "reason": f"push to {ref}; this receiver serves {self.branch}",
                 },
             )
-        named = _payload_repositories(payload)
-        if named and self._repo_key not in {_normalize_repo(n) for n in named}:
+        named = _payload_repositories(payload)[:20]
+        if not named:
+            return Verdict(
+                400,
+                {
+                    "error": "push payload names no repository: expected `repository` (or "
+                    "`project`) as an object with clone_url, url, html_url or ssh_url"
+                },
+            )
+        if self._repo_key not in {_normalize_repo(n) for n in named}:
             return Verdict(
                 202,
                 {
@@ -227,10 +255,15 @@ class Receiver:
             or (total is None and len(commits) >= _GITHUB_COMMIT_CAP)
         ):
             changed = None  # truncated: let git compute it
+        if changed is not None and (
+            len(changed) > MAX_EVENT_PATHS or sum(len(p) for p in changed) > MAX_EVENT_BYTES // 2
+        ):
+            changed = None  # too many to carry in an event: let git compute them
         pusher_info = payload.get("pusher") or {}
         pusher = str(pusher_info.get("name", "")) if isinstance(pusher_info, dict) else ""
         if not pusher:
             pusher = str(payload.get("user_username") or payload.get("user_name") or "")
+        pusher = pusher[:200]
         push = PushEvent(
             provider=provider,
             delivery=delivery or f"sha-{after}",
@@ -280,7 +313,18 @@ class Receiver:
 def event_document(
     push: PushEvent, repo: RepoLocation, branch: str, received_at: float
 ) -> dict[str, Any]:
-    """The Prefect event for a push: stable id per delivery, repository and branch as labels."""
+    """The Prefect event for a push: stable id per delivery, repository and branch as labels.
+
+    It stays under `MAX_EVENT_BYTES`: past that, the changed paths are left out (the flow then
+    asks git what changed), since the Prefect server drops large events after accepting them.
+    """
+    event = _event(push, repo, branch, received_at)
+    if push.changed_paths is not None and len(json.dumps(event)) > MAX_EVENT_BYTES:
+        event = _event(replace(push, changed_paths=None), repo, branch, received_at)
+    return event
+
+
+def _event(push: PushEvent, repo: RepoLocation, branch: str, received_at: float) -> dict[str, Any]:
     return {
         "id": str(uuid.uuid5(_EVENT_NAMESPACE, f"{push.provider}:{push.delivery}")),
         "occurred": datetime.fromtimestamp(received_at, UTC).isoformat(),
@@ -319,6 +363,7 @@ class Outbox:
                     attempts INTEGER NOT NULL DEFAULT 0,
                     last_error TEXT,
                     sent_at REAL,
+                    before_sha TEXT,
                     PRIMARY KEY (provider, delivery)
                 );
                 CREATE UNIQUE INDEX IF NOT EXISTS one_event_per_commit
@@ -326,6 +371,9 @@ class Outbox:
                 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
                 """
             )
+            columns = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
+            if "before_sha" not in columns:  # an outbox written before pushes were chained
+                db.execute("ALTER TABLE deliveries ADD COLUMN before_sha TEXT")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -353,8 +401,8 @@ class Outbox:
             status = "duplicate" if same_commit else "pending"
             db.execute(
                 "INSERT INTO deliveries "
-                "(provider, delivery, repo, ref, after, status, event, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "(provider, delivery, repo, ref, after, status, event, received_at, before_sha) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     push.provider,
                     push.delivery,
@@ -364,6 +412,7 @@ class Outbox:
                     status,
                     json.dumps(event),
                     now,
+                    push.before,
                 ),
             )
             db.execute("COMMIT")
@@ -399,14 +448,35 @@ class Outbox:
                 )
 
     def latest(self, repo: RepoLocation, branch: str) -> str | None:
-        """The SHA of the last push accepted for the branch, in the order pushes arrived."""
+        """The SHA the branch was last pushed to, by the order of the pushes, not of arrival.
+
+        Each push names the tip it replaced (`before`): a push whose SHA a later push replaced
+        is older, however late its delivery came. Among those no push replaced, the last to
+        arrive wins (a chain broken by a lost delivery, or a branch pushed back and forth).
+        """
         with self._connect() as db:
-            row = db.execute(
-                "SELECT after FROM deliveries WHERE repo = ? AND ref = ? "
-                "AND status IN ('pending', 'sent') ORDER BY received_at DESC LIMIT 1",
+            rows = db.execute(
+                "SELECT after, before_sha FROM deliveries WHERE repo = ? AND ref = ? "
+                "AND status IN ('pending', 'sent') ORDER BY received_at DESC LIMIT 500",
                 (repo.url, f"refs/heads/{branch}"),
-            ).fetchone()
-        return None if row is None else str(row[0])
+            ).fetchall()
+        if not rows:
+            return None
+        replaced = {before for _, before in rows if before}
+        for after, _ in rows:
+            if after not in replaced:
+                return str(after)
+        return str(rows[0][0])
+
+    def prune(self, older_than: float = RETENTION_SECONDS) -> int:
+        """Forget deliveries handled more than `older_than` seconds ago; returns how many."""
+        cutoff = time.time() - older_than
+        with self._lock, self._connect() as db:
+            cursor = db.execute(
+                "DELETE FROM deliveries WHERE status IN ('sent', 'duplicate') AND received_at < ?",
+                (cutoff,),
+            )
+            return int(cursor.rowcount)
 
     def counts(self) -> dict[str, int]:
         """Deliveries by status."""
@@ -425,6 +495,14 @@ class Outbox:
         """Persist a small value."""
         with self._lock, self._connect() as db:
             db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+
+def retention_seconds() -> float:
+    """How long handled deliveries are kept (`TEXTGEN_OUTBOX_RETENTION_DAYS`, default 14)."""
+    try:
+        return float(os.environ.get("TEXTGEN_OUTBOX_RETENTION_DAYS", "14")) * 86400
+    except ValueError:
+        return RETENTION_SECONDS
 
 
 def post_events(events: list[dict[str, Any]]) -> None:
@@ -451,11 +529,20 @@ class Emitter(threading.Thread):
         self.after_send = after_send
         self.stopping = threading.Event()
         self.delay = 0.0
+        self.pruned_at = 0.0
 
     def run(self) -> None:
         """Loop until stopped."""
         while not self.stopping.is_set():
             self.outbox.wake.clear()
+            if time.monotonic() - self.pruned_at > 3600:
+                self.pruned_at = time.monotonic()
+                try:
+                    pruned = self.outbox.prune(retention_seconds())
+                    if pruned:
+                        logger.info("Outbox: forgot %d handled deliveries", pruned)
+                except Exception:
+                    logger.exception("outbox pruning failed")
             try:
                 sent = self.drain()
             except Exception:  # never let the thread die
@@ -558,75 +645,140 @@ class Poller(threading.Thread):
             self.stopping.wait(self.seconds)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    receiver: Receiver
-    server_version = "textgen-receiver"
-    timeout = 15
+class _DeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each connection: a webhook is one short
+    request, so a connection still open after `CONNECTION_SECONDS` (a body or headers sent a
+    byte at a time) is closed, whatever state it is in."""
 
-    def _answer(self, verdict: Verdict) -> None:
-        data = json.dumps(verdict.body).encode()
-        self.send_response(verdict.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    seconds = CONNECTION_SECONDS
 
-    def do_GET(self) -> None:
-        if self.path.rstrip("/") in {"/healthz", "/health"}:
-            self._answer(Verdict(200, {"status": "ok", "outbox": self.receiver.outbox.counts()}))
-        else:
-            self._answer(Verdict(404, {"error": "not found"}))
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._deadline = asyncio.get_running_loop().call_later(self.seconds, transport.close)
 
-    def do_POST(self) -> None:
-        try:
-            match = re.fullmatch(r"/webhooks/([a-z]+)/?", urlsplit(self.path).path)
-            if not match:
-                self._answer(
-                    Verdict(404, {"error": "not found; POST to /webhooks/github, gitea or gitlab"})
-                )
-                return
-            length_header = self.headers.get("Content-Length")
-            if length_header is None or not length_header.isdigit():
-                self.close_connection = True
-                self._answer(Verdict(411, {"error": "Content-Length is required"}))
-                return
-            length = int(length_header)
-            if length > self.receiver.max_bytes:
-                self.close_connection = True
-                self._answer(
-                    Verdict(
-                        413, {"error": f"body of {length} bytes exceeds {self.receiver.max_bytes}"}
-                    )
-                )
-                return
-            body = self.rfile.read(length)
-            verdict = self.receiver.handle(match.group(1), dict(self.headers.items()), body)
-            logger.info(
-                "%s %s -> %d %s",
-                self.command,
-                self.path,
-                verdict.status,
-                verdict.body.get("status") or verdict.body.get("error"),
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+
+def build_app(receiver: Receiver) -> Starlette:
+    """The receiver's HTTP endpoints, as a Starlette app."""
+
+    async def webhook(request: Request) -> JSONResponse:
+        provider = request.path_params["provider"]
+        length_header = request.headers.get("content-length")
+        if length_header is None or not length_header.isdigit():
+            return _json(Verdict(411, {"error": "Content-Length is required"}))
+        length = int(length_header)
+        if length > receiver.max_bytes:
+            return _json(
+                Verdict(413, {"error": f"body of {length} bytes exceeds {receiver.max_bytes}"})
             )
-            self._answer(verdict)
+        try:
+            body = await asyncio.wait_for(request.body(), timeout=BODY_SECONDS)
+        except TimeoutError:
+            return _json(Verdict(408, {"error": f"body not received within {BODY_SECONDS} s"}))
+        except ClientDisconnect:
+            return _json(Verdict(400, {"error": "the sender went away before the body ended"}))
+        if len(body) > receiver.max_bytes:
+            return _json(Verdict(413, {"error": f"body exceeds {receiver.max_bytes} bytes"}))
+        try:
+            # The outbox writes to SQLite: off the event loop.
+            verdict = await run_in_threadpool(
+                receiver.handle, provider, dict(request.headers), body
+            )
         except Exception as exc:  # the receiver must never crash
             logger.exception("webhook handling failed")
-            with contextlib.suppress(OSError):
-                self._answer(Verdict(500, {"error": f"internal error: {type(exc).__name__}"}))
+            verdict = Verdict(500, {"error": f"internal error: {type(exc).__name__}"})
+        logger.info(
+            "POST %s -> %d %s",
+            request.url.path,
+            verdict.status,
+            verdict.body.get("status") or verdict.body.get("error"),
+        )
+        return _json(verdict)
 
-    def do_PUT(self) -> None:
-        self._answer(Verdict(405, {"error": "use POST"}))
+    async def health(request: Request) -> JSONResponse:
+        counts = await run_in_threadpool(receiver.outbox.counts)
+        return _json(Verdict(200, {"status": "ok", "outbox": counts}))
 
-    do_DELETE = do_PATCH = do_PUT
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return _json(
+            Verdict(404, {"error": "not found; POST to /webhooks/github, gitea or gitlab"})
+        )
 
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s - %s", self.address_string(), format % args)
+    async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        return _json(Verdict(405, {"error": "use POST"}))
+
+    return Starlette(
+        routes=[
+            Route("/webhooks/{provider}", webhook, methods=["POST"]),
+            Route("/webhooks/{provider}/", webhook, methods=["POST"]),
+            Route("/healthz", health, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        exception_handlers={404: not_found, 405: not_allowed},
+    )
 
 
-def start_http(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve the receiver on host:port in a background thread; returns the server."""
-    handler = type("Handler", (_Handler,), {"receiver": receiver})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="textgen-receiver", daemon=True).start()
-    return server
+def _json(verdict: Verdict) -> JSONResponse:
+    return JSONResponse(verdict.body, status_code=verdict.status)
+
+
+class HttpService:
+    """The receiver served by uvicorn in a background thread."""
+
+    def __init__(self, server: uvicorn.Server, sock: socket.socket, grace: float) -> None:
+        self.server = server
+        self.grace = grace
+        self.socket = sock
+        self.server_address: tuple[str, int] = sock.getsockname()[:2]
+        self.thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="textgen-receiver", daemon=True
+        )
+
+    def shutdown(self) -> None:
+        """Stop accepting, finish what is in flight (bounded), and stop the thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout=self.grace)
+
+    def server_close(self) -> None:
+        """Release the listening socket."""
+        with contextlib.suppress(OSError):
+            self.socket.close()
+
+
+def start_http(
+    receiver: Receiver,
+    host: str,
+    port: int,
+    max_connections: int = MAX_CONNECTIONS,
+    connection_seconds: float = CONNECTION_SECONDS,
+) -> HttpService:
+    """Serve the receiver on host:port in a background thread; returns the service.
+
+    Limits, in one place: at most `MAX_CONNECTIONS` connections at once (more get 503), a
+    deadline per connection and per body, and the body size cap of the receiver.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    config = uvicorn.Config(
+        build_app(receiver),
+        http=type("Protocol", (_DeadlineProtocol,), {"seconds": connection_seconds}),
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=64 * 1024,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    service = HttpService(server, sock, connection_seconds + 5)
+    service.thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and service.thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return service

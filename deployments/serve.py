@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 FLOW_NAME = "nlp-text-generation"
 DEFAULT_DEPLOYMENT = "on-push"
 AUTOMATIC = ("push", "poll")
+SECRET_ENV = frozenset({"TEXTGEN_GIT_CREDENTIALS", "TEXTGEN_WEBHOOK_SECRET"})
 
 
 class ServeError(TextgenError):
@@ -77,6 +78,15 @@ def running_local_server() -> str | None:
     return url if _healthy(url) else None
 
 
+def _is_prefect_server(pid: int) -> bool:
+    """Whether `pid` is (still) a `prefect server start` process, not a reused pid."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"prefect" in command and b"server" in command and b"start" in command
+
+
 def _free_port(preferred: int) -> int:
     for port in (preferred, 0):
         with socket.socket() as sock:
@@ -99,16 +109,22 @@ class LocalPrefectServer:
         self.port = _free_port(port)
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.process: subprocess.Popen[bytes] | None = None
+        self.pid = 0
         self.stopping = threading.Event()  # a new one for each start
 
-    def _spawn(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours, less the secrets it never needs (git credentials,
+        the webhook secret), with its home and URL."""
+        return {
+            **{k: v for k, v in os.environ.items() if k not in SECRET_ENV},
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": self.url,
         }
+
+    def _spawn(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = self.environment()
         log = open(self.home / "server.log", "ab")  # noqa: SIM115 - handed to the child
         command = [sys.executable, "-m", "prefect", "server", "start"]
         self.process = subprocess.Popen(
@@ -124,58 +140,101 @@ class LocalPrefectServer:
         """Whether the API answers its health check."""
         return _healthy(self.url)
 
-    def start(self, timeout: float = 120.0) -> None:
-        """Start the server (again, on the same port and data) and wait until it answers."""
+    def _adopt(self) -> bool:
+        """Take over a server an earlier service of this data folder started and left running
+        (it was killed): the same process, port and data, rather than a second server."""
+        try:
+            info = json.loads((self.home / "server.json").read_text())
+            pid, url = int(info["pid"]), str(info["url"])
+            os.kill(pid, 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if not _healthy(url) or not _is_prefect_server(pid):
+            return False
+        self.pid, self.url = pid, url
+        self.port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        logger.info("Prefect server of an earlier service still runs (pid %d); using it", pid)
+        return True
+
+    def start(self, timeout: float = 120.0, adopt: bool = False) -> None:
+        """Start the server (again, on the same port and data) and wait until it answers.
+
+        With `adopt`, a server left running by an earlier service of this data folder is used
+        instead of starting a second one.
+        """
         self.stopping = threading.Event()
-        self._spawn()
-        deadline = time.monotonic() + timeout
-        while not self.healthy():
+        if not (adopt and self._adopt()):
+            self._spawn()
+            deadline = time.monotonic() + timeout
+            while not self.healthy():
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise ServeError(
+                        f"prefect server exited with code {self.process.returncode}; "
+                        f"see {self.home / 'server.log'}"
+                    )
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ServeError(
+                        f"prefect server did not answer on {self.url} within {timeout:.0f} s"
+                    )
+                time.sleep(0.5)
             assert self.process is not None
-            if self.process.poll() is not None:
-                raise ServeError(
-                    f"prefect server exited with code {self.process.returncode}; "
-                    f"see {self.home / 'server.log'}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServeError(
-                    f"prefect server did not answer on {self.url} within {timeout:.0f} s"
-                )
-            time.sleep(0.5)
-        assert self.process is not None
-        (self.home / "server.json").write_text(
-            json.dumps({"url": self.url, "pid": self.process.pid})
-        )
+            self.pid = self.process.pid
+        (self.home / "server.json").write_text(json.dumps({"url": self.url, "pid": self.pid}))
         threading.Thread(
             target=self._supervise, args=(self.stopping,), name="prefect-server-watch", daemon=True
         ).start()
         logger.info("Prefect server on %s (UI: http://127.0.0.1:%d)", self.url, self.port)
 
+    def _alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        try:
+            os.kill(self.pid, 0)
+        except OSError:
+            return False
+        return _is_prefect_server(self.pid)
+
     def _supervise(self, stopping: threading.Event) -> None:
         while not stopping.wait(2.0):
-            if self.process is not None and self.process.poll() is not None:
-                logger.warning(
-                    "Prefect server exited (code %s); restarting it", self.process.returncode
-                )
+            if self.pid and not self._alive():
+                logger.warning("Prefect server (pid %d) exited; restarting it", self.pid)
                 self._spawn()
+                assert self.process is not None
+                self.pid = self.process.pid
+                with contextlib.suppress(OSError):
+                    (self.home / "server.json").write_text(
+                        json.dumps({"url": self.url, "pid": self.pid})
+                    )
 
     def stop(self) -> None:
-        """Stop the server we started (by its pid), then forget it."""
+        """Stop the server we started or adopted (by its pid), then forget it."""
         self.stopping.set()
         with contextlib.suppress(OSError):
             (self.home / "server.json").unlink()
-        process = self.process
-        self.process = None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        process, pid = self.process, self.pid
+        self.process, self.pid = None, 0
+        if process is not None:
+            if process.poll() is not None:
+                return
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        elif pid and _is_prefect_server(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and _is_prefect_server(pid):
+                time.sleep(0.2)
+            if _is_prefect_server(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 def use_api_url(url: str | None) -> None:
@@ -198,7 +257,7 @@ def prefect_api(port: int = 4200) -> Iterator[str]:
         yield explicit
         return
     server = LocalPrefectServer(port)
-    server.start()
+    server.start(adopt=True)
     use_api_url(server.url)
     try:
         yield server.url
@@ -272,6 +331,67 @@ def supersede_queued_runs(deployment_id: Any, newest_sha: str) -> int:
         if marked:
             logger.info("Marked %d queued run(s) superseded by %s", marked, newest_sha[:7])
         return marked
+
+
+def recover_after_restart(deployment_id: Any, repo_url: str) -> int:
+    """End the runs a killed service left behind, before its runner starts again.
+
+    A flow run of the deployment still Pending, Running or Cancelling in Prefect has no process
+    now unless one outlived the service (then its MLflow run names a live process on this
+    machine, and it is left to finish). The others are set Crashed with the reason, which
+    releases the deployment's concurrency slot, and their MLflow runs end FAILED (or are
+    published, when they had taken their version number). Returns how many were ended.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from tasks.tracking import Tracker, process_gone
+
+    tracker = Tracker.for_repo(repo_url)
+    reason = "its process ended with the service that ran it (textgen serve restarted)"
+    ended = 0
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(
+                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+                    )
+                )
+            ),
+            limit=200,
+        )
+        for run in runs:
+            tracked = tracker.client.search_runs(
+                [tracker.experiment_id],
+                f"tags.`textgen.prefect.flow_run_id` = '{run.id}'",
+                max_results=5,
+            )
+            alive = [
+                r
+                for r in tracked
+                if r.info.status == "RUNNING" and process_gone(r.data.tags) is None
+            ]
+            if alive:
+                logger.info("Flow run %s outlived the service; leaving it to finish", run.name)
+                continue
+            client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
+            for r in tracked:
+                if r.info.status == "RUNNING":
+                    tracker.recover(r, reason)
+            logger.warning("Flow run %s was left behind: %s; marked it Crashed", run.name, reason)
+            ended += 1
+    ended += tracker.recover_dead_runs()
+    return ended
 
 
 class Janitor(threading.Thread):
@@ -441,6 +561,10 @@ def run_service(
                     time.sleep(delay)
                     delay = min(30.0, delay * 2)
                     continue
+                try:
+                    recover_after_restart(deployment_id, repo.url)
+                except Exception as exc:
+                    logger.warning("Could not check for runs left behind: %s", exc)
                 if http is None:
                     http, threads = start_receiver(
                         repo, branch, host, port, secret, poll_seconds, deployment_id

@@ -15,7 +15,7 @@ from prefect.utilities.timeout import timeout as deadline
 from tasks.config import RUN_TIMEOUT_ENV, run_timeout
 from tasks.errors import RepositoryError, RunTimeoutError
 from tasks.generate import generate_text
-from tasks.model import load_generator, local_revision
+from tasks.model import load_generator, local_revision, locate_model
 from tasks.quality import score_text
 from tasks.repo import RepoLocation, fetch_repo_commit
 from tasks.settings import read_settings
@@ -115,14 +115,15 @@ def nlp_text_generation(
                     )
                     return cast(RunRecord, state)
             settings, source = read_settings(commit, overrides)
-            revision = local_revision(settings)
+            model_path = locate_model(settings, commit)
+            revision = local_revision(settings, model_path)
             existing = (
                 None if force else tracker.find_version(commit.sha, settings.digest(), revision)
             )
             if existing is not None:
                 record = tracker.finish_reused(run_id, existing, settings)
             else:
-                generator = load_generator(settings, revision)
+                generator = load_generator(settings, revision, model_path)
                 generations = generate_text(generator, settings)
                 quality = score_text(generator, generations)
                 record = log_to_mlflow(

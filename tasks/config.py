@@ -71,6 +71,19 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("TEXTGEN_MODEL_CACHE") or data_dir() / "models")
 
 
+def model_dirs() -> list[Path]:
+    """Folders a repository's settings may name models in: `TEXTGEN_MODEL_DIRS` (separated by
+    `:`), else the model cache."""
+    raw = os.environ.get("TEXTGEN_MODEL_DIRS", "")
+    dirs = [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+    return dirs or [model_cache_dir()]
+
+
+def max_model_bytes() -> int:
+    """The most bytes a local model may have (`TEXTGEN_MAX_MODEL_BYTES`, default 64 GiB)."""
+    return _env_int("TEXTGEN_MAX_MODEL_BYTES", 64 << 30)
+
+
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -22,8 +23,17 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import OperatorLimits, file_lock, model_cache_dir, requested_device
-from tasks.errors import ModelError
+from tasks.bounded import show
+from tasks.config import (
+    OperatorLimits,
+    file_lock,
+    max_model_bytes,
+    model_cache_dir,
+    model_dirs,
+    requested_device,
+)
+from tasks.errors import ModelError, SettingsError
+from tasks.repo import CommitInfo
 from tasks.settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
@@ -64,71 +74,203 @@ class Generator:
         }
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, cached by (path, size, mtime) so large weights are hashed once."""
-    stat = path.stat()
-    index_path = model_cache_dir() / "digests.json"
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+MAX_MODEL_FILES = 10_000
+
+
+def _digest_index_path() -> Path:
+    return model_cache_dir() / "digests.json"
+
+
+def _read_index(path: Path) -> dict[str, str]:
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(path.read_text())
     except (OSError, ValueError):
-        index = {}
-    if key in index:
-        return str(index[key])
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    with file_lock(index_path.with_suffix(".lock")):
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, ValueError):
-            index = {}
-        # Forget files that are gone, so the index does not grow without bound.
-        index = {k: v for k, v in index.items() if Path(k.split("|", 1)[0]).exists()}
-        index[key] = value
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=0, sort_keys=True))
-        tmp.replace(index_path)
-    return value
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def file_digests(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file, cached by (path, size, mtime) so large weights are hashed once.
+
+    The cache index is read once and written once for the whole list, however long.
+    """
+    index_path = _digest_index_path()
+    index = _read_index(index_path)
+    found: dict[str, str] = {}
+    values = []
+    for path in paths:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        value = index.get(key)
+        if value is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+            value = found[key] = digest.hexdigest()
+        values.append(str(value))
+    if found:
+        with file_lock(index_path.with_suffix(".lock")):
+            index = _read_index(index_path)
+            # Forget files that are gone, so the index does not grow without bound.
+            index = {k: v for k, v in index.items() if Path(k.split("|", 1)[0]).exists()}
+            index.update(found)
+            tmp = index_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(index, indent=0, sort_keys=True))
+            tmp.replace(index_path)
+    return values
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of one file (cached; see `file_digests`)."""
+    return file_digests([path])[0]
 
 
 def folder_digest(folder: Path) -> str:
-    """`sha256:` over the names and contents of every file in a model folder."""
+    """`sha256:` over the names and contents of every file in a model folder.
+
+    Refuses folders of more than `MAX_MODEL_FILES` files or `TEXTGEN_MAX_MODEL_BYTES` bytes
+    before reading any content: a model folder is a few files.
+    """
+    limit = max_model_bytes()
+    files: list[Path] = []
+    total = 0
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.is_symlink() or path.name == _MARKER:
+            continue
+        files.append(path)
+        total += path.stat().st_size
+        if len(files) > MAX_MODEL_FILES or total > limit:
+            raise ModelError(
+                f"model folder {folder} holds more than {MAX_MODEL_FILES} files or "
+                f"{limit} bytes (TEXTGEN_MAX_MODEL_BYTES); a model folder is a few files"
+            )
+    files.sort()
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != _MARKER):
+    for path, value in zip(files, file_digests(files), strict=True):
         digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        digest.update(file_sha256(path).encode() + b"\0")
+        digest.update(value.encode() + b"\0")
     return f"sha256:{digest.hexdigest()}"
 
 
 def model_kind(model: str) -> str:
-    """`gguf` for a .gguf file, `local` for an existing folder, else `hub`."""
+    """`gguf` for a .gguf file, `local` for a path (absolute, ./, ../ or ~), else `hub`.
+
+    Decided from the text alone: whether a path exists is never what tells them apart.
+    """
     if model.lower().endswith(".gguf"):
         return "gguf"
-    path = Path(model).expanduser()
-    if model.startswith(("/", "./", "../", "~")) or path.is_dir():
+    if model.startswith(("/", "./", "../", "~")):
         return "local"
     return "hub"
 
 
-def local_revision(settings: GenerationSettings) -> str | None:
-    """The content digest of a local model (folder or GGUF file); None for a hub id."""
-    kind = model_kind(settings.model)
-    path = Path(settings.model).expanduser()
+def _refused(model: str) -> SettingsError:
+    # The same words whether or not the path exists: a pusher learns nothing about the worker.
+    dirs = ", ".join(str(d) for d in model_dirs())
+    return SettingsError(
+        f"model {show(model)} is not allowed: give a hub id, a path inside the repository, "
+        f"or a path under the operator's model folders ({dirs}; TEXTGEN_MODEL_DIRS)"
+    )
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _export_from_commit(commit: CommitInfo, rel: str, kind: str) -> Path:
+    """Copy a model folder (or GGUF file) of the commit into the model cache, once per object."""
+    import git
+
+    repo = git.Repo(commit.mirror)
+    obj: Any = repo.commit(commit.sha).tree / rel
+    folder = model_cache_dir() / "repository" / str(obj.hexsha)
+    target = folder / Path(rel).name if obj.type == "blob" else folder
+    if target.exists():
+        return target
+    limit = max_model_bytes()
+    entries: list[Any] = []
+    size = 0
+    for blob in [obj] if obj.type == "blob" else obj.traverse():
+        if blob.type != "blob":
+            continue
+        entries.append(blob)
+        size += int(blob.size)
+        if len(entries) > MAX_MODEL_FILES or size > limit:
+            raise SettingsError(
+                f"model {show(rel)} in the repository holds more than {MAX_MODEL_FILES} files "
+                f"or {limit} bytes (TEXTGEN_MAX_MODEL_BYTES)"
+            )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.parent / f"{folder.name}.lock"):
+        if target.exists():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
+        try:
+            for blob in entries:
+                name = Path(rel).name if obj.type == "blob" else str(blob.path)[len(rel) + 1 :]
+                out = staging / name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with open(out, "wb") as handle:
+                    blob.stream_data(handle)
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def locate_model(settings: GenerationSettings, commit: CommitInfo | None = None) -> Path | None:
+    """The local folder or GGUF file the settings' model names; None for a hub id.
+
+    What a repository may name: a hub id, a path inside the repository at `commit` (copied
+    out of the commit into the model cache), or a path under the operator's model folders
+    (`TEXTGEN_MODEL_DIRS`, default the model cache). Anything else is refused with the same
+    message whether it exists or not, before it is looked at.
+    """
+    model = settings.model
+    kind = model_kind(model)
+    if commit is not None and not model.startswith(("/", "~")):
+        rel = posixpath.normpath(model)
+        if rel.startswith("../") or rel == ".." or rel.startswith("/"):
+            raise _refused(model)
+        found = commit.object_type(rel)
+        if found == "tree" or (found == "blob" and kind == "gguf"):
+            return _export_from_commit(commit, rel, kind)
+        if kind != "hub":
+            raise SettingsError(
+                f"model {show(model)} names no folder or .gguf file in the repository at "
+                f"commit {commit.short_sha}"
+            )
     if kind == "hub":
         return None
+    if not model.startswith(("/", "~")):
+        raise _refused(model)  # a relative path, with no repository to find it in
+    path = Path(os.path.realpath(Path(model).expanduser()))
+    if not _inside(path, [Path(os.path.realpath(d)) for d in model_dirs()]):
+        raise _refused(model)
     if not path.exists():
         raise ModelError(
-            f"model {settings.model!r} does not exist on this worker; give a hub id, a folder "
-            f"made with save_pretrained, or a .gguf file"
+            f"model {show(model)} does not exist in the operator's model folders; give a hub "
+            f"id, a folder made with save_pretrained, or a .gguf file"
         )
-    if kind == "gguf":
+    return path
+
+
+def local_revision(settings: GenerationSettings, path: Path | None = None) -> str | None:
+    """The content digest of a local model (folder or GGUF file); None for a hub id.
+
+    `path` is where `locate_model` found it; without it, it is located here.
+    """
+    path = path or locate_model(settings)
+    if path is None:
+        return None
+    if model_kind(settings.model) == "gguf":
+        if not path.is_file():
+            raise ModelError(f"model {show(settings.model)} is not a .gguf file")
         return f"sha256:{file_sha256(path)}"
     if not path.is_dir():
         raise ModelError(
-            f"model {settings.model!r} is a file; a local model is a folder (or a .gguf)"
+            f"model {show(settings.model)} is a file; a local model is a folder (or a .gguf)"
         )
     return folder_digest(path)
 
@@ -222,15 +364,19 @@ def _cache_size() -> int:
         return 1
 
 
-def build_generator(settings: GenerationSettings, revision: str | None = None) -> Generator:
+def build_generator(
+    settings: GenerationSettings, revision: str | None = None, path: Path | None = None
+) -> Generator:
     """Load (or reuse from this process) the pipeline the settings ask for.
 
-    `revision` is the local content digest when the caller has computed it already.
+    `revision` is the local content digest and `path` the located model (`locate_model`),
+    when the caller has them already.
     """
     from transformers import pipeline
 
     kind = model_kind(settings.model)
-    revision = revision or local_revision(settings)
+    path = path or locate_model(settings)
+    revision = revision or local_revision(settings, path)
     device = resolve_device()
     key = (settings.model, settings.revision or "", revision or "", settings.dtype or "", device)
     if key in _CACHE:
@@ -240,12 +386,12 @@ def build_generator(settings: GenerationSettings, revision: str | None = None) -
 
     limits = OperatorLimits.from_env()
     started = time.perf_counter()
-    if kind == "gguf":
-        source = str(convert_gguf(Path(settings.model)))
-    elif kind == "local":
-        source = str(Path(settings.model).expanduser().resolve())
-    else:
+    if path is None:
         source = settings.model
+    elif path.is_file():
+        source = str(convert_gguf(path))
+    else:
+        source = str(path)
     kwargs: dict[str, Any] = {"device": device, "trust_remote_code": limits.trust_remote_code}
     if settings.revision and kind == "hub":
         kwargs["revision"] = settings.revision
@@ -285,9 +431,11 @@ def build_generator(settings: GenerationSettings, revision: str | None = None) -
 
 
 @task(name="load-generator", cache_policy=NO_CACHE)
-def load_generator(settings: GenerationSettings, revision: str | None = None) -> Generator:
+def load_generator(
+    settings: GenerationSettings, revision: str | None = None, path: Path | None = None
+) -> Generator:
     """Load the text-generation pipeline for the settings' model."""
-    generator = build_generator(settings, revision)
+    generator = build_generator(settings, revision, path)
     get_run_logger().info(
         "Model %s (%s, revision %s) on %s in %s: %s",
         generator.model,

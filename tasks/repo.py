@@ -151,6 +151,14 @@ class CommitInfo:
         """The file's bytes at this commit, or None when the commit has no such file."""
         return read_blob(Path(self.mirror), self.sha, path)
 
+    def object_type(self, path: str) -> str | None:
+        """`blob`, `tree` (or another git type) for a path at this commit; None if absent."""
+        repo = git.Repo(self.mirror)
+        try:
+            return str(repo.git.cat_file("-t", f"{self.sha}:{path}")).strip()
+        except git.GitCommandError:
+            return None
+
     def list_files(self, folder: str) -> list[str]:
         """Paths of the files directly inside `folder` at this commit (empty if none)."""
         repo = git.Repo(self.mirror)
@@ -325,6 +333,11 @@ def _is_ancestor(repo: git.Repo, sha: str, descendant: str) -> bool:
     except git.GitCommandError:
         return False
     return True
+
+
+def has_commit(mirror: str | Path, sha: str) -> bool:
+    """Whether the mirror holds the commit."""
+    return _resolve(git.Repo(mirror), sha) is not None
 
 
 def is_ancestor(mirror: str | Path, ancestor: str, descendant: str) -> bool:

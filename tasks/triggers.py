@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.bounded import load_yaml, show
 from tasks.errors import SettingsError
-from tasks.repo import ZERO_SHA, CommitInfo, changed_between, is_ancestor
+from tasks.repo import ZERO_SHA, CommitInfo, changed_between, has_commit, is_ancestor
 
 WORKFLOWS_DIR = ".gradient/workflows"
 AUTOMATIC_TRIGGERS = frozenset({"push", "poll"})
@@ -337,21 +337,25 @@ def changed_since(
     bases: list[str | None],
     reported: list[str] | None,
 ) -> tuple[tuple[str, ...] | None, str]:
-    """The files changed up to `commit`: from the first base that is a proper ancestor, else the
-    paths the push reported, else the commit's own change. Returns them and how they were found."""
+    """The files whose content differs between a base and `commit`, from the first base the
+    mirror has (the last handled commit, then the push's `before`); else the paths the push
+    reported, else unknown (None: the run goes ahead). Returns them and how they were found.
+
+    The diff is between the two trees, whatever their ancestry: after a force-push it holds
+    what the rewritten history changed and what it dropped, not only the new tip's own change.
+    """
     for base in bases:
-        if (
-            base
-            and base != ZERO_SHA
-            and base != commit.sha
-            and is_ancestor(commit.mirror, base, commit.sha)
-        ):
-            return changed_between(
-                commit.mirror, base, commit.sha
-            ), f"git diff {base[:7]}..{commit.short_sha}"
+        if base and base != ZERO_SHA and base != commit.sha and has_commit(commit.mirror, base):
+            relation = (
+                "" if is_ancestor(commit.mirror, base, commit.sha) else " (history rewritten)"
+            )
+            return (
+                changed_between(commit.mirror, base, commit.sha),
+                f"git diff {base[:7]}..{commit.short_sha}{relation}",
+            )
     if reported is not None:
         return tuple(sorted(set(reported))), "the push payload"
-    return commit.changed_paths, f"the change of commit {commit.short_sha}"
+    return None, "no earlier commit to compare with"
 
 
 @task(name="filter-push", cache_policy=NO_CACHE)

@@ -95,11 +95,16 @@ def isolated_env(
     shared_model_cache: Path,
     mlflow_template: Path,
     tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Path]:
     """Every test gets its own MLflow store, and no test may leave a run RUNNING."""
     monkeypatch.setenv("TEXTGEN_HOME", str(textgen_home))
     monkeypatch.setenv("TEXTGEN_MODEL_CACHE", str(shared_model_cache))
+    # Models the tests build live in their temporary folders: the operator allows those.
+    monkeypatch.setenv(
+        "TEXTGEN_MODEL_DIRS", f"{tmp_path_factory.getbasetemp()}{os.pathsep}{shared_model_cache}"
+    )
     store = tmp_path / "mlflow"
     store.mkdir()
     shutil.copyfile(mlflow_template, store / "mlflow.db")

@@ -196,7 +196,7 @@ def test_a_model_that_cannot_load_fails_the_run_with_its_reason(
     make_repo: RepoFactory, tmp_path: Path
 ) -> None:
     repo = make_repo({"textgen.yaml": settings_yaml(tmp_path / "missing-model")})
-    with pytest.raises(ModelError, match="does not exist on this worker"):
+    with pytest.raises(ModelError, match="does not exist in the operator's model folders"):
         nlp_text_generation(repo_url=str(repo.path))
     (run,) = runs_of(repo.path)
     assert run.info.status == "FAILED"

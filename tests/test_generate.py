@@ -99,9 +99,11 @@ def test_model_kinds_and_missing_models(tmp_path: Path) -> None:
     assert model_kind("EleutherAI/gpt-neo-125M") == "hub"
     assert model_kind("/models/x.gguf") == "gguf"
     assert model_kind(str(tmp_path)) == "local"
-    with pytest.raises(ModelError, match="does not exist on this worker"):
+    with pytest.raises(ModelError, match="does not exist in the operator's model folders"):
         build_generator(GenerationSettings(model=str(tmp_path / "nope")))
-    with pytest.raises(ModelError, match=r"nope.gguf' does not exist on this worker"):
+    with pytest.raises(
+        ModelError, match=r"nope.gguf' does not exist in the operator's model folders"
+    ):
         build_generator(GenerationSettings(model=str(tmp_path / "nope.gguf")))
 
 

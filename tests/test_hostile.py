@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -203,12 +204,17 @@ def _reference(pattern: str) -> re.Pattern[str]:
 )
 def test_the_linear_matcher_agrees_with_the_regex_reference(pattern: str, path: str) -> None:
     try:
+        ours = glob_match(pattern, path)
+    except SettingsError as exc:
+        # Malformed classes are named errors (the regex either raised re.error or read
+        # `[]...]` as a class holding `]`).
+        assert "is empty" in str(exc) or "is reversed" in str(exc)
+        return
+    try:
         reference = _reference(pattern)
     except re.error:
-        with pytest.raises(SettingsError):
-            glob_match(pattern, path)
-        return
-    assert glob_match(pattern, path) == bool(reference.match(path)), (pattern, path)
+        pytest.fail(f"the matcher accepted {pattern!r}, which the reference cannot compile")
+    assert ours == bool(reference.match(path)), (pattern, path)
 
 
 def test_a_pathological_pattern_is_matched_in_linear_time() -> None:
@@ -264,3 +270,77 @@ def test_a_run_past_its_deadline_ends_failed_with_the_reason(
     [run] = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED"
     assert "deadline of 3 s" in run.data.tags["textgen.failure"]
+
+
+def _model_error(make_repo: RepoFactory, model: str) -> str:
+    from tasks.model import locate_model
+
+    repo = make_repo({"textgen.yaml": f"model: {model}\n"})
+    commit = resolve_commit(RepoLocation.parse(str(repo.path)), "main", None)
+    settings, _ = load_settings(commit)
+    with pytest.raises(SettingsError) as info:
+        locate_model(settings, commit)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("model", ["/etc", "/usr", "/nonexistent/secret", "~/.ssh", "../../etc"])
+def test_a_push_cannot_name_paths_outside_the_allowed_model_folders(
+    make_repo: RepoFactory, model: str
+) -> None:
+    message = _model_error(make_repo, model)
+    assert "is not allowed: give a hub id, a path inside the repository" in message
+    assert "TEXTGEN_MODEL_DIRS" in message
+
+
+def test_existing_and_missing_paths_are_refused_alike(make_repo: RepoFactory) -> None:
+    assert _model_error(make_repo, "/etc").replace("/etc", "X") == _model_error(
+        make_repo, "/no-such-dir"
+    ).replace("/no-such-dir", "X")
+
+
+def test_the_data_folder_and_a_symlink_out_of_an_allowed_folder_are_refused(
+    make_repo: RepoFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allowed = tmp_path / "models"
+    allowed.mkdir()
+    (allowed / "escape").symlink_to("/etc")
+    monkeypatch.setenv("TEXTGEN_MODEL_DIRS", str(allowed))
+    assert "is not allowed" in _model_error(make_repo, str(allowed / "escape"))
+    assert "is not allowed" in _model_error(make_repo, os.environ["TEXTGEN_HOME"])
+
+
+def test_a_model_folder_inside_the_repository_is_used_from_the_commit(
+    make_repo: RepoFactory, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.model import build_generator, local_revision, locate_model
+
+    files = {f"models/tiny/{p.name}": p.read_bytes() for p in tiny_model.iterdir() if p.is_file()}
+    repo = make_repo({"textgen.yaml": "model: models/tiny\nmax_new_tokens: 4\n"})
+    for name, data in files.items():
+        target = repo.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    repo.commit({}, "add the model")
+    monkeypatch.setenv("TEXTGEN_MODEL_DIRS", "/nonexistent-allowed")  # not needed for it
+    commit = resolve_commit(RepoLocation.parse(str(repo.path)), "main", None)
+    settings, _ = load_settings(commit)
+    path = locate_model(settings, commit)
+    assert path is not None and path.is_dir() and (path / "config.json").exists()
+    generator = build_generator(settings, local_revision(settings, path), path)
+    assert generator.kind == "hub" or generator.loaded_from == str(path)
+    assert "no folder or .gguf file in the repository" in _model_error(make_repo, "./missing")
+
+
+def test_a_huge_model_folder_is_refused_before_hashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.errors import ModelError
+    from tasks.model import folder_digest
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(30):
+        (folder / f"f{index}").write_bytes(b"x" * 100)
+    monkeypatch.setenv("TEXTGEN_MAX_MODEL_BYTES", "1000")
+    with pytest.raises(ModelError, match="more than 10000 files or 1000 bytes"):
+        folder_digest(folder)

@@ -402,3 +402,121 @@ def test_the_receiver_refuses_to_start_without_a_secret(
     monkeypatch.delenv("TEXTGEN_WEBHOOK_SECRET")
     assert main(["serve", "--repo", str(tmp_path)]) == 6
     assert "no webhook secret" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("repository", ["octo/widget", {}, None, [], {"url": 7}])
+def test_a_payload_without_a_usable_repository_is_refused(
+    receiver: Receiver, repository: Any
+) -> None:
+    payload = github_push()
+    if repository is None:
+        del payload["repository"]
+    else:
+        payload["repository"] = repository
+    verdict = deliver(receiver, payload)
+    assert verdict.status == 400
+    assert "names no repository" in verdict.body["error"]
+    assert receiver.outbox.pending() == []
+
+
+def test_a_deeply_nested_body_is_a_bad_request(receiver: Receiver) -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    verdict = receiver.handle(
+        "github",
+        {"X-GitHub-Event": "push", "X-Hub-Signature-256": sign(SECRET, body)},
+        body,
+    )
+    assert verdict.status == 400 and "nested too deeply" in verdict.body["error"]
+
+
+def test_a_push_naming_thirty_thousand_paths_becomes_a_small_event(receiver: Receiver) -> None:
+    paths = [f"data/shard-{i:05d}/part-with-a-longer-file-name.json" for i in range(30_000)]
+    payload = github_push(commits=[{"added": paths, "removed": [], "modified": []}])
+    assert len(json.dumps(payload)) > 1_500_000  # over the Prefect server's event limit
+    verdict = deliver(receiver, payload)
+    assert verdict.status == 202
+    ((_, _, event),) = receiver.outbox.pending()
+    assert len(json.dumps(event)) < 64 * 1024
+    assert event["payload"]["changed_paths"] is None  # the flow asks git instead
+
+
+def test_an_event_stays_small_whatever_the_paths(receiver: Receiver) -> None:
+    from deployments.receiver import MAX_EVENT_BYTES, PushEvent
+
+    push = PushEvent("github", "d", "refs/heads/main", SHA_A, SHA_B, ["x" * 400] * 400)
+    event = event_document(push, receiver.repo, "main", time.time())
+    assert len(json.dumps(event)) <= MAX_EVENT_BYTES
+    assert event["payload"]["changed_paths"] is None
+
+
+def test_latest_push_follows_the_chain_of_pushes_not_arrival(receiver: Receiver) -> None:
+    x, y, w = "1" * 40, "2" * 40, "3" * 40
+    # Y (whose parent push is X) arrives first, then X three seconds "later".
+    assert deliver(receiver, github_push(after=y, before=x), delivery="dy").status == 202
+    assert deliver(receiver, github_push(after=x, before=w), delivery="dx").status == 202
+    assert receiver.outbox.latest(receiver.repo, "main") == y
+    # A force-push replaces Y with Z: the chain still says Z is the tip.
+    z = "4" * 40
+    assert (
+        deliver(receiver, github_push(after=z, before=y, forced=True), delivery="dz").status == 202
+    )
+    assert receiver.outbox.latest(receiver.repo, "main") == z
+
+
+def test_handled_deliveries_are_pruned_after_the_retention(receiver: Receiver) -> None:
+    outbox = receiver.outbox
+    deliver(receiver, github_push(after=SHA_A), delivery="old")
+    deliver(receiver, github_push(after=SHA_A), delivery="old-dup")
+    deliver(receiver, github_push(after="c" * 40), delivery="pending")
+    outbox.mark("github", "old", None)
+    assert outbox.counts() == {"sent": 1, "duplicate": 1, "pending": 1}
+    assert outbox.prune(older_than=3600) == 0
+    assert outbox.prune(older_than=-1) == 2
+    assert outbox.counts() == {"pending": 1}, "a push not yet sent is never pruned"
+
+
+def test_slow_senders_are_cut_off_and_connections_are_bounded(receiver: Receiver) -> None:
+    import socket
+
+    server = start_http(receiver, "127.0.0.1", 0, max_connections=3, connection_seconds=3)
+    address = ("127.0.0.1", int(server.server_address[1]))
+    trickling = []
+    try:
+        # Three senders that never finish: one trickles headers, two a body.
+        for head in (
+            b"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+            b"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\nxx",
+            b"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\nxx",
+        ):
+            sock = socket.create_connection(address, timeout=30)
+            sock.sendall(head)
+            trickling.append(sock)
+        time.sleep(0.5)
+        # Past the limit, a new request is turned away at once instead of queueing a thread.
+        connection = HTTPConnection(*address, timeout=10)
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().status == 503
+        connection.close()
+        # At their deadline the slow connections are closed by the server...
+        for sock in trickling:
+            sock.settimeout(30)
+            assert sock.recv(65536) is not None  # returns (b"" or a 408) once closed
+        # ...and the endpoint serves again.
+        assert request(address, "GET", "/healthz")[0] == 200
+    finally:
+        for sock in trickling:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_prefect_server_gets_none_of_our_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.serve import LocalPrefectServer
+
+    monkeypatch.setenv("TEXTGEN_GIT_CREDENTIALS", "user:ghp_secret")
+    monkeypatch.setenv("TEXTGEN_WEBHOOK_SECRET", "hook-secret")
+    env = LocalPrefectServer(home=tmp_path).environment()
+    assert "ghp_secret" not in json.dumps(env) and "hook-secret" not in json.dumps(env)
+    assert env["PREFECT_HOME"] == str(tmp_path)

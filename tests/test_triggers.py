@@ -158,5 +158,26 @@ def test_changed_files_since_the_last_handled_commit(make_repo: RepoFactory) -> 
     assert changed == ("README.md",)
     changed, how = changed_since(commit, ["0" * 40, "f" * 40], ["a", "a", "b"])
     assert changed == ("a", "b") and how == "the push payload"
+    # Nothing to compare with: unknown, so path filters cannot skip the run.
     changed, how = changed_since(commit, [commit.sha], None)
-    assert changed == ("README.md",) and "change of commit" in how
+    assert changed is None and how == "no earlier commit to compare with"
+
+
+def test_a_force_push_keeps_the_settings_change_of_the_rewritten_history(
+    make_repo: RepoFactory,
+) -> None:
+    repo = make_repo({"textgen.yaml": "random_seed: 1\n", "README.md": "r"})
+    root = repo.git("rev-parse", "HEAD")
+    handled = repo.commit({"notes.md": "a"}, "A")
+    location = RepoLocation.parse(str(repo.path))
+    resolve_commit(location, "main", None)  # the mirror has seen A
+    repo.git("reset", "--hard", root)
+    repo.commit({"textgen.yaml": "random_seed: 2\n"}, "B1: seed")
+    repo.commit({"README.md": "typo"}, "B2: README")
+    commit = resolve_commit(location, "main", None, refresh=True)
+    changed, how = changed_since(commit, [handled, handled], None)
+    assert changed == ("README.md", "notes.md", "textgen.yaml")
+    assert how.endswith("(history rewritten)")
+    trigger = parse_workflow(b"on:\n  github:\n    paths-ignore: ['**/*.md']\n", "w.yaml")
+    assert trigger is not None
+    assert decide_push([trigger], "main", changed)[0], "the seed change must run"
