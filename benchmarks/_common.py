@@ -71,7 +71,13 @@ def print_header(title: str) -> None:
 def gpt2_124m(folder: Path) -> Path:
     """A GPT-2 of the real size (12 layers, 768 wide, 50,257-token vocabulary, 124M parameters)
     with random weights, saved with save_pretrained; its tokenizer is SmolLM2's, padded with
-    extra tokens to GPT-2's vocabulary size. Built once per folder."""
+    extra tokens to GPT-2's vocabulary size. Built once per folder, which becomes one of the
+    model folders settings may name (TEXTGEN_MODEL_DIRS)."""
+    from tasks.config import model_dirs
+
+    allowed = [str(d) for d in model_dirs()]
+    if str(folder.parent) not in allowed:
+        os.environ["TEXTGEN_MODEL_DIRS"] = os.pathsep.join([*allowed, str(folder.parent)])
     if (folder / "config.json").exists():
         return folder
     import torch

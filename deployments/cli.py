@@ -140,6 +140,7 @@ def history_rows(
     )
 
     tracker = Tracker.for_repo(repo, create=False)
+    tracker.recover_dead_runs()  # a run whose process died shows FAILED, not RUNNING forever
     filters = []
     if since:
         filters.append(f"attributes.start_time >= {parse_since(since)}")

@@ -635,6 +635,31 @@ class Poller(threading.Thread):
         self.outbox.set_state(key, tip)
         return tip
 
+    def catch_up(self) -> str | None:
+        """On start: if the branch moved while nothing was listening (a push the hook or the
+        provider could not deliver), queue its tip as a push. Only once a push was accepted
+        here before, so a first start runs nothing by itself. Returns the status, if queued."""
+        last = self.outbox.latest(self.repo, self.branch)
+        if last is None:
+            return None
+        tip = self.tip()
+        if tip is None or tip == last:
+            return None
+        push = PushEvent(
+            provider="startup",
+            delivery=f"startup-{tip}",
+            ref=f"refs/heads/{self.branch}",
+            after=tip,
+            before=last,
+            changed_paths=None,
+            trigger="poll",
+        )
+        status, _ = self.outbox.enqueue(push, self.repo, self.branch)
+        logger.info(
+            "%s moved %s -> %s while nothing listened: %s", self.branch, last[:7], tip[:7], status
+        )
+        return status
+
     def run(self) -> None:
         """Check every `seconds` until stopped."""
         while not self.stopping.is_set():

@@ -476,6 +476,10 @@ def start_receiver(
         http = start_http(receiver, host, port)
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{port}: {exc}") from None
+    try:
+        Poller(repo, branch, outbox, 0).catch_up()
+    except Exception as exc:
+        logger.warning("Could not compare %s with the last push seen: %s", repo.url, exc)
     threads: list[Any] = []
     janitor = None
     if deployment_id is not None:

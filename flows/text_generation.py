@@ -64,7 +64,32 @@ def _markdown(record: RunRecord, params: dict[str, Any]) -> str:
     )
 
 
-@flow(name="nlp-text-generation", flow_run_name=_flow_run_name, log_prints=False)
+def _record_crash(flow: Any, flow_run: Any, state: State[Any]) -> None:
+    """When the run's process died (Prefect marks it Crashed), end its MLflow run too.
+
+    Runs in the process that watched it (the runner or worker), right after the crash.
+    """
+    logger = logging.getLogger(__name__)
+    try:
+        repo_url = flow_run.parameters.get("repo_url") or default_repo_url()
+        tracker = Tracker.for_repo(RepoLocation.parse(repo_url).url, create=False)
+        runs = tracker.client.search_runs(
+            [tracker.experiment_id],
+            f"tags.`textgen.prefect.flow_run_id` = '{flow_run.id}' "
+            "and attributes.status = 'RUNNING'",
+        )
+        for run in runs:
+            tracker.recover(run, f"the process running it crashed: {state.message or state.name}")
+    except Exception as exc:
+        logger.warning("Could not record the crash of flow run %s: %s", flow_run.id, exc)
+
+
+@flow(
+    name="nlp-text-generation",
+    flow_run_name=_flow_run_name,
+    log_prints=False,
+    on_crashed=[_record_crash],
+)
 def nlp_text_generation(
     repo_url: str | None = None,
     branch: str = "main",
@@ -92,43 +117,22 @@ def nlp_text_generation(
     tracker = Tracker.for_repo(location.url)
     _recover(tracker)
     run_id = tracker.start(branch, commit_sha, trigger)
-    automatic = trigger in AUTOMATIC_TRIGGERS
     seconds = run_timeout()
     try:
         with deadline(seconds, timeout_exc_type=_Deadline):
-            commit = fetch_repo_commit(
-                repo_url or location.url, branch, commit_sha, refresh=automatic
+            return _run(
+                tracker,
+                run_id,
+                location,
+                repo_url,
+                branch,
+                commit_sha,
+                overrides,
+                trigger,
+                force,
+                before,
+                changed_paths,
             )
-            tracker.tag_commit(run_id, commit)
-            if automatic:
-                last = tracker.last_handled_commit(branch, AUTOMATIC_TRIGGERS)
-                go, reason, kind = filter_push(commit, last, before, changed_paths)
-                if not go:
-                    record = tracker.finish_skipped(run_id, reason, commit.sha, kind)
-                    _publish(record, {})
-                    # The flow run ends Completed, named Skipped/Superseded with the reason; a
-                    # caller of the flow still receives the record.
-                    state: State[RunRecord] = Completed(
-                        message=reason,
-                        name="Superseded" if kind == "superseded" else "Skipped",
-                        data=record,
-                    )
-                    return cast(RunRecord, state)
-            settings, source = read_settings(commit, overrides)
-            model_path = locate_model(settings, commit)
-            revision = local_revision(settings, model_path)
-            existing = (
-                None if force else tracker.find_version(commit.sha, settings.digest(), revision)
-            )
-            if existing is not None:
-                record = tracker.finish_reused(run_id, existing, settings)
-            else:
-                generator = load_generator(settings, revision, model_path)
-                generations = generate_text(generator, settings)
-                quality = score_text(generator, generations)
-                record = log_to_mlflow(
-                    tracker, run_id, commit, settings, source, generator, generations, quality
-                )
     except _Deadline:
         error = RunTimeoutError(
             f"the run did not finish within its deadline of {seconds:g} s "
@@ -139,6 +143,52 @@ def nlp_text_generation(
     except BaseException as exc:
         tracker.fail(run_id, exc)
         raise
+
+
+def _run(
+    tracker: Tracker,
+    run_id: str,
+    location: RepoLocation,
+    repo_url: str | None,
+    branch: str,
+    commit_sha: str | None,
+    overrides: dict[str, Any] | None,
+    trigger: str,
+    force: bool,
+    before: str | None,
+    changed_paths: list[str] | None,
+) -> RunRecord:
+    """The flow's stages for its MLflow run `run_id`: commit, filter, settings, model, output."""
+    automatic = trigger in AUTOMATIC_TRIGGERS
+    commit = fetch_repo_commit(repo_url or location.url, branch, commit_sha, refresh=automatic)
+    tracker.tag_commit(run_id, commit)
+    if automatic:
+        last = tracker.last_handled_commit(branch, AUTOMATIC_TRIGGERS)
+        go, reason, kind = filter_push(commit, last, before, changed_paths)
+        if not go:
+            record = tracker.finish_skipped(run_id, reason, commit.sha, kind)
+            _publish(record, {})
+            # The flow run ends Completed, named Skipped/Superseded with the reason; a
+            # caller of the flow still receives the record.
+            state: State[RunRecord] = Completed(
+                message=reason,
+                name="Superseded" if kind == "superseded" else "Skipped",
+                data=record,
+            )
+            return cast(RunRecord, state)
+    settings, source = read_settings(commit, overrides)
+    model_path = locate_model(settings, commit)
+    revision = local_revision(settings, model_path)
+    existing = None if force else tracker.find_version(commit.sha, settings.digest(), revision)
+    if existing is not None:
+        record = tracker.finish_reused(run_id, existing, settings)
+    else:
+        generator = load_generator(settings, revision, model_path)
+        generations = generate_text(generator, settings)
+        quality = score_text(generator, generations)
+        record = log_to_mlflow(
+            tracker, run_id, commit, settings, source, generator, generations, quality
+        )
     _publish(record, settings.as_params())
     return record
 
@@ -152,6 +202,10 @@ def _recover(tracker: Tracker) -> None:
 
 
 def _publish(record: RunRecord, params: dict[str, Any]) -> None:
-    create_markdown_artifact(
-        _markdown(record, params), key="nlp-text-generation", description=record.summary()
-    )
+    """The Prefect artifact of the run; never fails the run (its record is already complete)."""
+    try:
+        create_markdown_artifact(
+            _markdown(record, params), key="nlp-text-generation", description=record.summary()
+        )
+    except Exception as exc:
+        logging.getLogger(__name__).warning("Could not create the Prefect artifact: %s", exc)

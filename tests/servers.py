@@ -159,6 +159,8 @@ def start_serve(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TEXTGEN_HOME": str(root / "home"),
         "TEXTGEN_MODEL_CACHE": model_cache,
+        # The models the tests build sit beside `root`; the offline one in the model cache.
+        "TEXTGEN_MODEL_DIRS": f"{root.parent}{os.pathsep}{model_cache}",
         "MLFLOW_TRACKING_URI": tracking_uri,
         "TEXTGEN_ARTIFACT_ROOT": (root / "artifacts").as_uri(),
         "TEXTGEN_WEBHOOK_SECRET": secret,

@@ -520,3 +520,24 @@ def test_the_prefect_server_gets_none_of_our_secrets(
     env = LocalPrefectServer(home=tmp_path).environment()
     assert "ghp_secret" not in json.dumps(env) and "hook-secret" not in json.dumps(env)
     assert env["PREFECT_HOME"] == str(tmp_path)
+
+
+def test_a_push_missed_while_nothing_listened_is_caught_up_on_start(
+    make_repo: RepoFactory, tmp_path: Path
+) -> None:
+    from deployments.receiver import PushEvent
+
+    repo = make_repo({"a.txt": "1"})
+    location = RepoLocation.parse(str(repo.path))
+    outbox = Outbox(tmp_path / "catch-up.sqlite")
+    poller = Poller(location, "main", outbox, 60)
+    assert poller.catch_up() is None, "a first start runs nothing by itself"
+    seen = repo.git("rev-parse", "HEAD")
+    push = PushEvent("github", "d-1", "refs/heads/main", seen, None, None)
+    outbox.enqueue(push, location, "main")
+    assert poller.catch_up() is None, "nothing moved"
+    missed = repo.commit({"a.txt": "2"})  # pushed while the receiver was down
+    assert poller.catch_up() == "queued"
+    event = outbox.pending()[-1][2]
+    assert (event["payload"]["before"], event["payload"]["after"]) == (seen, missed)
+    assert poller.catch_up() is None, "queued once"

@@ -235,6 +235,60 @@ def test_a_burst_runs_the_newest_commit_and_leaves_nothing_pending(setup: Setup)
     assert all("superseded" in (r["state"]["message"] or "") for r in superseded)
 
 
+def test_an_oversized_push_still_becomes_a_run(setup: Setup) -> None:
+    setup.hook(enabled=False)
+    try:
+        before = setup.work.git("rev-parse", "HEAD")
+        sha = setup.push({"textgen.yaml": settings_yaml(setup.model, random_seed=6)}, "seed 6")
+        paths = [f"data/shard-{i:05d}/part-with-a-longer-file-name.json" for i in range(30_000)]
+        payload = {
+            **setup.payload(sha, before),
+            "commits": [{"added": paths, "removed": [], "modified": ["textgen.yaml"]}],
+        }
+        response = setup.deliver(payload)
+        assert response.status_code == 202 and response.json()["status"] == "queued"
+        assert setup.wait_run(sha, "new").data.params["random_seed"] == "6"
+    finally:
+        setup.hook(enabled=True)
+
+
+def test_deliveries_out_of_order_still_run_the_tip(setup: Setup) -> None:
+    setup.hook(enabled=False)
+    try:
+        base = setup.work.git("rev-parse", "HEAD")
+        x = setup.push({"textgen.yaml": settings_yaml(setup.model, random_seed=7)}, "seed 7")
+        y = setup.push({"textgen.yaml": settings_yaml(setup.model, random_seed=8)}, "seed 8")
+        assert setup.deliver(setup.payload(y, x)).status_code == 202
+        time.sleep(3)
+        assert setup.deliver(setup.payload(x, base)).status_code == 202
+        tip = setup.wait_run(y, "new", timeout=180)
+        assert tip.data.params["random_seed"] == "8"
+
+        def settled() -> bool:
+            runs = [
+                r for r in setup.deployment_runs() if r["parameters"].get("commit_sha") in {x, y}
+            ]
+            return len(runs) == 2 and all(r["state_type"] in TERMINAL for r in runs)
+
+        wait_for(settled, 120, "both runs to end")
+        older = setup.run_for(x)
+        assert older is None or older.data.tags.get("textgen.outcome") in {"skipped", "new"}
+    finally:
+        setup.hook(enabled=True)
+
+
+def test_a_force_push_keeps_the_settings_change_it_brings(setup: Setup) -> None:
+    root = setup.work.git("rev-parse", "HEAD")
+    handled = setup.push({"textgen.yaml": settings_yaml(setup.model, random_seed=9)}, "A")
+    setup.wait_run(handled, "new")
+    setup.work.git("reset", "--quiet", "--hard", root)
+    setup.work.commit({"textgen.yaml": settings_yaml(setup.model, random_seed=10)}, "B1: seed")
+    tip = setup.work.commit({"README.md": "# rewritten\n"}, "B2: README")
+    setup.work.git("push", "--quiet", "--force", "origin", "main")
+    run = setup.wait_run(tip, "new")
+    assert run.data.params["random_seed"] == "10"
+
+
 def test_prefect_deployment_run_reruns_a_commit_by_hand(setup: Setup) -> None:
     first = setup.work.git("rev-list", "--max-parents=0", "HEAD")
     result = subprocess.run(

@@ -61,6 +61,7 @@ def pool(
         "TEXTGEN_REPO": str(bare),
         "TEXTGEN_HOME": str(root / "home"),
         "TEXTGEN_MODEL_CACHE": str(shared_model_cache),
+        "TEXTGEN_MODEL_DIRS": f"{root}{os.pathsep}{shared_model_cache}",
         "MLFLOW_TRACKING_URI": tracking_uri,
         "TEXTGEN_ARTIFACT_ROOT": (root / "artifacts").as_uri(),
         "TEXTGEN_WEBHOOK_SECRET": SECRET,

@@ -1,0 +1,159 @@
+"""Hostile settings, workflow files and deliveries: each input class, its error, and what it
+cost (wall time and peak Python memory, measured with tracemalloc around the refusal alone).
+
+    .venv/bin/python benchmarks/hostile.py
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from _common import print_header
+
+from tests.conftest import GitRepo, build_tiny_gpt2
+
+BOMB = "\n".join(
+    [
+        "a: &a [x, x, x, x, x, x, x, x, x]",
+        *(
+            f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]"
+            for prev, name in zip("abcdefgh", "bcdefghi", strict=True)
+        ),
+    ]
+)
+
+
+def measure(action: Callable[[], Any]) -> tuple[str, float, float]:
+    """Run `action`; return (its error, seconds, peak MB of Python allocations)."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        result = action()
+        error = f"(accepted: {str(result)[:80]})"
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    seconds = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return error, seconds, peak / 1e6
+
+
+def main() -> None:
+    print_header("hostile inputs: every class refused in bounded time and memory")
+    import os
+
+    from deployments.receiver import Outbox, Receiver, sign
+    from tasks.errors import SettingsError
+    from tasks.generate import run_generation
+    from tasks.model import build_generator, folder_digest, locate_model
+    from tasks.repo import RepoLocation, resolve_commit
+    from tasks.settings import load_settings, parse_settings
+    from tasks.triggers import matches_patterns, parse_workflow
+
+    root = Path(tempfile.mkdtemp(prefix="textgen-hostile-"))
+    os.environ["TEXTGEN_HOME"] = str(root / "home")
+    os.environ["TEXTGEN_MODEL_DIRS"] = str(root)
+    tiny = build_tiny_gpt2(root / "tiny")
+    counter = iter(range(1000))
+
+    def settings_at(text: str) -> Callable[[], Any]:
+        repo = GitRepo(root / f"repo{next(counter)}")
+        repo.commit({"textgen.yaml": text})
+        commit = resolve_commit(RepoLocation.parse(str(repo.path)), "main", None)
+        return lambda: load_settings(commit)
+
+    def model_at(model: str) -> Callable[[], Any]:
+        repo = GitRepo(root / f"repo{next(counter)}")
+        repo.commit({"textgen.yaml": f"model: {model}\n"})
+        commit = resolve_commit(RepoLocation.parse(str(repo.path)), "main", None)
+        settings, _ = load_settings(commit)
+        return lambda: locate_model(settings, commit)
+
+    generator = build_generator(parse_settings({"model": str(tiny)}, "t"))
+    long_settings = parse_settings({"model": str(tiny), "max_length": 400}, "t")
+    many = root / "many-files"
+    many.mkdir()
+    for index in range(12_000):
+        (many / f"f{index}").touch()
+    receiver = Receiver(
+        RepoLocation.parse("https://example.com/o/r.git"),
+        "main",
+        b"secret",
+        Outbox(root / "outbox.sqlite"),
+    )
+
+    def delivery(body: bytes) -> Callable[[], Any]:
+        headers = {"X-GitHub-Event": "push", "X-Hub-Signature-256": sign(b"secret", body)}
+
+        def send() -> Any:
+            verdict = receiver.handle("github", headers, body)
+            if verdict.status >= 400:
+                raise SettingsError(f"HTTP {verdict.status}: {verdict.body['error']}")
+            return verdict.body
+
+        return send
+
+    push = {"ref": "refs/heads/main", "before": "b" * 40, "after": "a" * 40}
+    paths = [f"data/shard-{i:05d}/part-with-a-longer-file-name.json" for i in range(30_000)]
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("YAML alias bomb in textgen.yaml (322 bytes)", settings_at(BOMB + "\nrandom_seed: *i\n")),
+        (
+            "YAML alias bomb in a workflow file",
+            lambda: parse_workflow((BOMB + "\non: {github: {branches: *i}}\n").encode(), "w.yaml"),
+        ),
+        ("5000-digit random_seed", settings_at("random_seed: " + "7" * 5000 + "\n")),
+        ("num_beams: 200000", settings_at("num_beams: 200000\nnum_return_sequences: 1\n")),
+        ("temperature: .inf", settings_at("temperature: .inf\n")),
+        ("repetition_penalty: .nan", settings_at("repetition_penalty: .nan\n")),
+        ("top_k: 1e20", settings_at("top_k: 1e20\n")),
+        ("a 1 MB unknown key", settings_at("x" * 1_000_000 + ": 1\n")),
+        (
+            "max_length 400 on a 128-position model",
+            lambda: run_generation(generator, long_settings),
+        ),
+        (
+            "paths-ignore '*a' x 20 + '*b' vs a 5000-char name",
+            lambda: matches_patterns("a" * 5000, ["*a" * 20 + "*b"]),
+        ),
+        (
+            "invalid class [z-a]",
+            lambda: parse_workflow(b"on: {github: {paths-ignore: ['[z-a]']}}\n", "w.yaml"),
+        ),
+        ("model: /etc", model_at("/etc")),
+        ("model: /usr", model_at("/usr")),
+        ("model: /no/such/path", model_at("/no/such/path")),
+        ("model: ../../etc", model_at("../../etc")),
+        ("model folder of 12,000 files", lambda: folder_digest(many)),
+        (
+            "payload repository is a string",
+            delivery(json.dumps({**push, "repository": "o/r"}).encode()),
+        ),
+        ("payload repository missing", delivery(json.dumps(push).encode())),
+        ("100k-deep JSON body", delivery(b"[" * 100_000 + b"]" * 100_000)),
+        (
+            "signed push naming 30k paths (1.6 MB)",
+            delivery(
+                json.dumps(
+                    {
+                        **push,
+                        "repository": {"url": "https://example.com/o/r.git"},
+                        "commits": [{"added": paths, "removed": [], "modified": []}],
+                    }
+                ).encode()
+            ),
+        ),
+    ]
+    print("\n| input | error | seconds | peak MB |\n|---|---|---|---|")
+    for name, action in cases:
+        error, seconds, peak = measure(action)
+        print(f"| {name} | {error[:230].replace('|', '/')} | {seconds:.3f} | {peak:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
