@@ -92,13 +92,17 @@ class Faults:
 
     # -- observation ----------------------------------------------------------------------
     def mlflow_runs(self) -> list[Any]:
+        """The experiment's runs; none while the store cannot be read (it may be locked)."""
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=self.stack.tracking_uri)
-        experiment = client.get_experiment_by_name(str(self.stack.bare))
-        if experiment is None:
+        try:
+            experiment = client.get_experiment_by_name(str(self.stack.bare))
+            if experiment is None:
+                return []
+            return list(client.search_runs([experiment.experiment_id], max_results=2000))
+        except Exception:
             return []
-        return list(client.search_runs([experiment.experiment_id], max_results=2000))
 
     def running_run(self, sha: str) -> Any:
         for run in self.mlflow_runs():
@@ -170,6 +174,7 @@ class Faults:
     def restart_serve(self) -> None:
         from tasks.config import model_cache_dir
 
+        self.stack.hook(enabled=True)  # so that the hook is reinstalled where git runs it
         service, url, _ = start_serve(
             self.stack.root, self.stack.bare, self.stack.prefect, SECRET, str(model_cache_dir())
         )
@@ -246,16 +251,34 @@ def scenarios(f: Faults) -> list[tuple[Scenario, Callable[[Scenario], None]]]:
         record = f.wait_version(doomed)
         s.happened = f"dead run: MLflow {record.info.status}; next push ran"
 
-    def mlflow_locked(s: Scenario) -> None:
-        db = sqlite3.connect(f.stack.tracking_uri.removeprefix("sqlite:///"), timeout=30)
-        db.execute("BEGIN EXCLUSIVE")
-        before = f.head()
-        sha = f.commit()
-        f.deliver(s, sha, before)
-        threading.Timer(4.0, db.rollback).start()
-        record = f.wait_version(sha)
-        db.close()
-        s.happened = f"store locked 4 s: {record.data.tags.get('textgen.outcome')}"
+    def mlflow_locked(seconds: float) -> Callable[[Scenario], None]:
+        def act(s: Scenario) -> None:
+            db = sqlite3.connect(
+                f.stack.tracking_uri.removeprefix("sqlite:///"),
+                timeout=30,
+                check_same_thread=False,
+            )
+            db.execute("BEGIN EXCLUSIVE")
+            before = f.head()
+            sha = f.commit()
+            f.deliver(s, sha, before)
+            threading.Timer(seconds, db.rollback).start()
+            time.sleep(seconds)
+            wait_for(
+                lambda: any(r["state_type"] in TERMINAL for r in f.flow_runs(sha)),
+                240,
+                f"the run of {sha[:7]} to end",
+            )
+            db.close()
+            (run,) = f.flow_runs(sha)
+            record = f.wait_version(sha, timeout=10) if run["state_type"] == "COMPLETED" else None
+            outcome = record.data.tags.get("textgen.outcome") if record else "no MLflow run"
+            s.happened = (
+                f"store locked {seconds:g} s: Prefect {run['state_type']} "
+                f"({(run['state']['message'] or '')[:80]}), {outcome}"
+            )
+
+        return act
 
     def out_of_order(s: Scenario) -> None:
         base = f.head()
@@ -309,7 +332,11 @@ def scenarios(f: Faults) -> list[tuple[Scenario, Callable[[Scenario], None]]]:
         (Scenario("kill -9 of serve", "restart recovers; next push runs"), kill_serve),
         (Scenario("kill -9 of the Prefect server", "push kept in outbox, runs"), kill_prefect),
         (Scenario("kill -9 of everything", "Crashed/FAILED; next push runs"), kill_everything),
-        (Scenario("MLflow store locked", "version once unlocked"), mlflow_locked),
+        (Scenario("MLflow store locked 10 s", "version once unlocked"), mlflow_locked(10)),
+        (
+            Scenario("MLflow store locked 40 s", "recorded failure (Prefect) or version"),
+            mlflow_locked(40),
+        ),
         (Scenario("out-of-order deliveries", "the tip runs"), out_of_order),
         (Scenario("duplicate deliveries", "one run"), duplicates),
         (Scenario("oversized delivery (30k paths)", "a version"), oversized),
@@ -331,15 +358,15 @@ def check(f: Faults) -> dict[str, Any]:
             continue
         records = by_sha.get(push.sha, [])
         outcomes = {r.data.tags.get("textgen.outcome") for r in records}
-        superseded = any(
-            r["parameters"].get("commit_sha") == push.sha and r["state_name"] == "Superseded"
-            for r in flow_runs
-        )
+        mine = [r for r in flow_runs if r["parameters"].get("commit_sha") == push.sha]
+        superseded = any(r["state_name"] == "Superseded" for r in mine)
+        # A failure Prefect recorded with its reason counts too (when MLflow could not be written).
+        failed_in_prefect = any(r["state_type"] in {"FAILED", "CRASHED"} for r in mine)
         if "new" in outcomes or "reused" in outcomes:
             outcome_of[push.sha] = "version"
         elif "skipped" in outcomes or superseded:
             outcome_of[push.sha] = "recorded skip"
-        elif "failed" in outcomes:
+        elif "failed" in outcomes or failed_in_prefect:
             outcome_of[push.sha] = "recorded failure"
         else:
             outcome_of[push.sha] = "lost"

@@ -111,8 +111,8 @@ def main() -> None:
         ("num_beams: 200000", settings_at("num_beams: 200000\nnum_return_sequences: 1\n")),
         ("temperature: .inf", settings_at("temperature: .inf\n")),
         ("repetition_penalty: .nan", settings_at("repetition_penalty: .nan\n")),
-        ("top_k: 1e20", settings_at("top_k: 1e20\n")),
-        ("a 1 MB unknown key", settings_at("x" * 1_000_000 + ": 1\n")),
+        ("top_k: 1.0e+20", settings_at("top_k: 1.0e+20\n")),
+        ("random_seed: a 1 MB string", settings_at('random_seed: "' + "x" * 1_000_000 + '"\n')),
         (
             "max_length 400 on a 128-position model",
             lambda: run_generation(generator, long_settings),
@@ -152,7 +152,8 @@ def main() -> None:
     print("\n| input | error | seconds | peak MB |\n|---|---|---|---|")
     for name, action in cases:
         error, seconds, peak = measure(action)
-        print(f"| {name} | {error[:230].replace('|', '/')} | {seconds:.3f} | {peak:.1f} |")
+        shown = " ".join(error.split())[:230].replace("|", "/")
+        print(f"| {name} | {shown} | {seconds:.3f} | {peak:.1f} |")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def _repo_argument(value: str | None) -> str | None:
 
 
 def _use_local_server() -> None:
-    """Record runs on the Prefect server `textgen serve` supervises, when one is up."""
+    """Record runs on the Prefect server `textgen serve` supervises, when one is up; else on a
+    temporary server of this command, started under a lock."""
     if os.environ.get("PREFECT_API_URL"):
         return
     from deployments.serve import running_local_server, use_api_url
@@ -62,6 +63,16 @@ def _use_local_server() -> None:
     url = running_local_server()
     if url:
         use_api_url(url)
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_HOME
+
+    from tasks.config import file_lock
+
+    # Temporary servers of concurrent commands share Prefect's database: one at a time creates
+    # or migrates it, with time to do so on a busy machine; this command's flow then uses it.
+    with file_lock(Path(PREFECT_HOME.value()) / "textgen-temporary-server.lock"):
+        SubprocessASGIServer().start(timeout=180)
 
 
 def _repo_or_default(value: str | None) -> str:

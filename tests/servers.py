@@ -165,9 +165,11 @@ def start_serve(
         "TEXTGEN_ARTIFACT_ROOT": (root / "artifacts").as_uri(),
         "TEXTGEN_WEBHOOK_SECRET": secret,
     }
-    service = Service.textgen(
-        ["serve", "--repo", str(bare), "--port", str(port)], env, root / "serve.log"
+    # A log of its own per start: a restart must not be taken as up from the last one's lines.
+    log = next(
+        root / f"serve-{n}.log" for n in range(1, 1000) if not (root / f"serve-{n}.log").exists()
     )
+    service = Service.textgen(["serve", "--repo", str(bare), "--port", str(port)], env, log)
     try:
         wait_for(
             lambda: (

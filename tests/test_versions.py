@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -169,3 +170,49 @@ def test_concurrent_first_use_of_a_fresh_store(
     assert len({out.strip() for out, _ in results}) == 1  # one experiment
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
     assert len(client.search_runs([results[0][0].strip()])) == 3
+
+
+@pytest.mark.slow
+def test_three_textgen_runs_at_once_on_a_fresh_data_folder(
+    tmp_path: Path, make_repo: Any, tiny_model: Path
+) -> None:
+    """The commands as users type them: fresh MLflow store, fresh Prefect database, no server."""
+    from tests.conftest import settings_yaml
+
+    repo = make_repo({"textgen.yaml": settings_yaml(tiny_model)})
+    env = {
+        **os.environ,
+        "TEXTGEN_HOME": str(tmp_path / "home"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
+    for name in ("MLFLOW_TRACKING_URI", "TEXTGEN_ARTIFACT_ROOT", "PREFECT_API_URL"):
+        env.pop(name, None)
+    root = Path(__file__).resolve().parents[1]
+
+    def textgen(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "deployments.cli", *args],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    runs = [
+        textgen("run", "--repo", str(repo.path), "--set", f"random_seed={seed}")
+        for seed in (1, 2, 3)
+    ]
+    history = textgen("history", "--repo", str(repo.path))
+    results = [p.communicate(timeout=600) for p in runs]
+    for proc, (_, err) in zip(runs, results, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    _, err = history.communicate(timeout=600)
+    assert "Traceback" not in err, err[-3000:]
+    numbers = sorted(
+        int(line.split(":")[1])
+        for out, _ in results
+        for line in out.splitlines()
+        if line.startswith("version:")
+    )
+    assert numbers == [1, 2, 3]
