@@ -194,15 +194,22 @@ def _outbox_pending(stack: Stack) -> int:
 
 
 def scenarios(f: Faults) -> list[tuple[Scenario, Callable[[Scenario], None]]]:
+    def next_push_runs(s: Scenario, previous: str, restarted: float | None = None) -> None:
+        """Push again; it must run (timed from the restart, if any) and be recorded."""
+        sha = f.commit()
+        f.deliver(s, sha, previous)
+        f.wait_running(sha)
+        if restarted is not None:
+            s.restart_to_running = time.monotonic() - restarted
+        f.wait_version(sha)
+
     def kill_run(s: Scenario) -> None:
         before = f.head()
         doomed = f.commit(slow=True)
         f.deliver(s, doomed, before)
         f.kill_run_mid_generation(doomed)
         record = f.wait_version(doomed)
-        after_sha = f.commit()
-        f.deliver(s, after_sha, doomed)
-        f.wait_version(after_sha)
+        next_push_runs(s, doomed)
         s.happened = f"killed run: MLflow {record.info.status}; next push ran"
 
     def kill_serve(s: Scenario) -> None:
@@ -213,11 +220,7 @@ def scenarios(f: Faults) -> list[tuple[Scenario, Callable[[Scenario], None]]]:
         f.kill_serve()
         restarted = time.monotonic()
         f.restart_serve()
-        after_sha = f.commit()
-        f.deliver(s, after_sha, doomed)
-        f.wait_running(after_sha)
-        s.restart_to_running = time.monotonic() - restarted
-        f.wait_version(after_sha)
+        next_push_runs(s, doomed, restarted)
         s.happened = "serve restarted; the next push ran"
 
     def kill_prefect(s: Scenario) -> None:
@@ -243,11 +246,7 @@ def scenarios(f: Faults) -> list[tuple[Scenario, Callable[[Scenario], None]]]:
         restarted = time.monotonic()
         f.stack.prefect.start()
         f.restart_serve()
-        after_sha = f.commit()
-        f.deliver(s, after_sha, doomed)
-        f.wait_running(after_sha)
-        s.restart_to_running = time.monotonic() - restarted
-        f.wait_version(after_sha)
+        next_push_runs(s, doomed, restarted)
         record = f.wait_version(doomed)
         s.happened = f"dead run: MLflow {record.info.status}; next push ran"
 

@@ -621,19 +621,23 @@ class Poller(threading.Thread):
         if last is None:
             logger.info("Polling %s@%s from %s on", self.repo.url, self.branch, tip[:7])
         else:
-            push = PushEvent(
-                provider="poll",
-                delivery=f"poll-{tip}",
-                ref=f"refs/heads/{self.branch}",
-                after=tip,
-                before=last,
-                changed_paths=None,
-                trigger="poll",
-            )
-            status, _ = self.outbox.enqueue(push, self.repo, self.branch)
+            status = self._enqueue_move("poll", last, tip)
             logger.info("Poll: %s moved %s -> %s (%s)", self.branch, last[:7], tip[:7], status)
         self.outbox.set_state(key, tip)
         return tip
+
+    def _enqueue_move(self, provider: str, before: str, tip: str) -> str:
+        """Queue the branch's move from `before` to `tip` as a push; returns the outbox status."""
+        push = PushEvent(
+            provider=provider,
+            delivery=f"{provider}-{tip}",
+            ref=f"refs/heads/{self.branch}",
+            after=tip,
+            before=before,
+            changed_paths=None,
+            trigger="poll",
+        )
+        return self.outbox.enqueue(push, self.repo, self.branch)[0]
 
     def catch_up(self) -> str | None:
         """On start: if the branch moved while nothing was listening (a push the hook or the
@@ -645,16 +649,7 @@ class Poller(threading.Thread):
         tip = self.tip()
         if tip is None or tip == last:
             return None
-        push = PushEvent(
-            provider="startup",
-            delivery=f"startup-{tip}",
-            ref=f"refs/heads/{self.branch}",
-            after=tip,
-            before=last,
-            changed_paths=None,
-            trigger="poll",
-        )
-        status, _ = self.outbox.enqueue(push, self.repo, self.branch)
+        status = self._enqueue_move("startup", last, tip)
         logger.info(
             "%s moved %s -> %s while nothing listened: %s", self.branch, last[:7], tip[:7], status
         )

@@ -78,13 +78,16 @@ class RunRecord:
 
 
 _READY_STORES: set[str] = set()
+STORE_WAIT_SECONDS = 120.0
 
 
 def mlflow_client() -> Any:
     """An MlflowClient on `MLFLOW_TRACKING_URI`, or the embedded SQLite store.
 
     A SQLite store is created (its tables migrated) by one process at a time, under a file lock
-    beside it: MLflow's migrations race when several processes open a fresh store at once.
+    beside it: MLflow's migrations race when several processes open a fresh store at once. Its
+    first opening waits out a lock another writer holds (up to `STORE_WAIT_SECONDS`), as MLflow's
+    own sessions do, instead of failing after SQLite's five seconds.
     """
     from mlflow import MlflowClient
 
@@ -92,11 +95,22 @@ def mlflow_client() -> Any:
     if uri in _READY_STORES or not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
-    with file_lock(path.with_name(path.name + ".init.lock")):
-        # Opening the tracking and the registry store runs their migrations, once.
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)
-        client.search_registered_models(max_results=1)
+    deadline = time.monotonic() + STORE_WAIT_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            with file_lock(path.with_name(path.name + ".init.lock")):
+                # Opening the tracking and the registry store runs their migrations, once.
+                client = MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)
+                client.search_registered_models(max_results=1)
+            break
+        except Exception as exc:
+            if "database is locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            logger.warning("The MLflow store %s is locked; waiting %.1f s", path, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
     _READY_STORES.add(uri)
     return client
 

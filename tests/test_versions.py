@@ -216,3 +216,23 @@ def test_three_textgen_runs_at_once_on_a_fresh_data_folder(
         if line.startswith("version:")
     )
     assert numbers == [1, 2, 3]
+
+
+def test_a_store_locked_by_another_writer_is_waited_out(tmp_path: Path) -> None:
+    import sqlite3
+    import threading
+
+    path = os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")
+    holder = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # longer than SQLite's own five-second wait
+    release = threading.Timer(8.0, holder.rollback)
+    release.start()
+    try:
+        worker = _worker("normal", 1, tmp_path)
+        out, err = worker.communicate(timeout=300)
+    finally:
+        release.join()
+        holder.close()
+    assert worker.returncode == 0, err[-3000:]
+    assert out.split()[1] == "1"
+    assert "is locked; waiting" in err
