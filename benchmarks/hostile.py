@@ -112,7 +112,8 @@ def main() -> None:
         ("temperature: .inf", settings_at("temperature: .inf\n")),
         ("repetition_penalty: .nan", settings_at("repetition_penalty: .nan\n")),
         ("top_k: 1.0e+20", settings_at("top_k: 1.0e+20\n")),
-        ("random_seed: a 1 MB string", settings_at('random_seed: "' + "x" * 1_000_000 + '"\n')),
+        ("random_seed: a 200 KB string", settings_at('random_seed: "' + "x" * 200_000 + '"\n')),
+        ("textgen.yaml of 1 MB", settings_at('random_seed: "' + "x" * 1_000_000 + '"\n')),
         (
             "max_length 400 on a 128-position model",
             lambda: run_generation(generator, long_settings),

@@ -17,6 +17,8 @@ from tasks.errors import SettingsError
 
 MAX_EXPANDED_NODES = 10_000
 """A settings or workflow file has tens of nodes; with aliases expanded it may have this many."""
+MAX_FILE_BYTES = 256 * 1024
+"""A settings file, workflow file or legacy script is a few hundred bytes."""
 MAX_NUMBER_DIGITS = 40
 """Longer numbers are kept as text, so that the key they belong to can be named."""
 
@@ -91,11 +93,21 @@ def _expanded_size(root: yaml.Node, budget: int) -> int:
     return size(root, 0)
 
 
+def check_size(text: bytes, source: str) -> None:
+    """Refuse a file larger than `MAX_FILE_BYTES` before parsing it."""
+    if len(text) > MAX_FILE_BYTES:
+        raise SettingsError(
+            f"{source}: the file has {len(text)} bytes; allowed: at most {MAX_FILE_BYTES}"
+        )
+
+
 def load_yaml(text: bytes, source: str, budget: int = MAX_EXPANDED_NODES) -> Any:
     """Parse one YAML document safely: aliases may not expand past `budget` nodes.
 
-    Raises SettingsError naming `source` for invalid YAML, non-UTF-8 text or an alias bomb.
+    Raises SettingsError naming `source` for invalid YAML, non-UTF-8 text, a file over
+    `MAX_FILE_BYTES` or an alias bomb.
     """
+    check_size(text, source)
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError:

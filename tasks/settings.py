@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.bounded import LongNumber, load_yaml, show
+from tasks.bounded import LongNumber, check_size, load_yaml, show
 from tasks.config import OperatorLimits
 from tasks.errors import SettingsError
 from tasks.repo import CommitInfo
@@ -223,6 +223,7 @@ def parse_legacy_script(text: bytes, source: str) -> dict[str, Any]:
     Module-level `name = <literal>` assignments of the four settings, and the literal
     `model=` of its `pipeline(...)` call. Any other value form is refused.
     """
+    check_size(text, source)
     try:
         tree = ast.parse(text.decode("utf-8"), filename=source)
     except (SyntaxError, UnicodeDecodeError) as exc:

@@ -109,6 +109,12 @@ def test_knobs_that_multiply_work_are_capped(
     assert expected in message
 
 
+def test_an_oversized_settings_file_is_refused_before_parsing(make_repo: RepoFactory) -> None:
+    message = _settings_error(make_repo, 'random_seed: "' + "x" * 300_000 + '"\n')
+    assert "textgen.yaml at commit" in message
+    assert "the file has 300016 bytes; allowed: at most 262144" in message
+
+
 def test_a_five_thousand_digit_seed_names_the_file_and_key(make_repo: RepoFactory) -> None:
     message = _settings_error(make_repo, "model: gpt2\nrandom_seed: " + "7" * 5000 + "\n")
     assert "textgen.yaml at commit" in message
