@@ -431,10 +431,18 @@ class Outbox:
             ).fetchall()
         return [(p, d, json.loads(e)) for p, d, e in rows]
 
-    def mark(self, provider: str, delivery: str, error: str | None) -> None:
-        """Record an attempt: sent when `error` is None, else still pending with the error."""
+    def mark(self, provider: str, delivery: str, error: str | None, refused: bool = False) -> None:
+        """Record an attempt: sent when `error` is None, else still pending with the error;
+        `refused` (the API rejected the event itself) ends it as `refused`, kept with its
+        error for the operator (`/healthz` counts it), so it blocks no later push."""
         with self._lock, self._connect() as db:
-            if error is None:
+            if refused:
+                db.execute(
+                    "UPDATE deliveries SET status = 'refused', attempts = attempts + 1, "
+                    "last_error = ? WHERE provider = ? AND delivery = ?",
+                    ((error or "")[:2000], provider, delivery),
+                )
+            elif error is None:
                 db.execute(
                     "UPDATE deliveries SET status = 'sent', sent_at = ?, attempts = attempts + 1, "
                     "last_error = NULL WHERE provider = ? AND delivery = ?",
@@ -514,6 +522,17 @@ def post_events(events: list[dict[str, Any]]) -> None:
         response.raise_for_status()
 
 
+def _refused(exc: Exception) -> bool:
+    """Whether the API answered that it will never take this event (a 4xx other than a
+    timeout or rate limit): retrying cannot help, and it must not hold up later pushes."""
+    import httpx
+
+    if not isinstance(exc, httpx.HTTPStatusError):
+        return False
+    status = exc.response.status_code
+    return 400 <= status < 500 and status not in {401, 403, 404, 408, 409, 425, 429}
+
+
 class Emitter(threading.Thread):
     """Drains the outbox into Prefect, retrying with backoff while the API is unreachable."""
 
@@ -563,6 +582,15 @@ class Emitter(threading.Thread):
             try:
                 self.send([event])
             except Exception as exc:
+                if _refused(exc):
+                    self.outbox.mark(provider, delivery, f"{type(exc).__name__}: {exc}", True)
+                    logger.error(
+                        "Prefect API refused the push event for %s (%s); it will not run. "
+                        "The delivery is kept in the outbox as refused",
+                        event["payload"]["after"][:7],
+                        exc,
+                    )
+                    continue
                 self.outbox.mark(provider, delivery, f"{type(exc).__name__}: {exc}")
                 self.delay = min(30.0, max(0.5, self.delay * 2))
                 logger.warning(

@@ -67,15 +67,20 @@ def _healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _recorded_server(home: Path) -> tuple[int, str] | None:
+    """The pid and API URL of the local server recorded in `home`, if it is up and healthy."""
+    try:
+        info = json.loads((home / "server.json").read_text())
+        pid, url = int(info["pid"]), str(info["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (pid, url) if _is_prefect_server(pid) and _healthy(url) else None
+
+
 def running_local_server() -> str | None:
     """The API URL of a local server that `textgen serve` supervises, if one is up."""
-    try:
-        info = json.loads(server_file().read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    url = str(info["url"])
-    return url if _healthy(url) else None
+    found = _recorded_server(prefect_home())
+    return None if found is None else found[1]
 
 
 def _is_prefect_server(pid: int) -> bool:
@@ -143,18 +148,16 @@ class LocalPrefectServer:
     def _adopt(self) -> bool:
         """Take over a server an earlier service of this data folder started and left running
         (it was killed): the same process, port and data, rather than a second server."""
-        try:
-            info = json.loads((self.home / "server.json").read_text())
-            pid, url = int(info["pid"]), str(info["url"])
-            os.kill(pid, 0)
-        except (OSError, ValueError, KeyError, TypeError):
+        found = _recorded_server(self.home)
+        if found is None:
             return False
-        if not _healthy(url) or not _is_prefect_server(pid):
-            return False
-        self.pid, self.url = pid, url
-        self.port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
-        logger.info("Prefect server of an earlier service still runs (pid %d); using it", pid)
+        self.pid, self.url = found
+        self.port = int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
+        logger.info("Prefect server of an earlier service still runs (pid %d); using it", self.pid)
         return True
+
+    def _record(self) -> None:
+        (self.home / "server.json").write_text(json.dumps({"url": self.url, "pid": self.pid}))
 
     def start(self, timeout: float = 120.0, adopt: bool = False) -> None:
         """Start the server (again, on the same port and data) and wait until it answers.
@@ -181,7 +184,7 @@ class LocalPrefectServer:
                 time.sleep(0.5)
             assert self.process is not None
             self.pid = self.process.pid
-        (self.home / "server.json").write_text(json.dumps({"url": self.url, "pid": self.pid}))
+        self._record()
         threading.Thread(
             target=self._supervise, args=(self.stopping,), name="prefect-server-watch", daemon=True
         ).start()
@@ -190,10 +193,6 @@ class LocalPrefectServer:
     def _alive(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        try:
-            os.kill(self.pid, 0)
-        except OSError:
-            return False
         return _is_prefect_server(self.pid)
 
     def _supervise(self, stopping: threading.Event) -> None:
@@ -204,9 +203,7 @@ class LocalPrefectServer:
                 assert self.process is not None
                 self.pid = self.process.pid
                 with contextlib.suppress(OSError):
-                    (self.home / "server.json").write_text(
-                        json.dumps({"url": self.url, "pid": self.pid})
-                    )
+                    self._record()
 
     def stop(self) -> None:
         """Stop the server we started or adopted (by its pid), then forget it."""

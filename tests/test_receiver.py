@@ -289,6 +289,28 @@ def test_the_emitter_retries_until_the_api_takes_the_event(receiver: Receiver) -
     assert reopened.pending() == [] and reopened.counts() == {"sent": 2}
 
 
+def test_an_event_the_api_refuses_is_kept_as_refused_and_holds_up_nothing(
+    receiver: Receiver,
+) -> None:
+    import httpx
+
+    deliver(receiver, github_push(), delivery="d-1")
+    deliver(receiver, github_push(after=SHA_B), delivery="d-2")
+    taken: list[str] = []
+
+    def send(events: list[dict[str, Any]]) -> None:
+        (event,) = events
+        if event["payload"]["after"] == SHA_A:
+            request = httpx.Request("POST", "http://127.0.0.1/api/events")
+            response = httpx.Response(422, request=request, text="invalid event")
+            raise httpx.HTTPStatusError("422 Unprocessable", request=request, response=response)
+        taken.append(event["payload"]["after"])
+
+    assert Emitter(receiver.outbox, send).drain() is True
+    assert taken == [SHA_B]
+    assert receiver.outbox.counts() == {"refused": 1, "sent": 1}
+
+
 def test_the_latest_push_is_known_in_arrival_order(receiver: Receiver) -> None:
     assert receiver.outbox.latest(receiver.repo, "main") is None
     deliver(receiver, github_push(after=SHA_B), delivery="1")

@@ -60,14 +60,14 @@ def _versions(client: MlflowClient, experiment_id: str) -> list[int]:
 
 
 def test_concurrent_processes_get_unique_gap_free_numbers(tmp_path: Path) -> None:
-    workers = [_worker("normal", 12, tmp_path) for _ in range(4)]
+    workers = [_worker("normal", 25, tmp_path) for _ in range(4)]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (_, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err
     claimed = sorted(int(line.split()[1]) for out, _ in outputs for line in out.splitlines())
-    assert claimed == list(range(1, 49)), "duplicate or missing numbers"
+    assert claimed == list(range(1, 101)), "duplicate or missing numbers"
     tracker = Tracker.for_repo(REPO, create=False)
-    assert _versions(tracker.client, tracker.experiment_id) == list(range(1, 49))
+    assert _versions(tracker.client, tracker.experiment_id) == list(range(1, 101))
 
 
 def test_a_run_killed_after_allocation_is_published_not_lost(tmp_path: Path) -> None:
