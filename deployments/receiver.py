@@ -56,7 +56,6 @@ BODY_SECONDS = 20.0
 MAX_EVENT_BYTES = 64 * 1024
 """Events stay far below the Prefect server's limit (PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES,
 1.5 MB by default), which it enforces by dropping the event after answering 2xx."""
-MAX_EVENT_PATHS = 500
 RETENTION_SECONDS = 14 * 86400
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _EVENT_NAMESPACE = uuid.UUID("6f1c3a52-8d7e-4f43-9a55-2c1f0e6b7d10")
@@ -255,10 +254,6 @@ class Receiver:
             or (total is None and len(commits) >= _GITHUB_COMMIT_CAP)
         ):
             changed = None  # truncated: let git compute it
-        if changed is not None and (
-            len(changed) > MAX_EVENT_PATHS or sum(len(p) for p in changed) > MAX_EVENT_BYTES // 2
-        ):
-            changed = None  # too many to carry in an event: let git compute them
         pusher_info = payload.get("pusher") or {}
         pusher = str(pusher_info.get("name", "")) if isinstance(pusher_info, dict) else ""
         if not pusher:

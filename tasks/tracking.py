@@ -20,7 +20,6 @@ import socket
 import time
 import traceback
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -492,21 +491,16 @@ class Tracker:
         logger.warning("Run %s was left RUNNING: %s; marked it FAILED", run_id, reason)
         return "failed"
 
-    def recover_dead_runs(self, is_gone: Callable[[Any], str | None] | None = None) -> int:
-        """End every RUNNING run of the experiment whose process is gone; returns how many.
-
-        A run started on this machine is gone when its process is (pid and start time are
-        tagged at start). `is_gone` may say so for others (from the orchestrator's view):
-        it returns the reason, or None while the run may still be alive.
-        """
+    def recover_dead_runs(self) -> int:
+        """End every RUNNING run of the experiment whose process on this machine is gone (pid
+        and process start time are tagged at start), and publish numbers taken by runs that
+        ended before publishing them; returns how many runs were ended or published."""
         runs = self.client.search_runs(
             [self.experiment_id], "attributes.status = 'RUNNING'", max_results=500
         )
         ended = 0
         for run in runs:
             reason = process_gone(run.data.tags)
-            if reason is None and is_gone is not None:
-                reason = is_gone(run)
             if reason is None:
                 continue
             self.recover(run, reason)
