@@ -562,11 +562,13 @@ def run_service(
                     time.sleep(delay)
                     delay = min(30.0, delay * 2)
                     continue
-                try:
-                    recover_after_restart(deployment_id, repo.url)
-                except Exception as exc:
-                    logger.warning("Could not check for runs left behind: %s", exc)
                 if http is None:
+                    # Once, as the service starts: a runner restarted later (after an API outage)
+                    # may still have runs of its own starting up.
+                    try:
+                        recover_after_restart(deployment_id, repo.url)
+                    except Exception as exc:
+                        logger.warning("Could not check for runs left behind: %s", exc)
                     http, threads = start_receiver(
                         repo, branch, host, port, secret, poll_seconds, deployment_id
                     )
