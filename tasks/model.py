@@ -77,10 +77,6 @@ class Generator:
 MAX_MODEL_FILES = 10_000
 
 
-def _digest_index_path() -> Path:
-    return model_cache_dir() / "digests.json"
-
-
 def _read_index(path: Path) -> dict[str, str]:
     try:
         index = json.loads(path.read_text())
@@ -94,7 +90,7 @@ def file_digests(paths: list[Path]) -> list[str]:
 
     The cache index is read once and written once for the whole list, however long.
     """
-    index_path = _digest_index_path()
+    index_path = model_cache_dir() / "digests.json"
     index = _read_index(index_path)
     found: dict[str, str] = {}
     values = []
