@@ -13,11 +13,13 @@ from prefect.states import Completed, State
 from prefect.utilities.timeout import timeout as deadline
 
 from tasks.config import RUN_TIMEOUT_ENV, run_timeout
+from tasks.config import overrides as operator_overrides
 from tasks.errors import RepositoryError, RunTimeoutError
 from tasks.generate import generate_text
+from tasks.links import Link, link_for
 from tasks.model import load_generator, local_revision, locate_model
 from tasks.quality import score_text
-from tasks.repo import RepoLocation, fetch_repo_commit
+from tasks.repo import CREDENTIALS_ENV, RepoLocation, fetch_repo_commit
 from tasks.settings import read_settings
 from tasks.tracking import RunRecord, Tracker, log_to_mlflow
 from tasks.triggers import AUTOMATIC_TRIGGERS, filter_push
@@ -99,6 +101,7 @@ def nlp_text_generation(
     force: bool = False,
     before: str | None = None,
     changed_paths: list[str] | None = None,
+    attempt: int = 1,
 ) -> RunRecord:
     """Generate text with the settings at one commit and record it as a new MLflow version.
 
@@ -112,11 +115,52 @@ def nlp_text_generation(
         force: Make a new version even when this commit, settings and model already have one.
         before: For a push, the branch's previous tip.
         changed_paths: For a push, the files it changed, when the sender knows them.
+        attempt: Which try of this push: a push run whose worker died is run once more.
     """
+    link = _link(default_repo_url() if repo_url is None else repo_url, branch, trigger)
+    with operator_overrides(_link_settings(link)):
+        return _tracked(
+            repo_url, branch, commit_sha, overrides, trigger, force, before, changed_paths, attempt
+        )
+
+
+def _link(repo_url: str, branch: str, trigger: str) -> Link | None:
+    """The linked repository this run is for; runs of a deployment and pushes must be linked."""
+    from prefect.runtime import deployment
+
+    url = RepoLocation.parse(repo_url).url
+    required = trigger in AUTOMATIC_TRIGGERS or bool(deployment.id)
+    return link_for(url, branch, required)
+
+
+def _link_settings(link: Link | None) -> dict[str, str]:
+    """The link's operator limits and git credentials, for the length of its run."""
+    if link is None:
+        return {}
+    values = link.limit_env()
+    credentials = link.git_credentials()
+    if credentials:
+        values[CREDENTIALS_ENV] = credentials
+    return values
+
+
+def _tracked(
+    repo_url: str | None,
+    branch: str,
+    commit_sha: str | None,
+    overrides: dict[str, Any] | None,
+    trigger: str,
+    force: bool,
+    before: str | None,
+    changed_paths: list[str] | None,
+    attempt: int,
+) -> RunRecord:
+    """The run, inside its MLflow run: opened first, ended whatever happens."""
     location = RepoLocation.parse(default_repo_url() if repo_url is None else repo_url)
     tracker = Tracker.for_repo(location.url)
     _recover(tracker)
-    run_id = tracker.start(branch, commit_sha, trigger)
+    run_id = tracker.start(branch, commit_sha, trigger, attempt)
+    _label_flow_run(tracker.url(run_id))
     seconds = run_timeout()
     try:
         with deadline(seconds, timeout_exc_type=_Deadline):
@@ -191,6 +235,20 @@ def _run(
         )
     _publish(record, settings.as_params())
     return record
+
+
+def _label_flow_run(mlflow_url: str) -> None:
+    """Put the MLflow run's link on the flow run, for notifications about it; best effort."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(flow_run.id, {"textgen.mlflow_run_url": mlflow_url})
+    except Exception as exc:
+        logging.getLogger(__name__).debug("Could not label the flow run: %s", exc)
 
 
 def _recover(tracker: Tracker) -> None:

@@ -16,6 +16,28 @@ from tasks.errors import SettingsError
 
 DATA_DIR_ENV = "TEXTGEN_HOME"
 
+_OVERRIDES: dict[str, str] = {}
+"""Operator settings of the link being run, over the process environment (see `overrides`)."""
+
+
+def setting(name: str, default: str | None = None) -> str | None:
+    """An operator setting: the running link's value, else the environment's."""
+    if name in _OVERRIDES:
+        return _OVERRIDES[name]
+    return os.environ.get(name, default)
+
+
+@contextlib.contextmanager
+def overrides(values: dict[str, str]) -> Iterator[None]:
+    """Let a linked repository's own limits and credentials hold while its run goes on."""
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(values)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
 
 def data_dir() -> Path:
     """The embedded data folder: MLflow store and artifacts, repository mirrors, models."""
@@ -85,7 +107,7 @@ def max_model_bytes() -> int:
 
 
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name)
+    raw = setting(name)
     if raw is None or raw == "":
         return default
     try:
@@ -114,14 +136,14 @@ class OperatorLimits:
     @classmethod
     def from_env(cls) -> OperatorLimits:
         """Read `TEXTGEN_MAX_*`, `TEXTGEN_ALLOWED_MODELS` and `TEXTGEN_TRUST_REMOTE_CODE`."""
-        allowed = os.environ.get("TEXTGEN_ALLOWED_MODELS", "")
+        allowed = setting("TEXTGEN_ALLOWED_MODELS", "") or ""
         return cls(
             max_return_sequences=_env_int("TEXTGEN_MAX_RETURN_SEQUENCES", 20),
             max_beams=_env_int("TEXTGEN_MAX_BEAMS", 8),
             max_total_tokens=_env_int("TEXTGEN_MAX_TOTAL_TOKENS", 1024),
             max_prompt_chars=_env_int("TEXTGEN_MAX_PROMPT_CHARS", 4000),
             allowed_models=tuple(p.strip() for p in allowed.split(",") if p.strip()),
-            trust_remote_code=os.environ.get("TEXTGEN_TRUST_REMOTE_CODE", "") in {"1", "true"},
+            trust_remote_code=setting("TEXTGEN_TRUST_REMOTE_CODE", "") in {"1", "true"},
         )
 
 

@@ -23,7 +23,7 @@ import git
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import file_lock, repo_cache_dir
+from tasks.config import file_lock, repo_cache_dir, setting
 from tasks.errors import RepositoryError, TransientRepositoryError
 
 CREDENTIALS_ENV = "TEXTGEN_GIT_CREDENTIALS"
@@ -49,6 +49,32 @@ _TRANSIENT_MARKERS = (
 )
 
 
+def normalize_repo(text: str) -> str:
+    """A comparable form of a repository location: host/path, no scheme, user, `.git` or slash."""
+    text = text.strip()
+    scp = re.match(r"^[\w.-]+@([\w.-]+):(.+)$", text)
+    if scp:
+        host, path = scp.groups()
+    elif "://" in text:
+        parts = urlsplit(text)
+        if parts.scheme == "file":
+            return (
+                str(Path(parts.path).resolve())
+                .rstrip("/")
+                .removesuffix("/.git")
+                .removesuffix(".git")
+            )
+        host, path = (parts.hostname or ""), parts.path
+    else:
+        return (
+            str(Path(text).expanduser().resolve())
+            .rstrip("/")
+            .removesuffix("/.git")
+            .removesuffix(".git")
+        )
+    return f"{host.lower()}/{path.strip('/')}".removesuffix(".git").lower()
+
+
 @dataclass(frozen=True)
 class RepoLocation:
     """A repository as given (URL or local path), split into what is recorded and what is secret."""
@@ -71,7 +97,7 @@ class RepoLocation:
             if "@" in netloc:
                 userinfo, _, hostport = netloc.rpartition("@")
                 secret, netloc = userinfo, hostport
-            secret = secret or os.environ.get(CREDENTIALS_ENV) or None
+            secret = secret or setting(CREDENTIALS_ENV) or None
             return cls(urlunsplit((parts.scheme, netloc, parts.path, "", "")), secret)
         if parts.scheme in {"ssh", "git", "file"} or re.match(r"^[\w.-]+@[\w.-]+:", text):
             return cls(text)

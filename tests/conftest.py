@@ -110,8 +110,15 @@ def isolated_env(
     shutil.copyfile(mlflow_template, store / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
     monkeypatch.setenv("TEXTGEN_ARTIFACT_ROOT", (store / "artifacts").as_uri())
-    for name in ("TEXTGEN_REPO", "TEXTGEN_GIT_CREDENTIALS", "TEXTGEN_ALLOWED_MODELS"):
+    for name in (
+        "TEXTGEN_REPO",
+        "TEXTGEN_GIT_CREDENTIALS",
+        "TEXTGEN_ALLOWED_MODELS",
+        "TEXTGEN_LINK",
+    ):
         monkeypatch.delenv(name, raising=False)
+    # Each test links repositories in a file of its own.
+    monkeypatch.setenv("TEXTGEN_LINKS", str(tmp_path / "links.yaml"))
     yield store
     if (store / "mlflow.db").exists():
         from mlflow import MlflowClient

@@ -1,0 +1,289 @@
+"""Linked repositories: the declarative list of what an installation runs.
+
+`links.yaml` (in the data folder, or where `TEXTGEN_LINKS` points) names every repository the
+service may clone, with its branch, provider, webhook secret and git credentials (by reference,
+never by value) and optional operator limits:
+
+    links:
+      - name: alpha
+        url: https://github.com/org/alpha.git
+        branch: main
+        provider: github              # github, gitea, gitlab, hook or poll
+        secret: env:ALPHA_WEBHOOK_SECRET
+        credentials: env:ALPHA_GIT_TOKEN
+        limits: {max_total_tokens: 512}
+
+The receiver accepts pushes only for these, and a deployment of a link runs only its repository:
+nothing in a payload chooses what is cloned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.config import data_dir
+from tasks.errors import SettingsError
+
+LINKS_ENV = "TEXTGEN_LINKS"
+LINK_ENV = "TEXTGEN_LINK"
+"""A deployment of one link carries it here (its public part), for the flow to check."""
+
+LIMIT_ENV = {
+    "max_return_sequences": "TEXTGEN_MAX_RETURN_SEQUENCES",
+    "max_total_tokens": "TEXTGEN_MAX_TOTAL_TOKENS",
+    "max_prompt_chars": "TEXTGEN_MAX_PROMPT_CHARS",
+    "max_beams": "TEXTGEN_MAX_BEAMS",
+    "max_model_bytes": "TEXTGEN_MAX_MODEL_BYTES",
+    "allowed_models": "TEXTGEN_ALLOWED_MODELS",
+    "run_timeout": "TEXTGEN_RUN_TIMEOUT",
+}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
+
+
+def links_file() -> Path:
+    """`TEXTGEN_LINKS`, else `links.yaml` in the data folder."""
+    explicit = os.environ.get(LINKS_ENV)
+    return Path(explicit).expanduser() if explicit else data_dir() / "links.yaml"
+
+
+def resolve_ref(ref: str, what: str) -> str:
+    """The value behind a reference: `env:NAME` (an environment variable) or `file:PATH`."""
+    kind, _, target = ref.partition(":")
+    if kind == "env":
+        value = os.environ.get(target, "").strip()
+        if not value:
+            raise SettingsError(f"{what}: environment variable {target} is not set or empty")
+        return value
+    if kind == "file":
+        try:
+            value = Path(target).expanduser().read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"{what}: cannot read {target}: {exc.strerror}") from None
+        if not value:
+            raise SettingsError(f"{what}: the file {target} is empty")
+        return value
+    raise SettingsError(f"{what}: {ref!r} is not a reference; use env:NAME or file:PATH")
+
+
+class Link(BaseModel):
+    """One linked repository and branch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="unique name: the deployment's name, lower case")
+    url: str = Field(description="clone URL or local path, without credentials")
+    branch: str = "main"
+    provider: Literal["github", "gitea", "gitlab", "hook", "poll"] = "github"
+    secret: str | None = Field(
+        default=None, description="webhook secret by reference: env:NAME or file:PATH"
+    )
+    credentials: str | None = Field(
+        default=None, description="git credentials (user:token) by reference: env:NAME or file:PATH"
+    )
+    poll: float | None = Field(default=None, gt=0, description="poll the remote every N seconds")
+    limits: dict[str, int | str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter "
+                "or digit"
+            )
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from tasks.repo import RepoLocation
+
+        location = RepoLocation.parse(value)
+        if location.secret and "@" in value:
+            raise ValueError(
+                "holds credentials; put them in an environment variable or a file and name it "
+                "with credentials: env:NAME"
+            )
+        return location.url
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, value: str) -> str:
+        if not value or value.startswith(("-", "/")) or ".." in value or len(value) > 200:
+            raise ValueError("is not a branch name")
+        return value.removeprefix("refs/heads/")
+
+    @field_validator("secret", "credentials")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and not _REF.match(value):
+            raise ValueError("must be a reference, env:NAME or file:PATH, never the value itself")
+        return value
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, value: dict[str, int | str]) -> dict[str, int | str]:
+        unknown = sorted(set(value) - set(LIMIT_ENV))
+        if unknown:
+            raise ValueError(f"unknown limit {unknown[0]!r}; allowed: {', '.join(LIMIT_ENV)}")
+        for key, item in value.items():
+            if key != "allowed_models" and (not isinstance(item, int) or item < 1):
+                raise ValueError(f"{key} must be a whole number of at least 1, not {item!r}")
+        return value
+
+    @property
+    def repo_key(self) -> str:
+        """A comparable form of the URL (see the receiver's matching)."""
+        from tasks.repo import normalize_repo
+
+        return normalize_repo(self.url)
+
+    def webhook_secret(self) -> bytes | None:
+        """The resolved webhook secret; None when the link has none (hook on this machine)."""
+        if self.secret is None:
+            return None
+        return resolve_ref(self.secret, f"link {self.name}: secret").encode()
+
+    def git_credentials(self) -> str | None:
+        """The resolved git credentials, or None."""
+        if self.credentials is None:
+            return None
+        return resolve_ref(self.credentials, f"link {self.name}: credentials")
+
+    def limit_env(self) -> dict[str, str]:
+        """The link's limits as the environment variables they override."""
+        return {LIMIT_ENV[k]: str(v) for k, v in self.limits.items()}
+
+    def public_json(self) -> str:
+        """What a deployment of this link carries for the flow: references, never values."""
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+
+def _label(path: Path | str) -> str:
+    return str(path)
+
+
+def parse_links(data: Any, source: Path | str) -> list[Link]:
+    """Validate the document of a links file."""
+    if data is None:
+        return []
+    if not isinstance(data, dict) or set(data) - {"links"}:
+        raise SettingsError(f"{_label(source)}: expected a mapping with one key, `links`, a list")
+    items = data.get("links") or []
+    if not isinstance(items, list):
+        raise SettingsError(f"{_label(source)}: `links` must be a list")
+    links: list[Link] = []
+    for index, item in enumerate(items):
+        try:
+            links.append(Link.model_validate(item))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: {e['msg']}" for e in exc.errors()
+            )
+            raise SettingsError(f"{_label(source)}: link {index + 1}: {problems}") from None
+    _check_unique(links, source)
+    return links
+
+
+def _check_unique(links: Iterable[Link], source: Path | str) -> None:
+    names: set[str] = set()
+    targets: set[tuple[str, str]] = set()
+    for link in links:
+        if link.name in names:
+            raise SettingsError(f"{_label(source)}: two links are named {link.name!r}")
+        target = (link.repo_key, link.branch)
+        if target in targets:
+            raise SettingsError(
+                f"{_label(source)}: {link.url}@{link.branch} is linked twice (as {link.name!r})"
+            )
+        names.add(link.name)
+        targets.add(target)
+
+
+def load_links(path: Path | None = None) -> list[Link]:
+    """The links of a file (`links_file()` by default); none if it does not exist."""
+    from tasks.bounded import load_yaml
+
+    path = path or links_file()
+    if not path.exists():
+        return []
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"cannot read the links file {path}: {exc.strerror}") from None
+    return parse_links(load_yaml(raw, str(path)), path)
+
+
+def save_links(links: list[Link], path: Path | None = None) -> Path:
+    """Write the links file atomically (only references are ever in it)."""
+    path = path or links_file()
+    _check_unique(links, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "links": [link.model_dump(exclude_defaults=True) | {"url": link.url} for link in links]
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(
+        "# Linked repositories: see `textgen link --help`.\n"
+        + yaml.safe_dump(document, sort_keys=False),
+        encoding="utf-8",
+    )
+    os.replace(temporary, path)
+    return path
+
+
+def default_name(url: str) -> str:
+    """A link name from a URL: its repository name, lower case."""
+    from tasks.repo import RepoLocation
+
+    name = RepoLocation.parse(url).display_name.rsplit("/", 1)[-1].lower()
+    return re.sub(r"[^a-z0-9._-]+", "-", name).strip("-._")[:63] or "repo"
+
+
+def deployment_link() -> Link | None:
+    """The link a deployment of one link carries (`TEXTGEN_LINK`), if any."""
+    raw = os.environ.get(LINK_ENV)
+    if not raw:
+        return None
+    try:
+        return Link.model_validate_json(raw)
+    except ValidationError as exc:
+        raise SettingsError(f"{LINK_ENV} is not a valid link: {exc.errors()[0]['msg']}") from None
+
+
+def link_for(repo_url: str, branch: str, required: bool) -> Link | None:
+    """The link that allows running `repo_url`@`branch`.
+
+    A deployment of one link runs only that link. Otherwise, with a links file, `required` runs
+    (those of a deployment, or started by a push) must be on the list. Raises SettingsError
+    naming what is linked when the repository is not.
+    """
+    from tasks.repo import normalize_repo
+
+    own = deployment_link()
+    candidates = [own] if own is not None else load_links()
+    key = normalize_repo(repo_url)
+    for link in candidates:
+        if link.repo_key == key and link.branch == branch:
+            return link
+    if own is not None:
+        raise SettingsError(
+            f"this deployment runs only {own.url}@{own.branch} (link {own.name!r}), "
+            f"not {repo_url}@{branch}"
+        )
+    if required and candidates:
+        names = ", ".join(f"{c.url}@{c.branch}" for c in candidates[:10])
+        raise SettingsError(
+            f"{repo_url}@{branch} is not a linked repository; linked: {names} "
+            f"(add it with `textgen link add`)"
+        )
+    return None
