@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import uvicorn
 from starlette.applications import Starlette
@@ -43,7 +43,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from tasks.repo import ZERO_SHA, RepoLocation
+from tasks.links import Link
+from tasks.repo import ZERO_SHA, RepoLocation, normalize_repo
 
 logger = logging.getLogger(__name__)
 
@@ -104,32 +105,6 @@ def verify_signature(secret: bytes, body: bytes, header: str | None) -> bool:
     return hmac.compare_digest(sign(secret, body).encode(), header.strip().encode())
 
 
-def _normalize_repo(text: str) -> str:
-    """A comparable form of a repository location: host/path, no scheme, user, `.git` or slash."""
-    text = text.strip()
-    scp = re.match(r"^[\w.-]+@([\w.-]+):(.+)$", text)
-    if scp:
-        host, path = scp.groups()
-    elif "://" in text:
-        parts = urlsplit(text)
-        if parts.scheme == "file":
-            return (
-                str(Path(parts.path).resolve())
-                .rstrip("/")
-                .removesuffix("/.git")
-                .removesuffix(".git")
-            )
-        host, path = (parts.hostname or ""), parts.path
-    else:
-        return (
-            str(Path(text).expanduser().resolve())
-            .rstrip("/")
-            .removesuffix("/.git")
-            .removesuffix(".git")
-        )
-    return f"{host.lower()}/{path.strip('/')}".removesuffix(".git").lower()
-
-
 def _payload_repositories(payload: Mapping[str, Any]) -> list[str]:
     names: list[str] = []
     for key in ("repository", "project"):
@@ -167,6 +142,36 @@ def _changed_paths(commits: Any) -> list[str] | None:
     return sorted(paths)
 
 
+@dataclass(frozen=True)
+class Served:
+    """A repository and branch the receiver takes pushes for, with how deliveries are checked."""
+
+    name: str
+    repo: RepoLocation
+    branch: str
+    secret: bytes | None = field(default=None, repr=False)
+    providers: frozenset[str] = frozenset(PROVIDERS)
+    """The endpoints whose deliveries may be for it (a GitLab project sends to /gitlab)."""
+
+    @property
+    def key(self) -> str:
+        """The repository's comparable form."""
+        return normalize_repo(self.repo.url)
+
+    @classmethod
+    def of(cls, link: Link) -> Served:
+        """A link as served: its secret resolved now, so a missing one fails at start."""
+        # The local hook and the poller's moves come signed like GitHub deliveries.
+        endpoint = "github" if link.provider in {"hook", "poll"} else link.provider
+        return cls(
+            link.name,
+            RepoLocation.parse(link.url),
+            link.branch,
+            link.webhook_secret(),
+            frozenset({endpoint}),
+        )
+
+
 class Receiver:
     """Turns deliveries into verdicts, and accepted pushes into outbox rows."""
 
@@ -178,12 +183,25 @@ class Receiver:
         outbox: Outbox,
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
-        self.repo = repo
-        self.branch = branch
-        self.secret = secret
+        self.targets = [Served(repo.key, repo, branch, secret)]
         self.outbox = outbox
         self.max_bytes = max_bytes
-        self._repo_key = _normalize_repo(repo.url)
+
+    @classmethod
+    def for_links(
+        cls, targets: list[Served], outbox: Outbox, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> Receiver:
+        """One endpoint for many linked repositories, each with its own secret."""
+        if not targets:
+            raise ValueError("a receiver needs at least one linked repository")
+        receiver = cls(targets[0].repo, targets[0].branch, targets[0].secret, outbox, max_bytes)
+        receiver.targets = list(targets)
+        return receiver
+
+    @property
+    def repo(self) -> RepoLocation:
+        """The first served repository (the only one of a single-repository receiver)."""
+        return self.targets[0].repo
 
     def handle(self, provider: str, headers: Mapping[str, str], body: bytes) -> Verdict:
         """The answer to one delivery; accepted pushes are stored before this returns."""
@@ -192,7 +210,14 @@ class Receiver:
                 404, {"error": f"unknown webhook provider {provider!r}; use {', '.join(PROVIDERS)}"}
             )
         h = {k.lower(): v for k, v in headers.items()}
-        if not self._authentic(provider, h, body):
+        # Only the links whose secret signed this body are considered further: a sender that
+        # knows one link's secret cannot start runs of another.
+        authentic = [
+            t
+            for t in self.targets
+            if provider in t.providers and self._authentic(t.secret, provider, h, body)
+        ]
+        if not authentic:
             return Verdict(401, {"error": "missing or invalid signature"})
         event, delivery = self._event_and_delivery(provider, h, body)
         try:
@@ -219,13 +244,12 @@ class Receiver:
             return Verdict(
                 202, {"status": "ignored", "reason": f"branch deletion {ref} starts no run"}
             )
-        if ref != f"refs/heads/{self.branch}":
+        on_branch = [t for t in authentic if ref == f"refs/heads/{t.branch}"]
+        if not on_branch:
+            branches = ", ".join(sorted({t.branch for t in authentic}))
             return Verdict(
                 202,
-                {
-                    "status": "ignored",
-                    "reason": f"push to {ref}; this receiver serves {self.branch}",
-                },
+                {"status": "ignored", "reason": f"push to {ref}; this receiver serves {branches}"},
             )
         named = _payload_repositories(payload)[:20]
         if not named:
@@ -236,12 +260,15 @@ class Receiver:
                     "`project`) as an object with clone_url, url, html_url or ssh_url"
                 },
             )
-        if self._repo_key not in {_normalize_repo(n) for n in named}:
+        keys = {normalize_repo(n) for n in named}
+        target = next((t for t in on_branch if t.key in keys), None)
+        if target is None:
+            served = on_branch[0].repo.url if len(on_branch) == 1 else "other linked repositories"
             return Verdict(
                 202,
                 {
                     "status": "ignored",
-                    "reason": f"push for {named[0]}; this receiver serves {self.repo.url}",
+                    "reason": f"push for {named[0]}; this receiver serves {served}",
                 },
             )
         before = str(payload.get("before") or "").lower() or None
@@ -269,20 +296,25 @@ class Receiver:
             forced=forced,
             pusher=pusher,
         )
-        status, event_id = self.outbox.enqueue(push, self.repo, self.branch)
+        status, event_id = self.outbox.enqueue(push, target.repo, target.branch)
         code = 202 if status == "queued" else 200
-        return Verdict(code, {"status": status, "event_id": event_id, "after": after}, push)
+        return Verdict(
+            code,
+            {"status": status, "event_id": event_id, "after": after, "link": target.name},
+            push,
+        )
 
-    def _authentic(self, provider: str, h: Mapping[str, str], body: bytes) -> bool:
-        if self.secret is None:
-            return True  # started with --insecure
+    @staticmethod
+    def _authentic(secret: bytes | None, provider: str, h: Mapping[str, str], body: bytes) -> bool:
+        if secret is None:
+            return True  # started with --insecure, or a link without a secret
         if provider == "gitlab":
             token = h.get("x-gitlab-token", "")
-            return hmac.compare_digest(token.encode(), self.secret)
+            return hmac.compare_digest(token.encode(), secret)
         if provider == "gitea" and "x-gitea-signature" in h:
-            expected = hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+            expected = hmac.new(secret, body, hashlib.sha256).hexdigest()
             return hmac.compare_digest(expected.encode(), h["x-gitea-signature"].strip().encode())
-        return verify_signature(self.secret, body, h.get("x-hub-signature-256"))
+        return verify_signature(secret, body, h.get("x-hub-signature-256"))
 
     @staticmethod
     def _event_and_delivery(provider: str, h: Mapping[str, str], body: bytes) -> tuple[str, str]:
