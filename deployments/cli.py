@@ -261,51 +261,87 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the on-push deployment and the push receiver until interrupted."""
-    from deployments.serve import read_secret, run_service
+def _served(args: argparse.Namespace) -> tuple[list[Any], dict[str, float], dict[str, str]]:
+    """What serve or receive takes pushes for: the links (`--links`, or the links file when no
+    `--repo` is given and it has any), else the one repository of `--repo`. Returns the served
+    targets, their poll intervals and their deployment names."""
+    from deployments.receiver import Served
+    from deployments.serve import DEFAULT_DEPLOYMENT, read_secret
+    from tasks.links import links_file, load_links
+    from tasks.repo import RepoLocation
 
+    links = []
+    if args.links or not args.repo:
+        path = Path(args.links).expanduser() if args.links else links_file()
+        if args.links and not path.exists():
+            raise SettingsError(f"--links {args.links}: no such file")
+        links = load_links(path)
+        if args.links and not links:
+            raise SettingsError(f"--links {args.links}: the file links no repository")
+    if links:
+        targets = [Served.of(link) for link in links]
+        poll = {
+            link.name: link.poll or (60.0 if link.provider == "poll" else 0.0) for link in links
+        }
+        return targets, poll, {link.name: link.name for link in links}
     secret = read_secret(args.secret_file, args.insecure)
+    repo = RepoLocation.parse(_repo_or_default(args.repo))
+    target = Served(repo.key, repo, args.branch, secret)
+    name = getattr(args, "name", DEFAULT_DEPLOYMENT)
+    return [target], {target.name: args.poll or 0.0}, {target.name: name}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the on-push deployments and the push receiver until interrupted."""
+    from deployments.serve import run_service
+
+    targets, poll, names = _served(args)
     return run_service(
-        repo_url=_repo_or_default(args.repo),
-        branch=args.branch,
+        targets,
         host=args.host,
         port=args.port,
-        poll_seconds=args.poll,
-        secret=secret,
-        name=args.name,
+        poll=poll,
+        names=names,
         prefect_port=args.prefect_port,
+        runs=args.runs,
     )
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    """Run only the push receiver (for a deployment served by a work pool's workers)."""
+    """Run only the push receiver (for deployments served by a work pool's workers)."""
     import threading
 
-    from deployments.serve import prefect_api, read_secret, start_receiver
-    from tasks.repo import RepoLocation
+    from deployments.serve import prefect_api, start_receiver
 
-    secret = read_secret(args.secret_file, args.insecure)
-    repo = RepoLocation.parse(_repo_or_default(args.repo))
+    targets, poll, names = _served(args)
     with prefect_api(args.prefect_port):
-        deployment_id = None
-        if args.deployment:
+        deployments: dict[str, Any] = {}
+        if len(names) == 1 and targets[0].name == targets[0].repo.key:  # --repo
+            deployment = args.deployment.split("/", 1)[-1]
+            wanted = {targets[0].name: deployment} if deployment else {}
+        else:
+            wanted = names
+        if wanted:
             from prefect.client.orchestration import get_client
             from prefect.exceptions import ObjectNotFound
 
-            from deployments.serve import ServeError
+            from deployments.serve import FLOW_NAME, ServeError
 
-            try:
-                with get_client(sync_client=True) as client:
-                    deployment_id = client.read_deployment_by_name(args.deployment).id
-            except ObjectNotFound:
-                raise ServeError(
-                    f"deployment {args.deployment!r} does not exist on the Prefect API: create it "
-                    f"with `prefect deploy --prefect-file deployments/prefect.yaml`, or pass "
-                    f"--deployment ''"
-                ) from None
+            with get_client(sync_client=True) as client:
+                for target_name, deployment in wanted.items():
+                    try:
+                        deployments[target_name] = client.read_deployment_by_name(
+                            f"{FLOW_NAME}/{deployment}"
+                        ).id
+                    except ObjectNotFound:
+                        raise ServeError(
+                            f"deployment {FLOW_NAME}/{deployment} does not exist on the Prefect "
+                            f"API: create it with `textgen team apply` (links) or `prefect "
+                            f"deploy --prefect-file deployments/prefect.yaml`, or pass "
+                            f"--deployment ''"
+                        ) from None
         http, threads = start_receiver(
-            repo, args.branch, args.host, args.port, secret, args.poll, deployment_id
+            targets, args.host, args.port, poll, deployments, reap=args.reap
         )
         try:
             threading.Event().wait()
@@ -315,6 +351,146 @@ def cmd_receive(args: argparse.Namespace) -> int:
             for thread in threads:
                 thread.stopping.set()
             http.shutdown()
+    return 0
+
+
+def cmd_link_add(args: argparse.Namespace) -> int:
+    """Add a linked repository to the links file (or replace the one of the same name)."""
+    from pydantic import ValidationError
+
+    from tasks.links import Link, default_name, links_file, load_links, save_links
+
+    path = Path(args.links).expanduser() if args.links else links_file()
+    links = load_links(path)
+    limits: dict[str, Any] = {}
+    for pair in args.limit:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SettingsError(f"--limit {pair!r}: expected key=value, e.g. max_total_tokens=512")
+        limits[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
+    fields: dict[str, Any] = {
+        "name": args.name or default_name(args.url),
+        "url": args.url,
+        "branch": args.branch,
+        "provider": args.provider,
+        "secret": args.secret,
+        "credentials": args.credentials,
+        "poll": args.poll,
+        "limits": limits,
+    }
+    try:
+        link = Link.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise SettingsError(f"link {fields['name']!r}: {problems}") from None
+    kept = [existing for existing in links if existing.name != link.name]
+    save_links([*kept, link], path)
+    verb = "replaced" if len(kept) < len(links) else "added"
+    print(f"{verb} link {link.name}: {link.url}@{link.branch} ({link.provider}) in {path}")
+    return 0
+
+
+def cmd_link_list(args: argparse.Namespace) -> int:
+    """List the linked repositories."""
+    from tasks.links import links_file, load_links
+
+    path = Path(args.links).expanduser() if args.links else links_file()
+    links = load_links(path)
+    if not links:
+        print(f"no linked repositories in {path}")
+        return 0
+    rows = [
+        {
+            "name": link.name,
+            "repository": link.url,
+            "branch": link.branch,
+            "provider": link.provider,
+            "secret": link.secret or "",
+            "credentials": link.credentials or "",
+            "limits": ", ".join(f"{k}={v}" for k, v in link.limits.items()),
+        }
+        for link in links
+    ]
+    print(format_table(rows))
+    return 0
+
+
+def cmd_link_remove(args: argparse.Namespace) -> int:
+    """Remove a linked repository (its recorded versions stay in MLflow)."""
+    from tasks.links import links_file, load_links, save_links
+
+    path = Path(args.links).expanduser() if args.links else links_file()
+    links = load_links(path)
+    kept = [link for link in links if link.name != args.name]
+    if len(kept) == len(links):
+        names = ", ".join(link.name for link in links) or "none"
+        raise SettingsError(f"no link named {args.name!r} in {path}; linked: {names}")
+    save_links(kept, path)
+    print(f"removed link {args.name} from {path}; run `textgen team apply` to drop its deployment")
+    return 0
+
+
+def cmd_team_apply(args: argparse.Namespace) -> int:
+    """Create the work pool, a deployment per link and the automations on the Prefect API."""
+    import json as _json
+
+    from deployments.team import apply_links
+    from tasks.links import links_file, load_links
+    from tasks.tracking import ui_base_url
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise SettingsError("set PREFECT_API_URL to the team's Prefect server first")
+    path = Path(args.links).expanduser() if args.links else links_file()
+    links = load_links(path)
+    ids = apply_links(links, args.pool, args.zombie_seconds, args.notify_url, ui_base_url())
+    for link in links:
+        print(f"deployment {link.name}: {link.url}@{link.branch}", file=sys.stderr)
+    print(_json.dumps({name: str(value) for name, value in ids.items()}))
+    return 0
+
+
+def cmd_team_up(args: argparse.Namespace) -> int:
+    """Start the team topology on this machine and keep it up until interrupted."""
+    import signal
+    import threading
+
+    from deployments.team import Ports, Team
+    from tasks.links import links_file
+
+    home = Path(args.home).expanduser().resolve()
+    links = Path(args.links).expanduser().resolve() if args.links else links_file()
+    ports = Ports(
+        postgres=args.postgres_port,
+        prefect=args.prefect_port,
+        mlflow=args.mlflow_port,
+        receiver=args.port,
+    )
+    team = Team(home, links, workers=args.workers, ports=ports, notify_url=args.notify_url)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    team.start()
+    print(f"Prefect UI and API: http://127.0.0.1:{ports.prefect} ({team.prefect_api})")
+    print(f"MLflow UI and tracking: {team.mlflow_uri}")
+    print(f"Receiver: http://127.0.0.1:{ports.receiver}/webhooks/github (also gitea, gitlab)")
+    print(f"{args.workers} worker(s); logs in {home / 'logs'}. Ctrl-C stops everything.")
+    sys.stdout.flush()
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        team.stop()
+    return 0
+
+
+def cmd_team_down(args: argparse.Namespace) -> int:
+    """Stop a team whose `textgen team up` was killed, by the pids it recorded."""
+    from deployments.team import stop_recorded
+
+    for name in stop_recorded(Path(args.home).expanduser().resolve()):
+        print(f"stopped {name}")
     return 0
 
 
@@ -426,12 +602,22 @@ def build_parser() -> argparse.ArgumentParser:
             default=4200,
             help="port of the local Prefect server started when PREFECT_API_URL is unset",
         )
+        sub.add_argument(
+            "--links",
+            help="serve every repository of this links file (default: the links file in the "
+            "data folder, when --repo is not given and it links any)",
+        )
 
     serve = commands.add_parser(
-        "serve", help="serve the on-push deployment and the push receiver (until Ctrl-C)"
+        "serve", help="serve the on-push deployments and the push receiver (until Ctrl-C)"
     )
     receiver_options(serve)
-    serve.add_argument("--name", default="on-push", help="deployment name (default: on-push)")
+    serve.add_argument(
+        "--name", default="on-push", help="deployment name of --repo (default: on-push)"
+    )
+    serve.add_argument(
+        "--runs", type=int, default=1, help="flow runs at once, across links (default: 1)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     receive = commands.add_parser(
@@ -441,9 +627,82 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument(
         "--deployment",
         default="nlp-text-generation/on-push",
-        help="deployment whose queued runs newer pushes supersede ('' for none)",
+        help="with --repo: deployment whose queued runs newer pushes supersede ('' for none); "
+        "with links, each link's deployment is named after it",
+    )
+    receive.add_argument(
+        "--reap",
+        action="store_true",
+        help="end the MLflow runs of crashed flow runs and retry crashed pushes once",
     )
     receive.set_defaults(func=cmd_receive)
+
+    link = commands.add_parser("link", help="the linked repositories (links.yaml)")
+    link_commands = link.add_subparsers(dest="link_command", required=True, metavar="ACTION")
+    link_add = link_commands.add_parser("add", help="link a repository (or replace a link)")
+    link_add.add_argument("url", help="clone URL or local path, without credentials")
+    link_add.add_argument("--name", help="unique name, also its deployment's (default: from URL)")
+    link_add.add_argument("--branch", default="main", help="branch whose pushes run")
+    link_add.add_argument(
+        "--provider",
+        default="github",
+        choices=["github", "gitea", "gitlab", "hook", "poll"],
+        help="who reports its pushes (default: github)",
+    )
+    link_add.add_argument("--secret", help="webhook secret by reference: env:NAME or file:PATH")
+    link_add.add_argument(
+        "--credentials", help="git credentials (user:token) by reference: env:NAME or file:PATH"
+    )
+    link_add.add_argument("--poll", type=float, help="poll the remote every SECONDS")
+    link_add.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an operator limit for this repository, e.g. max_total_tokens=512 (repeatable)",
+    )
+    link_list = link_commands.add_parser("list", help="list the linked repositories")
+    link_remove = link_commands.add_parser("remove", help="unlink a repository")
+    link_remove.add_argument("name", help="the link's name")
+    for sub, func in (
+        (link_add, cmd_link_add),
+        (link_list, cmd_link_list),
+        (link_remove, cmd_link_remove),
+    ):
+        sub.add_argument("--links", help="the links file (default: $TEXTGEN_LINKS or data folder)")
+        sub.set_defaults(func=func)
+
+    team = commands.add_parser("team", help="the team service: PostgreSQL, servers, workers")
+    team_commands = team.add_subparsers(dest="team_command", required=True, metavar="ACTION")
+    team_up = team_commands.add_parser(
+        "up", help="start PostgreSQL, Prefect, MLflow, the receiver and workers (until Ctrl-C)"
+    )
+    team_up.add_argument("--home", default="team", help="folder for data and logs (default: team)")
+    team_up.add_argument("--workers", type=int, default=2, help="process workers (default: 2)")
+    team_up.add_argument("--port", type=int, default=8787, help="receiver port (default: 8787)")
+    team_up.add_argument("--prefect-port", type=int, default=4200)
+    team_up.add_argument("--mlflow-port", type=int, default=5000)
+    team_up.add_argument("--postgres-port", type=int, default=5432)
+    team_up.set_defaults(func=cmd_team_up)
+    team_apply = team_commands.add_parser(
+        "apply", help="create the work pool, a deployment per link and the automations"
+    )
+    team_apply.add_argument("--pool", default="textgen", help="work pool (default: textgen)")
+    team_apply.add_argument(
+        "--zombie-seconds",
+        type=float,
+        default=90,
+        help="mark a run Crashed when its heartbeats stop for this long (default: 90)",
+    )
+    for sub in (team_up, team_apply):
+        sub.add_argument("--links", help="the links file (default: $TEXTGEN_LINKS or data folder)")
+        sub.add_argument(
+            "--notify-url", help="webhook URL notified of failed and crashed runs (a Prefect block)"
+        )
+    team_apply.set_defaults(func=cmd_team_apply)
+    team_down = team_commands.add_parser("down", help="stop a team whose `team up` was killed")
+    team_down.add_argument("--home", default="team", help="the folder given to `team up`")
+    team_down.set_defaults(func=cmd_team_down)
 
     hook = commands.add_parser("hook", help="local git hooks")
     hook_commands = hook.add_subparsers(dest="hook_command", required=True, metavar="ACTION")

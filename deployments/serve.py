@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -29,6 +30,7 @@ from deployments.receiver import (
     Outbox,
     Poller,
     Receiver,
+    Served,
     start_http,
 )
 from tasks.config import data_dir
@@ -391,22 +393,22 @@ def recover_after_restart(deployment_id: Any, repo_url: str) -> int:
     return ended
 
 
+@dataclass(frozen=True)
+class Watched:
+    """A served link's deployment, whose queued runs the janitor and the reaper look after."""
+
+    deployment_id: Any
+    repo: RepoLocation
+    branch: str
+
+
 class Janitor(threading.Thread):
     """Keeps at most one queued automatic run per deployment: the newest push's."""
 
-    def __init__(
-        self,
-        deployment_id: Any,
-        outbox: Outbox,
-        repo: RepoLocation,
-        branch: str,
-        seconds: float = 1.0,
-    ) -> None:
+    def __init__(self, watched: list[Watched], outbox: Outbox, seconds: float = 1.0) -> None:
         super().__init__(name="textgen-janitor", daemon=True)
-        self.deployment_id = deployment_id
+        self.watched = watched
         self.outbox = outbox
-        self.repo = repo
-        self.branch = branch
         self.seconds = seconds
         self.stopping = threading.Event()
         self.wake = threading.Event()
@@ -414,14 +416,100 @@ class Janitor(threading.Thread):
     def run(self) -> None:
         """Check after each emitted push and every `seconds`."""
         while not self.stopping.is_set():
-            newest = self.outbox.latest(self.repo, self.branch)
-            if newest:
-                try:
-                    supersede_queued_runs(self.deployment_id, newest)
-                except Exception as exc:
-                    logger.debug("superseding queued runs failed: %s", exc)
+            for item in self.watched:
+                newest = self.outbox.latest(item.repo, item.branch)
+                if newest:
+                    try:
+                        supersede_queued_runs(item.deployment_id, newest)
+                    except Exception as exc:
+                        logger.debug("superseding queued runs failed: %s", exc)
             self.wake.wait(self.seconds)
             self.wake.clear()
+
+
+RETRIED_TAG = "textgen-retried"
+
+
+def retry_crashed_runs(item: Watched, newest: str | None) -> int:
+    """Start a crashed push run once more (on whichever worker takes it), when its commit is
+    still the branch's newest push; a newer push runs instead otherwise. Each crashed run is
+    retried at most once, and a retry that crashes too is not retried again. Returns how many
+    runs were started."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    started = 0
+    with get_client(sync_client=True) as client:
+        crashed = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[item.deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+            ),
+            limit=50,
+        )
+        for run in crashed:
+            if RETRIED_TAG in run.tags or run.parameters.get("trigger") not in AUTOMATIC:
+                continue
+            # Marked first: a reaper that dies here loses a retry, never doubles one.
+            client.update_flow_run(run.id, tags=[*run.tags, RETRIED_TAG])
+            sha = str(run.parameters.get("commit_sha") or "").lower()
+            if run.parameters.get("attempt", 1) >= 2 or (newest and sha != newest):
+                continue
+            client.create_flow_run_from_deployment(
+                item.deployment_id,
+                parameters={**run.parameters, "attempt": 2},
+                tags=[*(t for t in run.tags if t != RETRIED_TAG), "retry"],
+            )
+            logger.warning(
+                "Flow run %s of %s crashed (%s); started it once more",
+                run.name,
+                sha[:7],
+                run.state.message if run.state else "",
+            )
+            started += 1
+    return started
+
+
+class Reaper(threading.Thread):
+    """Ends what dead workers left: MLflow runs of crashed flow runs end FAILED with the reason
+    (or are published, when they held their number), and crashed push runs run once more.
+
+    Prefect itself marks a run whose worker died Crashed (the heartbeat automation), which frees
+    its deployment's slot; this thread does the rest, from the receiver's machine.
+    """
+
+    def __init__(self, watched: list[Watched], outbox: Outbox, seconds: float = 5.0) -> None:
+        super().__init__(name="textgen-reaper", daemon=True)
+        self.watched = watched
+        self.outbox = outbox
+        self.seconds = seconds
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        """Check every `seconds`."""
+        while not self.stopping.wait(self.seconds):
+            self.check()
+
+    def check(self) -> None:
+        """One pass over every watched deployment."""
+        from tasks.tracking import Tracker
+
+        for item in self.watched:
+            try:
+                retry_crashed_runs(item, self.outbox.latest(item.repo, item.branch))
+            except Exception as exc:
+                logger.debug("retrying crashed runs failed: %s", exc)
+            try:
+                Tracker.for_repo(item.repo.url, create=False).recover_dead_runs()
+            except Exception as exc:
+                logger.debug("recovering runs of %s failed: %s", item.repo.url, exc)
 
 
 def read_secret(secret_file: str | None, insecure: bool) -> bytes | None:
@@ -448,53 +536,72 @@ def read_secret(secret_file: str | None, insecure: bool) -> bytes | None:
     )
 
 
-def receiver_outbox(repo: RepoLocation, branch: str) -> Outbox:
-    """The outbox of one repository and branch, in the data folder."""
-    name = repo.key
-    return Outbox(data_dir() / "receiver" / f"{name}-{branch.replace('/', '_')}.sqlite")
+def receiver_outbox(targets: list[Served]) -> Outbox:
+    """The outbox of the served repositories, in the data folder: one per repository and
+    branch for a single one, one for a list of links."""
+    if len(targets) == 1 and targets[0].name == targets[0].repo.key:
+        only = targets[0]
+        name = f"{only.repo.key}-{only.branch.replace('/', '_')}"
+    else:
+        name = "links"
+    return Outbox(data_dir() / "receiver" / f"{name}.sqlite")
 
 
 def start_receiver(
-    repo: RepoLocation,
-    branch: str,
+    targets: list[Served],
     host: str,
     port: int,
-    secret: bytes | None,
-    poll_seconds: float | None,
-    deployment_id: Any | None,
+    poll: dict[str, float] | None = None,
+    deployments: dict[str, Any] | None = None,
+    reap: bool = False,
 ) -> tuple[Any, list[Any]]:
-    """Outbox, HTTP endpoint, emitter, janitor and poller, in background threads.
+    """Outbox, HTTP endpoint, emitter, janitor, pollers (and the reaper), in background threads.
 
-    Returns the HTTP server and the threads (each has a `stopping` event).
+    `poll` gives the poll interval of the targets to poll, `deployments` the deployment id of
+    each target (by name) whose queued runs newer pushes supersede. Returns the HTTP server and
+    the threads (each has a `stopping` event).
     """
-    outbox = receiver_outbox(repo, branch)
-    receiver = Receiver(repo, branch, secret, outbox)
+    outbox = receiver_outbox(targets)
+    receiver = Receiver.for_links(targets, outbox)
     try:
         http = start_http(receiver, host, port)
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{port}: {exc}") from None
-    try:
-        Poller(repo, branch, outbox, 0).catch_up()
-    except Exception as exc:
-        logger.warning("Could not compare %s with the last push seen: %s", repo.url, exc)
+    for target in targets:
+        try:
+            Poller(target.repo, target.branch, outbox, 0).catch_up()
+        except Exception as exc:
+            logger.warning("Could not compare %s with the last push seen: %s", target.repo.url, exc)
     threads: list[Any] = []
+    watched = [
+        Watched(deployments[t.name], t.repo, t.branch)
+        for t in targets
+        if deployments and deployments.get(t.name) is not None
+    ]
     janitor = None
-    if deployment_id is not None:
-        janitor = Janitor(deployment_id, outbox, repo, branch)
+    if watched:
+        janitor = Janitor(watched, outbox)
         threads.append(janitor)
+        if reap:
+            threads.append(Reaper(watched, outbox))
     threads.append(Emitter(outbox, after_send=janitor.wake.set if janitor else None))
-    if poll_seconds:
-        threads.append(Poller(repo, branch, outbox, poll_seconds))
+    for target in targets:
+        seconds = (poll or {}).get(target.name)
+        if seconds:
+            threads.append(Poller(target.repo, target.branch, outbox, seconds))
     for thread in threads:
         thread.start()
     address = http.server_address
+    served = ", ".join(f"{t.repo.url}@{t.branch}" for t in targets[:5])
+    if len(targets) > 5:
+        served += f" and {len(targets) - 5} more"
+    polled = sorted({s for s in (poll or {}).values() if s})
     logger.info(
-        "Push receiver for %s@%s on http://%s:%s/webhooks/github (also /gitea, /gitlab)%s",
-        repo.url,
-        branch,
+        "Push receiver for %s on http://%s:%s/webhooks/github (also /gitea, /gitlab)%s",
+        served,
         address[0],
         address[1],
-        f"; polling every {poll_seconds:g} s" if poll_seconds else "",
+        f"; polling every {polled[0]:g} s" if polled else "",
     )
     return http, threads
 
@@ -522,18 +629,22 @@ def _add_deployment(runner: Any, repo_url: str, branch: str, name: str) -> Any:
 
 
 def run_service(
-    repo_url: str,
-    branch: str,
+    targets: list[Served],
     host: str,
     port: int,
-    poll_seconds: float | None,
-    secret: bytes | None,
-    name: str = DEFAULT_DEPLOYMENT,
+    poll: dict[str, float] | None = None,
+    names: dict[str, str] | None = None,
     prefect_port: int = 4200,
+    runs: int = 1,
 ) -> int:
-    """Serve until interrupted: Prefect API (local if needed), receiver, runner, janitor."""
-    repo = RepoLocation.parse(repo_url)
+    """Serve until interrupted: Prefect API (local if needed), receiver, runner, janitor.
+
+    Each target gets its deployment (named by `names`, else `on-push`), with one run at a time
+    per repository and branch; the runner runs at most `runs` flow runs at once.
+    """
     query_seconds = float(os.environ.get("TEXTGEN_RUNNER_POLL_SECONDS", "0.5"))
+    names = names or {}
+    runner_name = f"textgen-{targets[0].repo.key}" if len(targets) == 1 else "textgen-links"
     with prefect_api(prefect_port) as api_url:
         from prefect.runner import Runner
 
@@ -548,13 +659,18 @@ def run_service(
             delay = 1.0
             while not stop:
                 runner = Runner(
-                    name=f"textgen-{repo.key}",
+                    name=runner_name,
                     query_seconds=query_seconds,
-                    limit=1,
+                    limit=runs,
                     pause_on_shutdown=False,
                 )
                 try:
-                    deployment_id = _add_deployment(runner, repo.url, branch, name)
+                    deployments = {
+                        t.name: _add_deployment(
+                            runner, t.repo.url, t.branch, names.get(t.name, DEFAULT_DEPLOYMENT)
+                        )
+                        for t in targets
+                    }
                 except Exception as exc:
                     logger.warning(
                         "Cannot register the deployment with %s (%s); retrying", api_url, exc
@@ -565,21 +681,24 @@ def run_service(
                 if http is None:
                     # Once, as the service starts: a runner restarted later (after an API outage)
                     # may still have runs of its own starting up.
-                    try:
-                        recover_after_restart(deployment_id, repo.url)
-                    except Exception as exc:
-                        logger.warning("Could not check for runs left behind: %s", exc)
-                    http, threads = start_receiver(
-                        repo, branch, host, port, secret, poll_seconds, deployment_id
-                    )
-                    logger.info(
-                        "Serving %s/%s: `git push` to %s, or `prefect deployment run '%s/%s'`",
-                        FLOW_NAME,
-                        name,
-                        branch,
-                        FLOW_NAME,
-                        name,
-                    )
+                    for t in targets:
+                        try:
+                            recover_after_restart(deployments[t.name], t.repo.url)
+                        except Exception as exc:
+                            logger.warning("Could not check for runs left behind: %s", exc)
+                    http, threads = start_receiver(targets, host, port, poll, deployments)
+                    for t in targets:
+                        name = names.get(t.name, DEFAULT_DEPLOYMENT)
+                        logger.info(
+                            "Serving %s/%s: `git push` to %s of %s, or "
+                            "`prefect deployment run '%s/%s'`",
+                            FLOW_NAME,
+                            name,
+                            t.branch,
+                            t.repo.url,
+                            FLOW_NAME,
+                            name,
+                        )
                 # Ctrl-C shuts the runner down as gracefully as SIGTERM does.
                 signal.signal(signal.SIGINT, runner.handle_sigterm)
                 try:

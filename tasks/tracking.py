@@ -191,6 +191,37 @@ def process_gone(tags: dict[str, str]) -> str | None:
     return None
 
 
+def flow_run_ended(tags: dict[str, str]) -> str | None:
+    """Why a run is over, by its Prefect flow run (on any machine): the flow run reached a final
+    state (Crashed when its worker died, for example) while the MLflow run was never ended.
+
+    None while the flow run is not final, when the run has no flow run, or when the Prefect API
+    cannot be asked. Never compares clocks: the state is the server's.
+    """
+    flow_run_id = tags.get("textgen.prefect.flow_run_id")
+    if not flow_run_id:
+        return None
+    try:
+        from uuid import UUID
+
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            try:
+                flow_run = client.read_flow_run(UUID(flow_run_id))
+            except ObjectNotFound:
+                return f"its Prefect flow run {flow_run_id} no longer exists"
+    except Exception as exc:
+        logger.debug("cannot read flow run %s: %s", flow_run_id, exc)
+        return None
+    state = flow_run.state
+    if state is None or not state.is_final():
+        return None
+    message = f": {state.message}" if state.message else ""
+    return f"its Prefect flow run {flow_run.name} ended {state.name}{message}"
+
+
 class Tracker:
     """The MLflow experiment of one repository, and the runs made in it."""
 
@@ -248,9 +279,10 @@ class Tracker:
         """Link to a run of this experiment."""
         return run_url(self.experiment_id, run_id)
 
-    def start(self, branch: str, ref: str | None, trigger: str) -> str:
+    def start(self, branch: str, ref: str | None, trigger: str, attempt: int = 1) -> str:
         """Open the MLflow run of a flow run, before anything can fail; return its id."""
         tags = {
+            "textgen.attempt": str(attempt),
             "mlflow.source.type": "PROJECT",
             "mlflow.source.name": self.repo_url,
             "mlflow.source.git.repoURL": self.repo_url,
@@ -492,15 +524,18 @@ class Tracker:
         return "failed"
 
     def recover_dead_runs(self) -> int:
-        """End every RUNNING run of the experiment whose process on this machine is gone (pid
-        and process start time are tagged at start), and publish numbers taken by runs that
-        ended before publishing them; returns how many runs were ended or published."""
+        """End every RUNNING run of the experiment whose process is gone: on this machine by its
+        pid and process start time (tagged at start), on others by its Prefect flow run's final
+        state; and publish numbers taken by runs that ended before publishing them. Returns how
+        many runs were ended or published."""
         runs = self.client.search_runs(
             [self.experiment_id], "attributes.status = 'RUNNING'", max_results=500
         )
         ended = 0
         for run in runs:
             reason = process_gone(run.data.tags)
+            if reason is None and run.data.tags.get(TAG_HOST) != socket.gethostname():
+                reason = flow_run_ended(run.data.tags)
             if reason is None:
                 continue
             self.recover(run, reason)
