@@ -15,6 +15,6 @@ want=$(cat pyproject.toml deployments/bootstrap.sh | sha256sum | cut -c1-16)-$to
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade "pip>=25.1"
     .venv/bin/python -m pip install --quiet "$torch_spec"
-    .venv/bin/python -m pip install --quiet --editable ".[gguf]" --group dev
+    .venv/bin/python -m pip install --quiet --editable ".[gguf,team]" --group dev
     echo "$want" > "$stamp"
 fi
