@@ -1,0 +1,364 @@
+"""The team service with real processes: PostgreSQL, Prefect and MLflow servers on it, two
+process workers with their own data folders, and one receiver for two linked repositories.
+
+Uses the real offline model, whose generation takes seconds: runs overlap, and a kill lands
+mid-generation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from deployments.hook import install
+from deployments.team import Team
+from tasks.links import Link, save_links
+from tests.conftest import GitRepo
+from tests.servers import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+SPEC = "on:\n  github:\n    branches:\n      only: main\n"
+
+
+def _settings(model: Path, seed: int, tokens: int = 200) -> str:
+    return yaml.safe_dump(
+        {"model": str(model), "random_seed": seed, "max_new_tokens": tokens, "do_sample": True}
+    )
+
+
+class _Sink(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        self.received.append(json.loads(self.rfile.read(length) or b"{}"))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@dataclass
+class Linked:
+    name: str
+    work: GitRepo
+    bare: Path
+
+    def push(self, model: Path, seed: int, tokens: int = 200) -> str:
+        sha = self.work.commit({"textgen.yaml": _settings(model, seed, tokens)}, f"seed {seed}")
+        self.work.git("push", "--quiet", "origin", "main")
+        return sha
+
+
+@dataclass
+class Topology:
+    team: Team
+    repos: dict[str, Linked]
+    model: Path
+    notes: list[dict[str, Any]]
+
+    @property
+    def mlflow(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.team.mlflow_uri)
+
+    def runs(self, name: str) -> list[Any]:
+        experiment = self.mlflow.get_experiment_by_name(str(self.repos[name].bare))
+        return [] if experiment is None else self.mlflow.search_runs([experiment.experiment_id])
+
+    def version_of(self, name: str, sha: str) -> Any:
+        for run in self.runs(name):
+            tags = run.data.tags
+            if tags.get("mlflow.source.git.commit") == sha and tags.get("textgen.outcome") == "new":
+                return run
+        return None
+
+    def flow_runs(self, name: str) -> list[dict[str, Any]]:
+        api = self.team.prefect_api
+        deployment = httpx.get(
+            f"{api}/deployments/name/nlp-text-generation/{name}", timeout=10
+        ).json()
+        response = httpx.post(
+            f"{api}/flow_runs/filter",
+            json={"limit": 200, "deployments": {"id": {"any_": [deployment["id"]]}}},
+            timeout=10,
+        )
+        response.raise_for_status()
+        return list(response.json())
+
+    def flow_runs_of(self, name: str, sha: str) -> list[dict[str, Any]]:
+        return [r for r in self.flow_runs(name) if r["parameters"].get("commit_sha") == sha]
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    from tasks.offline import offline_model
+
+    model = offline_model()
+    root = tmp_path_factory.mktemp("team")
+    # PostgreSQL runs as the postgres user when the tests run as root: its folder must be one
+    # that user can reach, which pytest's private temporary folder is not.
+    pg_folder = Path(tempfile.mkdtemp(prefix="textgen-pg-", dir="/tmp"))
+    os.chmod(pg_folder, 0o755)
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    _Sink.received = []
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+
+    repos: dict[str, Linked] = {}
+    links = []
+    env = dict(os.environ)
+    for name in ("alpha", "beta"):
+        work = GitRepo(root / f"{name}-work")
+        work.commit({"textgen.yaml": _settings(model, 1), ".gradient/workflows/w.yaml": SPEC})
+        bare = root / f"{name}.git"
+        subprocess.run(["git", "clone", "--quiet", "--bare", str(work.path), str(bare)], check=True)
+        work.git("remote", "add", "origin", str(bare))
+        work.git("fetch", "--quiet", "origin")
+        work.git("branch", "--quiet", "--set-upstream-to=origin/main", "main")
+        secret_file = root / f"{name}.secret"
+        secret_file.write_text(f"{name}-webhook-secret")
+        links.append(Link(name=name, url=str(bare), provider="hook", secret=f"file:{secret_file}"))
+        repos[name] = Linked(name, work, bare)
+    links_file = root / "links.yaml"
+    save_links(links, links_file)
+    env["TEXTGEN_MODEL_DIRS"] = str(model.parent)
+    team = Team(
+        root / "home",
+        links_file,
+        workers=2,
+        postgres_folder=pg_folder / "cluster",
+        notify_url=f"http://127.0.0.1:{sink.server_address[1]}/notify",
+        zombie_seconds=45,
+        env=env,
+    )
+    try:
+        team.start()
+        for name, linked in repos.items():
+            install(
+                linked.bare,
+                f"http://127.0.0.1:{team.ports.receiver}/webhooks/github",
+                root / f"{name}.secret",
+            )
+        yield Topology(team, repos, model, _Sink.received)
+    finally:
+        team.stop()
+        sink.shutdown()
+        sink.server_close()
+        shutil.rmtree(pg_folder, ignore_errors=True)
+
+
+def _interval(run: dict[str, Any]) -> tuple[str, str]:
+    return run["start_time"], run["end_time"]
+
+
+def test_two_repositories_run_in_parallel_each_with_its_own_versions(
+    topology: Topology,
+) -> None:
+    model = topology.model
+    shas = {name: linked.push(model, 2) for name, linked in topology.repos.items()}
+    runs = {
+        name: wait_for(lambda n=name: topology.version_of(n, shas[n]), 300, f"{name}'s version")
+        for name in shas
+    }
+    assert {r.data.tags["textgen.version"] for r in runs.values()} == {"1"}
+    assert runs["alpha"].info.experiment_id != runs["beta"].info.experiment_id
+    alpha = topology.flow_runs_of("alpha", shas["alpha"])[0]
+    beta = topology.flow_runs_of("beta", shas["beta"])[0]
+    (a_start, a_end), (b_start, b_end) = _interval(alpha), _interval(beta)
+    # Each worker takes one run at a time: runs that overlap ran on different workers.
+    assert a_start < b_end and b_start < a_end, (alpha, beta)
+    # Each worker fetched into its own data folder; none shares another's mirrors.
+    homes = [topology.team.home / f"worker-{i}" / "repos" for i in range(2)]
+    mirrors = [sorted(p.name for p in h.iterdir()) if h.exists() else [] for h in homes]
+    assert all(mirrors) and not set(mirrors[0]) & set(mirrors[1]), mirrors
+
+
+def test_a_push_during_a_run_supersedes_the_one_waiting(topology: Topology) -> None:
+    alpha = topology.repos["alpha"]
+    first = alpha.push(topology.model, 3, tokens=300)
+    wait_for(
+        lambda: any(r["state_type"] == "RUNNING" for r in topology.flow_runs_of("alpha", first)),
+        180,
+        "the first push's run to start",
+    )
+    middle = alpha.push(topology.model, 4)
+    last = alpha.push(topology.model, 5)
+    wait_for(lambda: topology.version_of("alpha", last), 300, "the newest push's version")
+    recorded = {
+        sha: [
+            r for r in topology.runs("alpha") if r.data.tags.get("mlflow.source.git.commit") == sha
+        ]
+        for sha in (first, middle)
+    }
+    # The waiting push never runs: superseded before it started (in Prefect only), or as it
+    # started (a recorded skip).
+    assert topology.version_of("alpha", middle) is None
+    middle_states = [r["state_name"] for r in topology.flow_runs_of("alpha", middle)]
+    assert middle_states == ["Superseded"] or [
+        r.data.tags.get("textgen.skip_kind") for r in recorded[middle]
+    ] == ["superseded"], middle_states
+    # The running one finishes as a version, unless it had not yet checked that it was still
+    # the tip: then it skips itself as superseded too. Never both, never neither.
+    outcomes = [r.data.tags.get("textgen.outcome") for r in recorded[first]]
+    assert outcomes in (["new"], ["skipped"]), outcomes
+    versions = sorted(
+        int(r.data.tags["textgen.version"])
+        for r in topology.runs("alpha")
+        if r.data.tags.get("textgen.outcome") == "new"
+    )
+    assert (
+        versions == list(range(1, len(versions) + 1))
+        and len(versions) == 1 + outcomes.count("new") + 1
+    )
+
+
+def test_artifacts_are_read_from_a_process_sharing_no_folder(
+    topology: Topology, tmp_path: Path
+) -> None:
+    run = max(
+        (r for r in topology.runs("alpha") if r.data.tags.get("textgen.outcome") == "new"),
+        key=lambda r: int(r.data.tags["textgen.version"]),
+    )
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+    reader = (
+        "import sys; from mlflow import MlflowClient; "
+        "path = MlflowClient().download_artifacts(sys.argv[1], 'output.txt', sys.argv[2]); "
+        "print(open(path).read())"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("TEXTGEN_", "MLFLOW_", "PREFECT_"))
+    }
+    env["MLFLOW_TRACKING_URI"] = topology.team.mlflow_uri
+    env["HOME"] = str(tmp_path)
+    (tmp_path / "out").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", reader, run.info.run_id, str(tmp_path / "out")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("---\nOutput 1 of "), result.stdout[:200]
+
+
+def _ancestors(pid: int) -> list[int]:
+    found = []
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rpartition(")")[2].split()[1])
+        found.append(pid)
+    return found
+
+
+def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> None:
+    beta = topology.repos["beta"]
+    before = [
+        int(r.data.tags["textgen.version"])
+        for r in topology.runs("beta")
+        if r.data.tags.get("textgen.outcome") == "new"
+    ]
+    sha = beta.push(topology.model, 6, tokens=400)
+
+    def running() -> Any:
+        for run in topology.runs("beta"):
+            tags = run.data.tags
+            if tags.get("mlflow.source.git.commit") == sha and run.info.status == "RUNNING":
+                return run
+        return None
+
+    run = wait_for(running, 300, "the run to be generating")
+    flow_pid = int(run.data.tags["textgen.worker.pid"])
+    ancestors = _ancestors(flow_pid)
+    (worker,) = [w for w in topology.team.workers if w.pid in ancestors]
+    # The machine dies: the worker and the flow run process it started, at once.
+    os.killpg(os.getpgid(flow_pid), signal.SIGKILL)
+    worker.kill()
+    # Prefect marks it Crashed when its heartbeats stop; the reaper ends its MLflow run.
+    crashed = wait_for(
+        lambda: [r for r in topology.flow_runs_of("beta", sha) if r["state_type"] == "CRASHED"],
+        240,
+        "the flow run to be marked Crashed",
+    )
+    assert "heartbeat" in crashed[0]["state"]["message"]
+    failed = wait_for(
+        lambda: topology.mlflow.get_run(run.info.run_id).info.status == "FAILED",
+        120,
+        "the MLflow run to end FAILED",
+    )
+    assert failed
+    reason = topology.mlflow.get_run(run.info.run_id).data.tags["textgen.failure"]
+    assert str(flow_pid) in reason or "Crashed" in reason, reason
+    # The push runs once more, on the worker that is left.
+    retried = wait_for(lambda: topology.version_of("beta", sha), 300, "the retried push's version")
+    assert retried.data.tags["textgen.attempt"] == "2"
+    assert retried.data.tags["textgen.version"] == str(max(before, default=0) + 1)
+    attempts = topology.flow_runs_of("beta", sha)
+    assert sorted(r["state_type"] for r in attempts) == ["COMPLETED", "CRASHED"]
+    for name in topology.repos:
+        assert [r.info.run_id for r in topology.runs(name) if r.info.status == "RUNNING"] == []
+        assert [
+            r["name"]
+            for r in topology.flow_runs(name)
+            if r["state_type"] in {"RUNNING", "PENDING", "SCHEDULED", "CANCELLING"}
+        ] == []
+    # The automation told the team, through the notification block.
+    note = wait_for(
+        lambda: [n for n in topology.notes if sha in n.get("body", "")], 120, "a notification"
+    )[0]
+    assert str(beta.bare) in note["body"] and "heartbeats" in note["body"]
+    assert "/runs/flow-run/" in note["body"]
+    assert f"{topology.team.mlflow_uri}/#/experiments/" in note["body"]
+    topology.team.start_worker(topology.team.workers.index(worker))
+
+
+def test_a_deployment_runs_only_its_own_repository(topology: Topology) -> None:
+    api = topology.team.prefect_api
+    deployment = httpx.get(f"{api}/deployments/name/nlp-text-generation/alpha", timeout=10).json()
+    created = httpx.post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run",
+        json={"parameters": {"repo_url": str(topology.repos["beta"].bare)}},
+        timeout=10,
+    )
+    created.raise_for_status()
+    flow_run_id = created.json()["id"]
+
+    def failed() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in topology.flow_runs("alpha")
+            if r["id"] == flow_run_id and r["state_type"] == "FAILED"
+        ]
+
+    ended = wait_for(failed, 300, "the refused run to fail")
+    assert "this deployment runs only" in ended[0]["state"]["message"]
+    # Nothing of beta ran under alpha's deployment.
+    assert not [
+        r
+        for r in topology.runs("beta")
+        if r.data.tags.get("textgen.prefect.flow_run_id") == flow_run_id
+    ]
+    wait_for(
+        lambda: [n for n in topology.notes if "this deployment runs only" in n.get("body", "")],
+        60,
+        "the failure's notification",
+    )

@@ -1,0 +1,109 @@
+"""What the team service declares: its automations, and compose.yaml's topology."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from deployments.cli import build_parser
+from deployments.team import AUTOMATIONS, POOL, automations
+
+PROJECT = Path(__file__).resolve().parents[1]
+COMPOSE = PROJECT / "deployments" / "compose.yaml"
+
+
+def test_the_declared_automations_are_valid_prefect_automations() -> None:
+    block = "5d2f8a52-1c4e-4a8e-9b3a-0c8e7f6d5a41"
+    found = automations(45, block, "http://mlflow.example:5000")
+    assert [a.name for a in found] == [
+        "textgen: crash runs whose worker stopped",
+        "textgen: notify on failed or crashed runs",
+    ]
+    zombie, notify = found
+    assert zombie.trigger.posture.value == "Proactive"  # type: ignore[union-attr]
+    assert zombie.trigger.within.total_seconds() == 45  # type: ignore[union-attr]
+    assert zombie.actions[0].type == "change-flow-run-state"
+    action = notify.actions[0]
+    assert str(action.block_document_id) == block  # type: ignore[union-attr]
+    body = action.body  # type: ignore[union-attr]
+    for needed in (
+        "parameters.repo_url",
+        "commit_sha",
+        "state.message",
+        "ui_url",
+        "mlflow_run_url",
+    ):
+        assert needed in body
+    assert "http://mlflow.example:5000" in body
+    # Without a webhook to notify, only the crash detection is set up.
+    assert [a.name for a in automations(90, None, "")] == [
+        "textgen: crash runs whose worker stopped"
+    ]
+    assert "${" not in AUTOMATIONS.read_text().split("automations:", 1)[1].replace(
+        "${ZOMBIE_SECONDS}", ""
+    ).replace("${NOTIFY_BLOCK_ID}", "").replace("${MLFLOW_UI}", "")
+
+
+def _command(service: dict[str, object]) -> list[str]:
+    command = service["command"]
+    assert isinstance(command, str)
+    words = shlex.split(command)
+    if words[:2] == ["sh", "-c"]:
+        words = shlex.split(words[2].split(" exec ", 1)[1])
+    return words
+
+
+def test_compose_runs_the_topology_the_tests_start() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "prefect", "mlflow", "setup", "receiver", "worker"}
+    assert services["postgres"]["image"] == "postgres:15"
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"].startswith("/run/secrets/")
+
+    prefect = services["prefect"]
+    assert _command(prefect)[:3] == ["prefect", "server", "start"]
+    assert prefect["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://textgen@postgres:5432/prefect"
+    )
+    mlflow = _command(services["mlflow"])
+    assert mlflow[:2] == ["mlflow", "server"]
+    store = mlflow[mlflow.index("--backend-store-uri") + 1]
+    assert store.startswith("postgresql+psycopg2://textgen@postgres:5432/mlflow")
+    assert "--artifacts-destination" in mlflow
+    sql = (PROJECT / "deployments" / "compose" / "create-mlflow-db.sql").read_text()
+    assert "CREATE DATABASE mlflow" in sql
+
+    # The textgen commands are ones the CLI takes.
+    parser = build_parser()
+    setup = _command(services["setup"])
+    receiver = _command(services["receiver"])
+    for words in (setup, receiver):
+        assert words[0] == "textgen"
+        parser.parse_args(words[1:])
+    assert setup[1:3] == ["team", "apply"]
+    assert receiver[1] == "receive" and "--reap" in receiver and "--links" in receiver
+
+    worker = services["worker"]
+    words = _command(worker)
+    assert words[:3] == ["prefect", "worker", "start"]
+    assert words[words.index("--pool") + 1] == POOL
+    # Scalable: no fixed name or port, and a data folder of its own in each replica.
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["volumes"] == ["/data"] and worker["environment"]["TEXTGEN_HOME"] == "/data"
+    # Clients reach the servers by service name; nobody holds a password in the file.
+    assert worker["environment"]["PREFECT_API_URL"] == "http://prefect:4200/api"
+    assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert not re.search(r"postgresql[^\s]*:[^@\s/]+@", COMPOSE.read_text())
+
+
+def test_the_image_installs_what_the_bootstrap_installs() -> None:
+    dockerfile = (PROJECT / "deployments" / "Dockerfile").read_text()
+    bootstrap = (PROJECT / "deployments" / "bootstrap.sh").read_text()
+    torch = re.search(r"torch==[\d.]+", bootstrap)
+    assert torch and torch.group(0) in dockerfile
+    assert '".[gguf,team]"' in dockerfile and '".[gguf,team]"' in bootstrap
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert compose["x-textgen"]["build"]["dockerfile"] == "deployments/Dockerfile"
