@@ -21,7 +21,7 @@ from tasks.model import load_generator, local_revision, locate_model
 from tasks.quality import score_text
 from tasks.repo import CREDENTIALS_ENV, RepoLocation, fetch_repo_commit
 from tasks.settings import read_settings
-from tasks.tracking import RunRecord, Tracker, log_to_mlflow
+from tasks.tracking import RunRecord, Tracker, log_to_mlflow, storable
 from tasks.triggers import AUTOMATIC_TRIGGERS, filter_push
 
 REPO_ENV = "TEXTGEN_REPO"
@@ -263,7 +263,9 @@ def _publish(record: RunRecord, params: dict[str, Any]) -> None:
     """The Prefect artifact of the run; never fails the run (its record is already complete)."""
     try:
         create_markdown_artifact(
-            _markdown(record, params), key="nlp-text-generation", description=record.summary()
+            storable(_markdown(record, params)),
+            key="nlp-text-generation",
+            description=storable(record.summary()),
         )
     except Exception as exc:
         logging.getLogger(__name__).warning("Could not create the Prefect artifact: %s", exc)

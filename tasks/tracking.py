@@ -665,16 +665,22 @@ def _note(
     )
 
 
+def storable(text: str) -> str:
+    """Text a tag or param may hold in any MLflow store: PostgreSQL refuses NUL characters in
+    text (a model may generate them, a settings file may hold them), so they become U+FFFD."""
+    return text.replace("\x00", "\ufffd")
+
+
 def _tags(values: dict[str, str]) -> list[Any]:
     from mlflow.entities import RunTag
 
-    return [RunTag(k, v) for k, v in values.items()]
+    return [RunTag(k, storable(v)) for k, v in values.items()]
 
 
 def _params(values: dict[str, str]) -> list[Any]:
     from mlflow.entities import Param
 
-    return [Param(k, _truncate(v, 6000)) for k, v in values.items()]
+    return [Param(k, storable(_truncate(v, 6000))) for k, v in values.items()]
 
 
 def _metrics(values: dict[str, float]) -> list[Any]:

@@ -230,6 +230,18 @@ def test_a_push_during_a_run_supersedes_the_one_waiting(topology: Topology) -> N
     )
 
 
+def test_text_with_nul_characters_is_recorded_on_postgresql(topology: Topology) -> None:
+    """PostgreSQL refuses NUL in text, which SQLite stores: a prompt (or generated text) holding
+    one must still become a version, with the character replaced, not a run retrying for ever."""
+    alpha = topology.repos["alpha"]
+    settings = yaml.safe_load(_settings(topology.model, 7, tokens=20))
+    settings["initial_sentence"] = "Hello\x00world"
+    sha = alpha.work.commit({"textgen.yaml": yaml.safe_dump(settings)}, "a NUL in the prompt")
+    alpha.work.git("push", "--quiet", "origin", "main")
+    run = wait_for(lambda: topology.version_of("alpha", sha), 300, "the version")
+    assert run.data.params["initial_sentence"] == "Hello\ufffdworld"
+
+
 def test_artifacts_are_read_from_a_process_sharing_no_folder(
     topology: Topology, tmp_path: Path
 ) -> None:
