@@ -401,6 +401,8 @@ class Outbox:
             columns = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
             if "before_sha" not in columns:  # an outbox written before pushes were chained
                 db.execute("ALTER TABLE deliveries ADD COLUMN before_sha TEXT")
+            if "run_seen_at" not in columns:  # written before runs were checked for
+                db.execute("ALTER TABLE deliveries ADD COLUMN run_seen_at REAL")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -512,6 +514,29 @@ class Outbox:
                 (cutoff,),
             )
             return int(cursor.rowcount)
+
+    def without_run(
+        self, repo: RepoLocation, branch: str, older_than: float
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """Sent events no flow run has been seen for yet, sent over `older_than` seconds ago
+        (and within a day): (provider, delivery, event), oldest first."""
+        now = time.time()
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT provider, delivery, event FROM deliveries WHERE status = 'sent' "
+                "AND run_seen_at IS NULL AND repo = ? AND ref = ? AND sent_at < ? "
+                "AND sent_at > ? ORDER BY received_at LIMIT 200",
+                (repo.url, f"refs/heads/{branch}", now - older_than, now - 86400),
+            ).fetchall()
+        return [(p, d, json.loads(e)) for p, d, e in rows]
+
+    def run_seen(self, provider: str, delivery: str) -> None:
+        """Record that a flow run exists for a sent event."""
+        with self._lock, self._connect() as db:
+            db.execute(
+                "UPDATE deliveries SET run_seen_at = ? WHERE provider = ? AND delivery = ?",
+                (time.time(), provider, delivery),
+            )
 
     def counts(self) -> dict[str, int]:
         """Deliveries by status."""

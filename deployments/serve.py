@@ -417,6 +417,10 @@ class Janitor(threading.Thread):
         """Check after each emitted push and every `seconds`."""
         while not self.stopping.is_set():
             for item in self.watched:
+                try:
+                    start_missing_runs(item, self.outbox)
+                except Exception as exc:
+                    logger.debug("checking for missing runs failed: %s", exc)
                 newest = self.outbox.latest(item.repo, item.branch)
                 if newest:
                     try:
@@ -425,6 +429,56 @@ class Janitor(threading.Thread):
                         logger.debug("superseding queued runs failed: %s", exc)
             self.wake.wait(self.seconds)
             self.wake.clear()
+
+
+RUN_GRACE_SECONDS = 30.0
+"""How long after Prefect took a push event its deployment trigger has to start a run."""
+
+
+def start_missing_runs(item: Watched, outbox: Outbox, grace: float = RUN_GRACE_SECONDS) -> int:
+    """Start the runs Prefect's trigger did not: a push event the API took (2xx) whose flow run
+    never appeared. The outbox keeps each event until a run of its commit is seen, and starts
+    one itself after `grace` seconds, with the parameters the trigger would have given. Runs of
+    older pushes are then superseded as usual. Returns how many runs were started."""
+    pending = outbox.without_run(item.repo, item.branch, grace)
+    if not pending:
+        return 0
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    started = 0
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[item.deployment_id])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=200,
+        )
+        seen = {str(r.parameters.get("commit_sha") or "").lower() for r in runs}
+        for provider, delivery, event in pending:
+            payload = event["payload"]
+            if payload["after"] not in seen:
+                client.create_flow_run_from_deployment(
+                    item.deployment_id,
+                    parameters={
+                        "commit_sha": payload["after"],
+                        "before": payload.get("before"),
+                        "changed_paths": payload.get("changed_paths"),
+                        "trigger": payload.get("trigger", "push"),
+                    },
+                    tags=["textgen-recovered-event"],
+                )
+                seen.add(payload["after"])
+                started += 1
+                logger.warning(
+                    "Prefect took the push event for %s (delivery %s) but its trigger started no "
+                    "run within %.0f s; started it",
+                    payload["after"][:7],
+                    delivery,
+                    grace,
+                )
+            outbox.run_seen(provider, delivery)
+    return started
 
 
 RETRIED_TAG = "textgen-retried"
