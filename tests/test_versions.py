@@ -236,3 +236,43 @@ def test_a_store_locked_by_another_writer_is_waited_out(tmp_path: Path) -> None:
     assert worker.returncode == 0, err[-3000:]
     assert out.split()[1] == "1"
     assert "is locked; waiting" in err
+
+
+def test_a_run_of_another_machine_ends_when_its_flow_run_has_ended(
+    prefect_harness: None,
+) -> None:
+    """A worker on another machine died: its pid means nothing here, but Prefect knows its flow
+    run ended (Crashed). Its MLflow run is ended FAILED with that reason; one whose flow run is
+    still running is left alone."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed, Running
+
+    from tasks.tracking import TAG_HOST, _tags
+
+    @flow(name="elsewhere")
+    def elsewhere() -> None:
+        pass
+
+    tracker = Tracker.for_repo(REPO)
+    with get_client(sync_client=True) as client:
+        dead = client.create_flow_run(elsewhere, state=Running())
+        client.set_flow_run_state(dead.id, Crashed(message="worker gone"), force=True)
+        alive = client.create_flow_run(elsewhere, state=Running())
+    run_ids = {}
+    for name, flow_run in (("dead", dead), ("alive", alive)):
+        run_ids[name] = tracker.start("main", None, "push")
+        tracker.client.log_batch(
+            run_ids[name],
+            tags=_tags(
+                {TAG_HOST: "another-machine", "textgen.prefect.flow_run_id": str(flow_run.id)}
+            ),
+        )
+    assert tracker.recover_dead_runs() == 1
+    ended = tracker.client.get_run(run_ids["dead"])
+    assert ended.info.status == "FAILED"
+    assert "ended Crashed: worker gone" in ended.data.tags["textgen.failure"]
+    assert tracker.client.get_run(run_ids["alive"]).info.status == "RUNNING"
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(alive.id, Crashed(message="done"), force=True)
+    assert tracker.recover_dead_runs() == 1
