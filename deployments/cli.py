@@ -279,6 +279,13 @@ def _served(args: argparse.Namespace) -> tuple[list[Any], dict[str, float], dict
         if args.links and not links:
             raise SettingsError(f"--links {args.links}: the file links no repository")
     if links:
+        unsigned = [link.name for link in links if link.secret is None]
+        if unsigned and not args.insecure:
+            raise SettingsError(
+                f"link {unsigned[0]!r} has no webhook secret: give it one "
+                f"(`textgen link add URL --name {unsigned[0]} --secret env:NAME`), or pass "
+                f"--insecure to accept its unsigned deliveries (local use only)"
+            )
         targets = [Served.of(link) for link in links]
         poll = {
             link.name: link.poll or (60.0 if link.provider == "poll" else 0.0) for link in links

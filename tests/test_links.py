@@ -246,3 +246,13 @@ def test_a_links_limits_and_credentials_hold_for_its_runs_only(
     save_links([])
     record = nlp_text_generation(repo_url=str(repo.path), trigger="manual")
     assert record.outcome == "new"
+
+
+def test_serving_a_link_without_a_secret_needs_insecure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "unsigned.yaml"
+    save_links([Link(name="open", url="https://github.com/org/open.git")], path)
+    assert main(["receive", "--links", str(path), "--port", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "link 'open' has no webhook secret" in error and "--insecure" in error

@@ -282,6 +282,40 @@ def _ancestors(pid: int) -> list[int]:
     return found
 
 
+def test_processes_writing_at_once_get_unique_gap_free_numbers_on_postgresql(
+    topology: Topology,
+) -> None:
+    """Four processes on their own, as workers are, take numbers in one experiment through the
+    tracking server at the same time: the PostgreSQL-backed registry hands out 1..N once each."""
+    from tests.test_versions import WORKER
+
+    repo = "https://example.com/org/concurrent.git"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TEXTGEN_"))}
+    env["MLFLOW_TRACKING_URI"] = topology.team.mlflow_uri
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, "normal", "10", repo],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-3000:]
+    claimed = sorted(int(line.split()[1]) for out, _ in outputs for line in out.splitlines())
+    assert claimed == list(range(1, 41)), "duplicate or missing numbers"
+    experiment = topology.mlflow.get_experiment_by_name(repo)
+    assert experiment is not None
+    published = topology.mlflow.search_runs(
+        [experiment.experiment_id], "tags.`textgen.outcome` = 'new'", max_results=100
+    )
+    assert sorted(int(r.data.tags["textgen.version"]) for r in published) == list(range(1, 41))
+
+
 def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> None:
     beta = topology.repos["beta"]
     before = [
