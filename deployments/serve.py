@@ -34,7 +34,8 @@ from deployments.receiver import (
     start_http,
 )
 from tasks.config import data_dir
-from tasks.errors import TextgenError
+from tasks.errors import SettingsError, TextgenError
+from tasks.links import resolve_ref
 from tasks.repo import RepoLocation
 
 logger = logging.getLogger(__name__)
@@ -570,12 +571,9 @@ def read_secret(secret_file: str | None, insecure: bool) -> bytes | None:
     """The webhook secret from `--secret-file` or `TEXTGEN_WEBHOOK_SECRET`; none means refuse."""
     if secret_file:
         try:
-            value = Path(secret_file).expanduser().read_text().strip()
-        except OSError as exc:
-            raise ServeError(f"cannot read the webhook secret file {secret_file}: {exc}") from None
-        if not value:
-            raise ServeError(f"the webhook secret file {secret_file} is empty")
-        return value.encode()
+            return resolve_ref(f"file:{secret_file}", "--secret-file").encode()
+        except SettingsError as exc:
+            raise ServeError(str(exc)) from None
     value = os.environ.get("TEXTGEN_WEBHOOK_SECRET", "").strip()
     if value:
         return value.encode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,6 +40,21 @@ def default_repo_url() -> str:
         f"no repository given, and {root} is not a git checkout: pass repo_url (or --repo), "
         f"or set {REPO_ENV}"
     )
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a flow run was asked to do: the flow's parameters, passed along as one."""
+
+    repo_url: str | None
+    branch: str
+    commit_sha: str | None
+    overrides: dict[str, Any] | None
+    trigger: str
+    force: bool
+    before: str | None
+    changed_paths: list[str] | None
+    attempt: int
 
 
 class _Deadline(TimeoutError):
@@ -117,11 +133,12 @@ def nlp_text_generation(
         changed_paths: For a push, the files it changed, when the sender knows them.
         attempt: Which try of this push: a push run whose worker died is run once more.
     """
+    request = Request(
+        repo_url, branch, commit_sha, overrides, trigger, force, before, changed_paths, attempt
+    )
     link = _link(default_repo_url() if repo_url is None else repo_url, branch, trigger)
     with operator_overrides(_link_settings(link)):
-        return _tracked(
-            repo_url, branch, commit_sha, overrides, trigger, force, before, changed_paths, attempt
-        )
+        return _tracked(request)
 
 
 def _link(repo_url: str, branch: str, trigger: str) -> Link | None:
@@ -144,39 +161,18 @@ def _link_settings(link: Link | None) -> dict[str, str]:
     return values
 
 
-def _tracked(
-    repo_url: str | None,
-    branch: str,
-    commit_sha: str | None,
-    overrides: dict[str, Any] | None,
-    trigger: str,
-    force: bool,
-    before: str | None,
-    changed_paths: list[str] | None,
-    attempt: int,
-) -> RunRecord:
+def _tracked(request: Request) -> RunRecord:
     """The run, inside its MLflow run: opened first, ended whatever happens."""
-    location = RepoLocation.parse(default_repo_url() if repo_url is None else repo_url)
+    r = request
+    location = RepoLocation.parse(default_repo_url() if r.repo_url is None else r.repo_url)
     tracker = Tracker.for_repo(location.url)
     _recover(tracker)
-    run_id = tracker.start(branch, commit_sha, trigger, attempt)
+    run_id = tracker.start(r.branch, r.commit_sha, r.trigger, r.attempt)
     _label_flow_run(tracker.url(run_id))
     seconds = run_timeout()
     try:
         with deadline(seconds, timeout_exc_type=_Deadline):
-            return _run(
-                tracker,
-                run_id,
-                location,
-                repo_url,
-                branch,
-                commit_sha,
-                overrides,
-                trigger,
-                force,
-                before,
-                changed_paths,
-            )
+            return _run(tracker, run_id, location, request)
     except _Deadline:
         error = RunTimeoutError(
             f"the run did not finish within its deadline of {seconds:g} s "
@@ -189,26 +185,17 @@ def _tracked(
         raise
 
 
-def _run(
-    tracker: Tracker,
-    run_id: str,
-    location: RepoLocation,
-    repo_url: str | None,
-    branch: str,
-    commit_sha: str | None,
-    overrides: dict[str, Any] | None,
-    trigger: str,
-    force: bool,
-    before: str | None,
-    changed_paths: list[str] | None,
-) -> RunRecord:
+def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request) -> RunRecord:
     """The flow's stages for its MLflow run `run_id`: commit, filter, settings, model, output."""
-    automatic = trigger in AUTOMATIC_TRIGGERS
-    commit = fetch_repo_commit(repo_url or location.url, branch, commit_sha, refresh=automatic)
+    r = request
+    automatic = r.trigger in AUTOMATIC_TRIGGERS
+    commit = fetch_repo_commit(
+        r.repo_url or location.url, r.branch, r.commit_sha, refresh=automatic
+    )
     tracker.tag_commit(run_id, commit)
     if automatic:
-        last = tracker.last_handled_commit(branch, AUTOMATIC_TRIGGERS)
-        go, reason, kind = filter_push(commit, last, before, changed_paths)
+        last = tracker.last_handled_commit(r.branch, AUTOMATIC_TRIGGERS)
+        go, reason, kind = filter_push(commit, last, r.before, r.changed_paths)
         if not go:
             record = tracker.finish_skipped(run_id, reason, commit.sha, kind)
             _publish(record, {})
@@ -220,10 +207,10 @@ def _run(
                 data=record,
             )
             return cast(RunRecord, state)
-    settings, source = read_settings(commit, overrides)
+    settings, source = read_settings(commit, r.overrides)
     model_path = locate_model(settings, commit)
     revision = local_revision(settings, model_path)
-    existing = None if force else tracker.find_version(commit.sha, settings.digest(), revision)
+    existing = None if r.force else tracker.find_version(commit.sha, settings.digest(), revision)
     if existing is not None:
         record = tracker.finish_reused(run_id, existing, settings)
     else:
