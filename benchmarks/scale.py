@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -169,6 +170,17 @@ def tree_cpu(pid: int) -> float:
         total += sum(int(v) for v in fields[11:15]) / tick
         stack.extend(tree.get(current, []))
     return total
+
+
+_REQUEST = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) /api/')
+
+
+def requests_served(log: Path) -> int:
+    """HTTP requests a server's access log holds so far."""
+    try:
+        return sum(1 for line in log.open(errors="replace") if _REQUEST.search(line))
+    except OSError:
+        return 0
 
 
 def postmaster_pid(postgres: Postgres) -> int:
@@ -384,7 +396,12 @@ def team(root: Path, repos: Repos, workers: int) -> Iterator[tuple[Target, Team]
     os.chmod(pg_folder, 0o755)
     env = {**os.environ, "TEXTGEN_MODEL_DIRS": str(repos.model.parent)}
     service = Team(
-        root / "team", repos.links, workers=workers, postgres_folder=pg_folder / "c", env=env
+        root / "team",
+        repos.links,
+        workers=workers,
+        postgres_folder=pg_folder / "c",
+        env=env,
+        access_log=True,
     )
     try:
         service.start()
@@ -420,6 +437,10 @@ def measure(
         pg_pid = postmaster_pid(service.postgres) if service else None
         pg_cpu_before = tree_cpu(pg_pid) if pg_pid else 0.0
         stats_before = pg_stats(service.postgres) if service else None
+        logs = (
+            {name: service.servers[name].log for name in ("prefect", "mlflow")} if service else {}
+        )
+        requests_before = {name: requests_served(log) for name, log in logs.items()}
         row.pushes = run_pushes(repos, plan, args.seconds)
         wait_for(lambda: settled(target, repos, row.pushes), 900, f"{name}: drain", interval=2)
         row.result = check(target, repos, row.pushes, warm=len(warm))
@@ -437,6 +458,9 @@ def measure(
                 delta = {k: after[db][k] - stats_before[db][k] for k in after[db]}
                 row.result[f"{db} db transactions per push"] = delta["transactions"] / pushes
                 row.result[f"{db} db rows per version"] = delta["rows"] / generations
+            for name, log in logs.items():
+                served = requests_served(log) - requests_before[name]
+                row.result[f"{name} server requests per push"] = served / pushes
     return row
 
 

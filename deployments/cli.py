@@ -464,10 +464,15 @@ def cmd_team_up(args: argparse.Namespace) -> int:
     import threading
 
     from deployments.team import Ports, Team
-    from tasks.links import links_file
+    from tasks.links import links_file, load_links
 
     home = Path(args.home).expanduser().resolve()
     links = Path(args.links).expanduser().resolve() if args.links else links_file()
+    if not load_links(links):
+        raise SettingsError(
+            f"no linked repositories in {links}: link one first with `textgen link add URL "
+            f"--secret env:NAME` (see `textgen link --help`)"
+        )
     ports = Ports(
         postgres=args.postgres_port,
         prefect=args.prefect_port,

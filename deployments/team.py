@@ -398,6 +398,8 @@ class Ports:
 class Team:
     """PostgreSQL, the Prefect and MLflow servers on it, the receiver and N workers.
 
+    With `access_log`, the Prefect server logs every request as the MLflow server does.
+
     `home` holds every process's log and the servers' data (artifacts, the Prefect home), one
     folder per worker (`worker-<i>`: its mirrors and model cache), and `team.json` while up.
     """
@@ -413,8 +415,10 @@ class Team:
         heartbeat_seconds: int = 30,
         zombie_seconds: float = 90,
         env: dict[str, str] | None = None,
+        access_log: bool = False,
     ) -> None:
         self.home = home.resolve()
+        self.access_log = access_log
         self.links = links
         self.worker_count = workers
         self.ports = ports or Ports()
@@ -490,6 +494,8 @@ class Team:
                     "prefect", "postgresql+asyncpg"
                 ),
                 PREFECT_API_URL=self.prefect_api,
+                # Its access log (one line per request) is at INFO, off by default.
+                PREFECT_SERVER_LOGGING_LEVEL="INFO" if self.access_log else "WARNING",
             ),
             self.home / "logs" / "prefect-server.log",
         )

@@ -256,3 +256,12 @@ def test_serving_a_link_without_a_secret_needs_insecure(
     assert main(["receive", "--links", str(path), "--port", "0"]) == 2
     error = capsys.readouterr().err
     assert "link 'open' has no webhook secret" in error and "--insecure" in error
+
+
+def test_team_up_without_links_says_how_to_add_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "none.yaml"
+    assert main(["team", "up", "--home", str(tmp_path / "team"), "--links", str(empty)]) == 2
+    assert "no linked repositories" in capsys.readouterr().err
+    assert not (tmp_path / "team").exists()

@@ -181,8 +181,17 @@ def test_two_repositories_run_in_parallel_each_with_its_own_versions(
     }
     assert {r.data.tags["textgen.version"] for r in runs.values()} == {"1"}
     assert runs["alpha"].info.experiment_id != runs["beta"].info.experiment_id
-    alpha = topology.flow_runs_of("alpha", shas["alpha"])[0]
-    beta = topology.flow_runs_of("beta", shas["beta"])[0]
+    # A version is published just before Prefect records its flow run Completed.
+    alpha, beta = (
+        wait_for(
+            lambda n=name: [
+                r for r in topology.flow_runs_of(n, shas[n]) if r["state_type"] == "COMPLETED"
+            ],
+            60,
+            f"{name}'s flow run to complete",
+        )[0]
+        for name in ("alpha", "beta")
+    )
     (a_start, a_end), (b_start, b_end) = _interval(alpha), _interval(beta)
     # Each worker takes one run at a time: runs that overlap ran on different workers.
     assert a_start < b_end and b_start < a_end, (alpha, beta)
@@ -288,22 +297,12 @@ def test_processes_writing_at_once_get_unique_gap_free_numbers_on_postgresql(
 ) -> None:
     """Four processes on their own, as workers are, take numbers in one experiment through the
     tracking server at the same time: the PostgreSQL-backed registry hands out 1..N once each."""
-    from tests.test_versions import WORKER
+    from tests.test_versions import _worker
 
     repo = "https://example.com/org/concurrent.git"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TEXTGEN_"))}
     env["MLFLOW_TRACKING_URI"] = topology.team.mlflow_uri
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, "normal", "10", repo],
-            cwd=Path(__file__).resolve().parents[1],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(4)
-    ]
+    workers = [_worker("normal", 10, Path.cwd(), env, repo) for _ in range(4)]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (_, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err[-3000:]

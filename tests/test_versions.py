@@ -43,11 +43,13 @@ WORKER = textwrap.dedent(
 )
 
 
-def _worker(mode: str, count: int, cwd: Path) -> subprocess.Popen[str]:
+def _worker(
+    mode: str, count: int, cwd: Path, env: dict[str, str] | None = None, repo: str = REPO
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", WORKER, mode, str(count), REPO],
+        [sys.executable, "-c", WORKER, mode, str(count), repo],
         cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ},
+        env={**os.environ} if env is None else env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
