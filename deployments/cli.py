@@ -267,12 +267,12 @@ def _served(args: argparse.Namespace) -> tuple[list[Any], dict[str, float], dict
     targets, their poll intervals and their deployment names."""
     from deployments.receiver import Served
     from deployments.serve import DEFAULT_DEPLOYMENT, read_secret
-    from tasks.links import links_file, load_links
+    from tasks.links import links_path, load_links
     from tasks.repo import RepoLocation
 
     links = []
     if args.links or not args.repo:
-        path = Path(args.links).expanduser() if args.links else links_file()
+        path = links_path(args.links)
         if args.links and not path.exists():
             raise SettingsError(f"--links {args.links}: no such file")
         links = load_links(path)
@@ -365,9 +365,9 @@ def cmd_link_add(args: argparse.Namespace) -> int:
     """Add a linked repository to the links file (or replace the one of the same name)."""
     from pydantic import ValidationError
 
-    from tasks.links import Link, default_name, links_file, load_links, save_links
+    from tasks.links import Link, default_name, links_path, load_links, problems, save_links
 
-    path = Path(args.links).expanduser() if args.links else links_file()
+    path = links_path(args.links)
     links = load_links(path)
     limits: dict[str, Any] = {}
     for pair in args.limit:
@@ -388,10 +388,7 @@ def cmd_link_add(args: argparse.Namespace) -> int:
     try:
         link = Link.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise SettingsError(f"link {fields['name']!r}: {problems}") from None
+        raise SettingsError(f"link {fields['name']!r}: {problems(exc)}") from None
     kept = [existing for existing in links if existing.name != link.name]
     save_links([*kept, link], path)
     verb = "replaced" if len(kept) < len(links) else "added"
@@ -401,9 +398,9 @@ def cmd_link_add(args: argparse.Namespace) -> int:
 
 def cmd_link_list(args: argparse.Namespace) -> int:
     """List the linked repositories."""
-    from tasks.links import links_file, load_links
+    from tasks.links import links_path, load_links
 
-    path = Path(args.links).expanduser() if args.links else links_file()
+    path = links_path(args.links)
     links = load_links(path)
     if not links:
         print(f"no linked repositories in {path}")
@@ -426,9 +423,9 @@ def cmd_link_list(args: argparse.Namespace) -> int:
 
 def cmd_link_remove(args: argparse.Namespace) -> int:
     """Remove a linked repository (its recorded versions stay in MLflow)."""
-    from tasks.links import links_file, load_links, save_links
+    from tasks.links import links_path, load_links, save_links
 
-    path = Path(args.links).expanduser() if args.links else links_file()
+    path = links_path(args.links)
     links = load_links(path)
     kept = [link for link in links if link.name != args.name]
     if len(kept) == len(links):
@@ -444,12 +441,12 @@ def cmd_team_apply(args: argparse.Namespace) -> int:
     import json as _json
 
     from deployments.team import apply_links
-    from tasks.links import links_file, load_links
+    from tasks.links import links_path, load_links
     from tasks.tracking import ui_base_url
 
     if not os.environ.get("PREFECT_API_URL"):
         raise SettingsError("set PREFECT_API_URL to the team's Prefect server first")
-    path = Path(args.links).expanduser() if args.links else links_file()
+    path = links_path(args.links)
     links = load_links(path)
     ids = apply_links(links, args.pool, args.zombie_seconds, args.notify_url, ui_base_url())
     for link in links:
@@ -464,10 +461,10 @@ def cmd_team_up(args: argparse.Namespace) -> int:
     import threading
 
     from deployments.team import Ports, Team
-    from tasks.links import links_file, load_links
+    from tasks.links import links_path, load_links
 
     home = Path(args.home).expanduser().resolve()
-    links = Path(args.links).expanduser().resolve() if args.links else links_file()
+    links = links_path(args.links).resolve()
     if not load_links(links):
         raise SettingsError(
             f"no linked repositories in {links}: link one first with `textgen link add URL "

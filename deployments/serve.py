@@ -62,7 +62,8 @@ def server_file() -> Path:
     return prefect_home() / "server.json"
 
 
-def _healthy(api_url: str, timeout: float = 2.0) -> bool:
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """Whether `api_url/health` answers 200."""
     try:
         with urlopen(f"{api_url}/health", timeout=timeout) as response:
             return bool(response.status == 200)
@@ -77,7 +78,7 @@ def _recorded_server(home: Path) -> tuple[int, str] | None:
         pid, url = int(info["pid"]), str(info["url"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return (pid, url) if _is_prefect_server(pid) and _healthy(url) else None
+    return (pid, url) if _is_prefect_server(pid) and healthy(url) else None
 
 
 def running_local_server() -> str | None:
@@ -146,7 +147,7 @@ class LocalPrefectServer:
 
     def healthy(self) -> bool:
         """Whether the API answers its health check."""
-        return _healthy(self.url)
+        return healthy(self.url)
 
     def _adopt(self) -> bool:
         """Take over a server an earlier service of this data folder started and left running

@@ -31,12 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 from typing import Any
-from urllib.error import URLError
-from urllib.request import urlopen
 
 import yaml
 
-from deployments.serve import SECRET_ENV, ServeError, push_trigger
+from deployments.serve import SECRET_ENV, ServeError, healthy, push_trigger
 from tasks.links import Link
 
 logger = logging.getLogger(__name__)
@@ -71,14 +69,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except (URLError, OSError, ValueError):
-        return False
 
 
 def wait_until(check: Any, seconds: float, what: str, process: Child | None = None) -> None:
@@ -536,8 +526,8 @@ class Team:
             self.home / "logs" / "mlflow-server.log",
         )
         self.servers = {"prefect": prefect.start(), "mlflow": mlflow.start()}
-        wait_until(lambda: _healthy(f"{self.prefect_api}/health"), 180, "prefect server", prefect)
-        wait_until(lambda: _healthy(f"{self.mlflow_uri}/health"), 180, "mlflow server", mlflow)
+        wait_until(lambda: healthy(self.prefect_api), 180, "prefect server", prefect)
+        wait_until(lambda: healthy(self.mlflow_uri), 180, "mlflow server", mlflow)
         self.apply()
         self.start_receiver()
         for index in range(self.worker_count):
@@ -577,7 +567,7 @@ class Team:
         )
         self.servers["receiver"] = receiver.start()
         wait_until(
-            lambda: _healthy(f"http://127.0.0.1:{self.ports.receiver}/healthz"),
+            lambda: healthy(f"http://127.0.0.1:{self.ports.receiver}"),
             180,
             "receiver",
             receiver,

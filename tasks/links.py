@@ -168,8 +168,16 @@ class Link(BaseModel):
         return json.dumps(self.model_dump(), sort_keys=True)
 
 
-def _label(path: Path | str) -> str:
-    return str(path)
+def links_path(explicit: str | None) -> Path:
+    """The links file a command was given (`--links`), else `links_file()`."""
+    return Path(explicit).expanduser() if explicit else links_file()
+
+
+def problems(exc: ValidationError) -> str:
+    """A link's validation errors, each as `field: message`."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: {e['msg']}" for e in exc.errors()
+    )
 
 
 def parse_links(data: Any, source: Path | str) -> list[Link]:
@@ -177,19 +185,16 @@ def parse_links(data: Any, source: Path | str) -> list[Link]:
     if data is None:
         return []
     if not isinstance(data, dict) or set(data) - {"links"}:
-        raise SettingsError(f"{_label(source)}: expected a mapping with one key, `links`, a list")
+        raise SettingsError(f"{source}: expected a mapping with one key, `links`, a list")
     items = data.get("links") or []
     if not isinstance(items, list):
-        raise SettingsError(f"{_label(source)}: `links` must be a list")
+        raise SettingsError(f"{source}: `links` must be a list")
     links: list[Link] = []
     for index, item in enumerate(items):
         try:
             links.append(Link.model_validate(item))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: {e['msg']}" for e in exc.errors()
-            )
-            raise SettingsError(f"{_label(source)}: link {index + 1}: {problems}") from None
+            raise SettingsError(f"{source}: link {index + 1}: {problems(exc)}") from None
     _check_unique(links, source)
     return links
 
@@ -199,11 +204,11 @@ def _check_unique(links: Iterable[Link], source: Path | str) -> None:
     targets: set[tuple[str, str]] = set()
     for link in links:
         if link.name in names:
-            raise SettingsError(f"{_label(source)}: two links are named {link.name!r}")
+            raise SettingsError(f"{source}: two links are named {link.name!r}")
         target = (link.repo_key, link.branch)
         if target in targets:
             raise SettingsError(
-                f"{_label(source)}: {link.url}@{link.branch} is linked twice (as {link.name!r})"
+                f"{source}: {link.url}@{link.branch} is linked twice (as {link.name!r})"
             )
         names.add(link.name)
         targets.add(target)
