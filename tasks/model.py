@@ -33,6 +33,8 @@ from tasks.config import (
     requested_device,
 )
 from tasks.errors import ModelError, SettingsError
+from tasks.packing import enabled as packing_enabled
+from tasks.packing import pack_linears
 from tasks.repo import CommitInfo
 from tasks.settings import GenerationSettings
 
@@ -60,6 +62,8 @@ class Generator:
     model_class: str
     load_seconds: float
     cache_hit: bool = False
+    fast_path: str = "none"
+    """How the model runs faster than as loaded (`tasks.packing`), or `none (why)`."""
 
     def describe(self) -> dict[str, str]:
         """The model's identity and placement, as MLflow parameters."""
@@ -70,6 +74,7 @@ class Generator:
             "model.class": self.model_class,
             "model.dtype": self.dtype,
             "model.cache_hit": str(self.cache_hit),
+            "model.fast_path": self.fast_path,
             "device": self.device,
         }
 
@@ -352,6 +357,43 @@ def resolve_device(requested: str | None = None) -> str:
 
 _CACHE: OrderedDict[tuple[str, ...], Generator] = OrderedDict()
 
+WARM_HINT_ENV = "TEXTGEN_WARM_HINT"
+"""Where a run served by `textgen serve` notes the model it loaded (`deployments.warm`)."""
+
+
+def note_loaded(
+    settings: GenerationSettings, revision: str | None, path: Path | None
+) -> dict[str, Any] | None:
+    """Write what `build_generator` needs to load this model again, for serve to keep it
+    loaded for the next run (`TEXTGEN_WARM_HINT`; nothing outside serve)."""
+    target = os.environ.get(WARM_HINT_ENV)
+    if not target:
+        return None
+    record = {
+        "model": settings.model,
+        "revision": settings.revision,
+        "dtype": settings.dtype,
+        "digest": revision,
+        "path": None if path is None else str(path),
+    }
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=Path(target).parent, delete=False) as handle:
+            json.dump(record, handle, sort_keys=True)
+        os.replace(handle.name, target)
+    except OSError as exc:  # an optimisation: the run goes on without it
+        logger.warning("Could not note the loaded model in %s: %s", target, exc)
+        return None
+    return record
+
+
+def load_noted(record: dict[str, Any]) -> Generator:
+    """Load a model as `note_loaded` described it, into this process's cache."""
+    settings = GenerationSettings.model_validate(
+        {"model": record["model"], "revision": record.get("revision"), "dtype": record.get("dtype")}
+    )
+    path = record.get("path")
+    return build_generator(settings, record.get("digest"), Path(path) if path else None)
+
 
 def _cache_size() -> int:
     try:
@@ -374,7 +416,14 @@ def build_generator(
     path = path or locate_model(settings)
     revision = revision or local_revision(settings, path)
     device = resolve_device()
-    key = (settings.model, settings.revision or "", revision or "", settings.dtype or "", device)
+    key = (
+        settings.model,
+        settings.revision or "",
+        revision or "",
+        settings.dtype or "",
+        device,
+        str(packing_enabled()),
+    )
     if key in _CACHE:
         _CACHE.move_to_end(key)
         cached = _CACHE[key]
@@ -403,6 +452,7 @@ def build_generator(
             else ""
         )
         raise ModelError(f"cannot load model {settings.model!r} from {where}: {exc}{hint}") from exc
+    packing = pack_linears(pipe.model, str(pipe.device))
     load_seconds = time.perf_counter() - started
     if kind == "hub":
         revision = (
@@ -418,6 +468,7 @@ def build_generator(
         dtype=str(pipe.model.dtype).removeprefix("torch."),
         model_class=type(pipe.model).__name__,
         load_seconds=load_seconds,
+        fast_path=packing.describe(),
     )
     if _cache_size():
         _CACHE[key] = generator
@@ -432,13 +483,16 @@ def load_generator(
 ) -> Generator:
     """Load the text-generation pipeline for the settings' model."""
     generator = build_generator(settings, revision, path)
+    if not generator.cache_hit:
+        note_loaded(settings, revision, path)
     get_run_logger().info(
-        "Model %s (%s, revision %s) on %s in %s: %s",
+        "Model %s (%s, revision %s) on %s in %s, fast path %s: %s",
         generator.model,
         generator.kind,
         generator.revision,
         generator.device,
         generator.dtype,
+        generator.fast_path,
         "reused from this worker"
         if generator.cache_hit
         else f"loaded in {generator.load_seconds:.2f} s",
