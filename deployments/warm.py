@@ -8,18 +8,37 @@ point) starts runs with multiprocessing's `forkserver` instead: one single-threa
 process imports those libraries once, and each run is a fork of it. Runs stay isolated in
 processes of their own, cancellable and crash-contained as before.
 
-`TEXTGEN_WARM_START=0` turns this off.
+The model stays warm too. A run that loads a model writes which one into a hint file
+(`TEXTGEN_WARM_HINT`, set by serve). When the hint names another model than the fork server
+holds, a new fork server is started that loads that model (into `tasks.model`'s cache) before
+it serves; once it is ready, later runs fork from it and find the model loaded: the same model
+and revision, same dtype and device, so the same pipeline. The old server stops when the
+last run it started has ended. The model is loaded with one torch thread, so no OpenMP
+thread pool exists at the fork, and each run gets the thread count back when it is forked.
+
+`TEXTGEN_WARM_START=0` turns this off; `TEXTGEN_WARM_MODEL_START=0` keeps the warm imports but
+loads the model in each run.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import shutil
+import signal
+import tempfile
 import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from tasks.model import WARM_HINT_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +70,112 @@ class _ForkingMultiprocessing:
         return self._context if method == "spawn" else multiprocessing.get_context(method)
 
 
+MODEL_ENV = "TEXTGEN_WARM_MODEL"
+"""For a fork server: the model to load before serving, as the hint file wrote it."""
+READY_ENV = "TEXTGEN_WARM_READY"
+"""For a fork server: the file it writes once the model is loaded (or failed to load)."""
+MODEL_MODULE = "deployments.warm_model"
+
+
+def _off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in {"0", "false", "no", "off"}
+
+
 def enabled() -> bool:
     """Whether warm starts are on (`TEXTGEN_WARM_START`, default on)."""
-    return os.environ.get("TEXTGEN_WARM_START", "1").strip().lower() not in {"0", "false", "no"}
+    return not _off("TEXTGEN_WARM_START")
+
+
+class WarmServers:
+    """The fork servers runs start from: the current one (holding the last model a run
+    loaded) and retired ones that still parent running runs."""
+
+    def __init__(self, preload: Sequence[str], hint: Path) -> None:
+        self.preload = list(preload)
+        self.hint = hint
+        self.current: Any = multiprocessing.forkserver._forkserver
+        self.handled = ""
+        """The last hint acted on (loaded, or failed to load: not tried again until it changes)."""
+        self.pending: tuple[Any, str, Path, float] | None = None
+        self.children: dict[int, list[Any]] = {}
+        self.retired: list[Any] = []
+        self._seen_mtime = 0.0
+
+    def launched(self, process: Any) -> None:
+        """Remember which server parents `process` (a run just started)."""
+        self.children.setdefault(id(self.current), []).append(process)
+
+    def _running(self, server: Any) -> bool:
+        procs = self.children.get(id(server), [])
+        # Read only what Prefect's own polling recorded: polling here would consume the
+        # exit status its runner waits for.
+        alive = [p for p in procs if getattr(getattr(p, "_popen", None), "returncode", 0) is None]
+        self.children[id(server)] = alive
+        return bool(alive)
+
+    def _start(self, record: str) -> None:
+        server = multiprocessing.forkserver.ForkServer()
+        server.set_forkserver_preload([*self.preload, MODEL_MODULE])
+        ready = self.hint.with_name(f"{self.hint.name}.ready-{time.monotonic_ns()}")
+        saved = {name: os.environ.get(name) for name in (MODEL_ENV, READY_ENV)}
+        os.environ[MODEL_ENV] = record
+        os.environ[READY_ENV] = str(ready)
+        try:
+            server.ensure_running()  # the server process inherits the two variables
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        self.pending = (server, record, ready, time.monotonic())
+        logger.info("Loading model %s into a new fork server", json.loads(record).get("model"))
+
+    def check(self, timeout: float = 1800.0) -> None:
+        """Start a server for a newly hinted model; swap to it when ready; stop idle old ones.
+
+        Called with the starter's lock held, between run starts.
+        """
+        if self.pending is not None:
+            server, record, ready, started = self.pending
+            if ready.exists():
+                outcome = ready.read_text().strip()
+                ready.unlink(missing_ok=True)
+                self.pending = None
+                if outcome == "ready":
+                    self.retired.append(self.current)
+                    self.current, self.handled = server, record
+                    logger.info("Runs now start with model %s loaded", json.loads(record)["model"])
+                else:
+                    logger.warning("Could not keep the model warm: %s", outcome)
+                    self.handled = record  # do not retry the same model on every check
+                    server._stop()
+            elif time.monotonic() - started > timeout:
+                logger.warning("Gave up keeping the model warm: not loaded in %.0f s", timeout)
+                self.pending = None
+                self.handled = record
+                with contextlib.suppress(OSError):  # still loading: stop it, do not wait on it
+                    os.kill(server._forkserver_pid, signal.SIGKILL)
+                server._stop()
+        else:
+            try:
+                mtime = self.hint.stat().st_mtime
+            except OSError:
+                mtime = 0.0
+            if mtime and mtime != self._seen_mtime:
+                self._seen_mtime = mtime
+                try:
+                    record = json.dumps(json.loads(self.hint.read_text()), sort_keys=True)
+                except (OSError, ValueError):
+                    record = ""
+                if record and record != self.handled:
+                    self._start(record)
+        for server in list(self.retired):
+            if not self._running(server) and server is not self.current:
+                self.retired.remove(server)
+                if server is not multiprocessing.forkserver._forkserver:
+                    server._stop()
+                self.children.pop(id(server), None)
 
 
 def enable(preload: Sequence[str] = PRELOAD) -> bool:
@@ -71,15 +193,47 @@ def enable(preload: Sequence[str] = PRELOAD) -> bool:
     multiprocessing.forkserver.ensure_running()  # import once now: the first run is warm too
     real = engine.run_flow_in_subprocess
     shim = _ForkingMultiprocessing(context)
+    servers = None
+    if not _off("TEXTGEN_WARM_MODEL_START"):
+        folder = tempfile.mkdtemp(prefix="textgen-warm-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        hint = Path(folder) / "model.json"
+        os.environ[WARM_HINT_ENV] = str(hint)
+        servers = WarmServers(preload, hint)
+    module = multiprocessing.forkserver
 
     def run_flow_in_warm_process(*args: Any, **kwargs: Any) -> Any:
         with _lock:
+            if servers is not None:
+                servers.check()
+                module.connect_to_new_process = servers.current.connect_to_new_process
             engine.multiprocessing = shim  # type: ignore[assignment]
             try:
-                return real(*args, **kwargs)
+                process = real(*args, **kwargs)
+                if servers is not None:
+                    servers.launched(process)
+                return process
             finally:
                 engine.multiprocessing = multiprocessing
+                module.connect_to_new_process = module._forkserver.connect_to_new_process
 
     starter.run_flow_in_subprocess = run_flow_in_warm_process
+    if servers is not None:
+        _start_checker(servers)
     logger.info("Runs start warm: forked from a server that imported %s", ", ".join(preload))
     return True
+
+
+def _start_checker(servers: WarmServers, interval: float = 1.0) -> None:
+    """Check for a newly hinted model between runs too, so it is loaded before the next run."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                with _lock:
+                    servers.check()
+            except Exception:  # keeping a model warm must never stop serving
+                logger.exception("Warm-model check failed")
+
+    threading.Thread(target=loop, name="textgen-warm-models", daemon=True).start()

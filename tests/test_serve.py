@@ -312,3 +312,16 @@ def test_prefect_deployment_run_reruns_a_commit_by_hand(setup: Setup) -> None:
     run = setup.wait_run(first, "new")
     assert run.data.tags["textgen.trigger"] == "manual"
     assert run.data.tags["textgen.requested_ref"] == first[:7]
+
+
+def test_a_later_run_finds_the_model_an_earlier_run_loaded(setup: Setup) -> None:
+    # Earlier tests ran this model; serve has since loaded it into the server runs fork from.
+    deadline = time.monotonic() + 60
+    while "Runs now start with model" not in setup.service.output():
+        assert time.monotonic() < deadline, setup.service.output()[-3000:]
+        time.sleep(0.5)
+    sha = setup.push({"textgen.yaml": settings_yaml(setup.model, random_seed=21)}, "seed 21")
+    run = setup.wait_run(sha, "new")
+    assert run.data.params["model.cache_hit"] == "True"
+    assert float(run.data.metrics["load_seconds"]) < 0.1
+    assert run.data.params["model.fast_path"].startswith("packed-linear")
