@@ -90,9 +90,10 @@ def seconds(text: str | None) -> float | None:
 class running_stack:
     """Start the stack (and a first run, to warm it), and stop it afterwards."""
 
-    def __init__(self, model: Path, name: str) -> None:
+    def __init__(self, model: Path, name: str, env: dict[str, str] | None = None) -> None:
         self.model = model
         self.root = bench_dir() / "stack" / name
+        self.env = env
         self.stack: Stack | None = None
 
     def __enter__(self) -> Stack:
@@ -111,7 +112,7 @@ class running_stack:
         model_cache = str(model_cache_dir())
         try:
             service, receiver_url, tracking_uri = start_serve(
-                self.root, bare, prefect, SECRET, model_cache
+                self.root, bare, prefect, SECRET, model_cache, self.env
             )
         except BaseException:
             prefect.stop()

@@ -1,24 +1,35 @@
-"""Decode speed against the hardware: tokens per second of the generate step against the
-memory-bandwidth bound of this machine, for a GPT-2-size model in float32 and in bfloat16.
+"""Decode speed against the hardware: a decode step of the generate call against the
+memory-bandwidth bound of this machine, for a GPT-2-size model (float32, then bfloat16), and
+with `--large` for a GPT-Neo 1.3B-size one; each as transformers loads it and with the weights
+packed (`tasks/packing.py`, the product's default on CPU).
 
 Each decode step reads every weight once (the sequences of one call share it), so the fastest
-a step can be is weight bytes / read bandwidth; the bound in tokens per second is that rate
-times the number of sequences. Bandwidth is measured here, in the same process, as torch's
-sum over a 1 GiB tensor (all threads torch uses). Reported: measured / bound.
+a step can be is weight bytes / read bandwidth. Bandwidth is measured here, in the same
+process, as torch's sum over a 1 GiB tensor (all threads torch uses). Two times per step:
+`forward` is the model's own decode step (a forward pass of one new token per sequence, timed
+inside generate()), `per token` is generate()'s whole time over the new tokens, with
+sampling and its bookkeeping. Reported: each / bound, and the packed path's speed-up.
 
-    .venv/bin/python benchmarks/decode_speed.py [--repeats 5] [--new-tokens 64]
+    .venv/bin/python benchmarks/decode_speed.py [--repeats 5] [--new-tokens 100] [--large]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
-from _common import PROMPT, bench_dir, gpt2_124m, median, print_header
+from _common import PROMPT, ROOT, bench_dir, gpt2_124m, median, print_header
 
 
-def read_bandwidth(repeats: int = 7) -> float:
-    """Bytes per second torch reads from memory (sum over a 1 GiB float32 tensor)."""
+def read_bandwidth(repeats: int = 9) -> float:
+    """Bytes per second torch reads from memory: a sum over a 1 GiB float32 tensor, the best
+    of `repeats` (a bound is what the machine can do; on a shared machine the median of the
+    same samples has varied from 43 to 73 GB/s between invocations)."""
     import torch
 
     data = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
@@ -28,52 +39,195 @@ def read_bandwidth(repeats: int = 7) -> float:
         started = time.perf_counter()
         data.sum()
         samples.append(time.perf_counter() - started)
-    return data.numel() * data.element_size() / median(samples)
+    return data.numel() * data.element_size() / min(samples)
+
+
+def gpt_neo_1_3b(folder: Path) -> Path:
+    """GPT-Neo 1.3B's architecture (24 layers, 2048 wide, 16 heads, local and global
+    attention, 50,257-token vocabulary) with random weights, saved once with save_pretrained;
+    the tokenizer is the one of `gpt2_124m`."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
+
+    small = gpt2_124m(bench_dir() / "gpt2-124m")
+    tokenizer = AutoTokenizer.from_pretrained(small)
+    config = GPTNeoConfig(
+        vocab_size=50257,
+        max_position_embeddings=2048,
+        hidden_size=2048,
+        num_layers=24,
+        num_heads=16,
+        attention_types=[[["global", "local"], 12]],
+        window_size=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    print(f"building {folder.name} (random weights, once) ...", flush=True)
+    model = GPTNeoForCausalLM(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+class StepTimer:
+    """Times the model's decode steps (forward passes of one new token) inside generate()."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.seconds: list[float] = []
+        self._forward = model.forward
+
+    def __enter__(self) -> StepTimer:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            ids = kwargs.get("input_ids")
+            started = time.perf_counter()
+            out = self._forward(*args, **kwargs)
+            if ids is not None and ids.shape[-1] == 1:
+                self.seconds.append(time.perf_counter() - started)
+            return out
+
+        self.model.forward = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.model.forward
+
+
+def sampler_rng_seconds(vocab: int, rows: int) -> float:
+    """One step of torch.multinomial's random draws: an exponential per vocabulary entry per
+    sequence, drawn serially from the seeded generator (fixed by the texts)."""
+    import torch
+
+    draws = torch.empty(rows, vocab)
+    samples = []
+    for _ in range(20):
+        started = time.perf_counter()
+        draws.exponential_()
+        samples.append(time.perf_counter() - started)
+    return median(samples)
+
+
+def measure(folder: Path, dtype: str, packed: bool, args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.generate import run_generation
+    from tasks.model import _CACHE, build_generator
+    from tasks.settings import GenerationSettings
+
+    os.environ["TEXTGEN_PACKED_WEIGHTS"] = "1" if packed else "0"
+    _CACHE.clear()
+    settings = GenerationSettings(
+        model=str(folder),
+        initial_sentence=PROMPT,
+        max_new_tokens=args.new_tokens,
+        num_return_sequences=args.sequences,
+        dtype=dtype,  # type: ignore[arg-type]
+    )
+    generator = build_generator(settings)
+    model = generator.pipeline.model
+    run_generation(generator, settings)  # warm-up
+    per_token, texts = [], []
+    with StepTimer(model) as steps:
+        for _ in range(args.repeats):
+            generations = run_generation(generator, settings)
+            per_token.append(generations.generation_seconds / max(generations.new_tokens))
+            texts = generations.texts
+    result = {
+        "per_token": median(per_token),
+        "forward": median(steps.seconds),
+        "load": generator.load_seconds,
+        "fast_path": generator.fast_path,
+        "texts": texts,
+        "vocab": int(model.config.vocab_size),
+    }
+    del generator, model
+    _CACHE.clear()
+    return result
+
+
+def weight_bytes(folder: Path, dtype: str) -> tuple[int, int]:
+    """Bytes and count of the weights as transformers loads them (tied ones once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    params = list(model.parameters())
+    return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)
+
+
+def load_in_fresh_process(folder: Path, packed: bool) -> float:
+    """Seconds `build_generator` takes in a new interpreter (the model files in the page
+    cache): what each run pays when nothing keeps the model loaded."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "from tasks.model import build_generator\n"
+        "from tasks.settings import GenerationSettings\n"
+        f"g = build_generator(GenerationSettings(model={str(folder)!r}))\n"
+        "print(g.load_seconds)\n"
+    )
+    env = {**os.environ, "TEXTGEN_PACKED_WEIGHTS": "1" if packed else "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def report(name: str, folder: Path, dtype: str, bandwidth: float, args: Any) -> None:
+    size, params = weight_bytes(folder, dtype)
+    bound = size / bandwidth
+    print(
+        f"\n{name}, {dtype}: {params / 1e6:.1f}M parameters, {size / 1e6:.0f} MB of weights, "
+        f"{args.sequences} sequences x {args.new_tokens} new tokens; bound {bound * 1000:.1f} ms "
+        f"per step"
+    )
+    rows = {}
+    for packed in (False, True):
+        label = "packed" if packed else "as loaded"
+        rows[label] = row = measure(folder, dtype, packed, args)
+        print(
+            f"  {label:9}: forward {row['forward'] * 1000:6.1f} ms ({row['forward'] / bound:.2f}x "
+            f"bound) | per token {row['per_token'] * 1000:6.1f} ms ({row['per_token'] / bound:.2f}x "
+            f"bound) | load {row['load']:.2f} s | fast path {row['fast_path']}"
+        )
+    before, after = rows["as loaded"], rows["packed"]
+    rng = sampler_rng_seconds(after["vocab"], args.sequences)
+    print(
+        f"  speed-up  : forward {before['forward'] / after['forward']:.2f}x, per token "
+        f"{before['per_token'] / after['per_token']:.2f}x; identical texts: "
+        f"{before['texts'] == after['texts']}"
+    )
+    print(
+        f"  sampler's random draws alone: {rng * 1000:.1f} ms per step; per token without them: "
+        f"{(after['per_token'] - rng) / bound:.2f}x bound"
+    )
+    if args.load:
+        for packed in (False, True):
+            loads = [load_in_fresh_process(folder, packed) for _ in range(3)]
+            label = "packed" if packed else "as loaded"
+            print(f"  load per run in a fresh process ({label}): {median(loads):.2f} s (n=3)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--sequences", type=int, default=5)
+    parser.add_argument("--large", action="store_true", help="also GPT-Neo 1.3B's size")
+    parser.add_argument("--load", action="store_true", help="also load time per fresh process")
     args = parser.parse_args()
-    print_header("decode speed: generate step / memory-bandwidth bound")
+    print_header("decode speed: decode step / memory-bandwidth bound, as loaded and packed")
 
-    from tasks.generate import run_generation
-    from tasks.model import build_generator
-    from tasks.settings import GenerationSettings
-
-    folder = gpt2_124m(bench_dir() / "gpt2-124m")
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s")
-    for dtype in ("float32", "bfloat16"):
-        settings = GenerationSettings(
-            model=str(folder),
-            initial_sentence=PROMPT,
-            max_new_tokens=args.new_tokens,
-            num_return_sequences=args.sequences,
-            dtype=dtype,  # type: ignore[arg-type]
-        )
-        generator = build_generator(settings)
-        model = generator.pipeline.model
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        params = sum(p.numel() for p in model.parameters())
-        run_generation(generator, settings)  # warm-up
-        rates, steps = [], []
-        for _ in range(args.repeats):
-            generations = run_generation(generator, settings)
-            rates.append(generations.tokens_per_second)
-            steps.append(generations.generation_seconds / max(generations.new_tokens))
-        bound_steps = bandwidth / weight_bytes
-        bound_tokens = bound_steps * args.sequences
-        measured = median(rates)
-        print(
-            f"\n{dtype}: {params / 1e6:.1f}M parameters, {weight_bytes / 1e6:.0f} MB of weights, "
-            f"{args.sequences} sequences x {args.new_tokens} new tokens"
-        )
-        print(f"  measured : {measured:.1f} tokens/s ({median(steps) * 1000:.1f} ms per step)")
-        print(f"  bound    : {bound_tokens:.1f} tokens/s ({1000 / bound_steps:.1f} ms per step)")
-        print(f"  ratio measured / bound: {measured / bound_tokens:.3f}")
+    small = gpt2_124m(bench_dir() / "gpt2-124m")
+    report("gpt2-124m", small, "float32", bandwidth, args)
+    report("gpt2-124m", small, "bfloat16", bandwidth, args)
+    if args.large:
+        large = gpt_neo_1_3b(bench_dir() / "gpt-neo-1.3b")
+        args.new_tokens, args.repeats = min(args.new_tokens, 32), min(args.repeats, 3)
+        report("gpt-neo-1.3b", large, "float32", bandwidth, args)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,12 @@ class Service:
 
 
 def start_serve(
-    root: Path, bare: Path, prefect: PrefectServer, secret: str, model_cache: str
+    root: Path,
+    bare: Path,
+    prefect: PrefectServer,
+    secret: str,
+    model_cache: str,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[Service, str, str]:
     """`textgen serve` for a bare repository (data under `root`), with the hook installed.
 
@@ -157,6 +162,7 @@ def start_serve(
         "MLFLOW_TRACKING_URI": tracking_uri,
         "TEXTGEN_ARTIFACT_ROOT": (root / "artifacts").as_uri(),
         "TEXTGEN_WEBHOOK_SECRET": secret,
+        **(extra_env or {}),
     }
     # A log of its own per start: a restart must not be taken as up from the last one's lines.
     log = next(
