@@ -37,11 +37,15 @@ def forced_runs(model: Path, name: str, warm: bool, repeats: int) -> dict[str, l
         deployment = httpx.get(f"{api}/deployments/name/{DEPLOYMENT}", timeout=10).json()
         for _ in range(repeats):
             started = time.time()
-            response = httpx.post(
-                f"{api}/deployments/{deployment['id']}/create_flow_run",
-                json={"parameters": {"force": True}},
-                timeout=10,
-            )
+            for attempt in range(10):  # the server answers 503 while its database is busy
+                response = httpx.post(
+                    f"{api}/deployments/{deployment['id']}/create_flow_run",
+                    json={"parameters": {"force": True}},
+                    timeout=30,
+                )
+                if response.status_code != 503:
+                    break
+                time.sleep(1 + attempt)
             response.raise_for_status()
             flow_run_id = response.json()["id"]
             run = wait_for(
