@@ -130,7 +130,8 @@ def pack_linears(model: Any, device: str) -> Packing:
     shared = _shared_weights(model)
     replaced: list[tuple[Any, str, Any]] = []
     extra = 0
-    with torch.inference_mode():
+    # no_grad, not inference_mode: the packed weights stay ordinary tensors, usable in any mode.
+    with torch.no_grad():
         try:
             vocab = int(getattr(model.config, "vocab_size", 0) or 2)
             probe = torch.arange(4, dtype=torch.long).unsqueeze(0) % vocab
