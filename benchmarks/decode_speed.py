@@ -1,7 +1,8 @@
 """Decode speed against the hardware: a decode step of the generate call against the
 memory-bandwidth bound of this machine, for a GPT-2-size model (float32, then bfloat16), and
 with `--large` for a GPT-Neo 1.3B-size one; each as transformers loads it and with the weights
-packed (`tasks/packing.py`, the product's default on CPU).
+packed (`tasks/packing.py`, the product's default on CPU), and with `--compiled` as an
+experiment: the unpacked model's forward under `torch.compile` (inductor, freezing).
 
 Each decode step reads every weight once (the sequences of one call share it), so the fastest
 a step can be is weight bytes / read bandwidth. Bandwidth is measured here, in the same
@@ -10,7 +11,8 @@ process, as torch's sum over a 1 GiB tensor (all threads torch uses). Two times 
 inside generate()), `per token` is generate()'s whole time over the new tokens, with
 sampling and its bookkeeping. Reported: each / bound, and the packed path's speed-up.
 
-    .venv/bin/python benchmarks/decode_speed.py [--repeats 5] [--new-tokens 100] [--large]
+    .venv/bin/python benchmarks/decode_speed.py [--repeats 5] [--new-tokens 100] [--large] [--load]
+        [--compiled]
 """
 
 from __future__ import annotations
@@ -111,7 +113,9 @@ def sampler_rng_seconds(vocab: int, rows: int) -> float:
     return median(samples)
 
 
-def measure(folder: Path, dtype: str, packed: bool, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    folder: Path, dtype: str, packed: bool, args: argparse.Namespace, compiled: bool = False
+) -> dict[str, Any]:
     from tasks.generate import run_generation
     from tasks.model import _CACHE, build_generator
     from tasks.settings import GenerationSettings
@@ -127,7 +131,17 @@ def measure(folder: Path, dtype: str, packed: bool, args: argparse.Namespace) ->
     )
     generator = build_generator(settings)
     model = generator.pipeline.model
-    run_generation(generator, settings)  # warm-up
+    compile_seconds = 0.0
+    if compiled:  # an experiment, not the product: inductor packs the weights itself
+        import torch
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True
+        model.forward = torch.compile(model.forward, dynamic=True)
+        started = time.perf_counter()
+    run_generation(generator, settings)  # warm-up (and, compiled, the compilation)
+    if compiled:
+        compile_seconds = time.perf_counter() - started
     per_token, texts = [], []
     with StepTimer(model) as steps:
         for _ in range(args.repeats):
@@ -138,7 +152,8 @@ def measure(folder: Path, dtype: str, packed: bool, args: argparse.Namespace) ->
         "per_token": median(per_token),
         "forward": median(steps.seconds),
         "load": generator.load_seconds,
-        "fast_path": generator.fast_path,
+        "fast_path": "compiled (inductor, freezing)" if compiled else generator.fast_path,
+        "compile": compile_seconds,
         "texts": texts,
         "vocab": int(model.config.vocab_size),
     }
@@ -191,6 +206,14 @@ def report(name: str, folder: Path, dtype: str, bandwidth: float, args: Any) -> 
             f"bound) | per token {row['per_token'] * 1000:6.1f} ms ({row['per_token'] / bound:.2f}x "
             f"bound) | load {row['load']:.2f} s | fast path {row['fast_path']}"
         )
+    if args.compiled and dtype == "float32":
+        rows["compiled"] = row = measure(folder, dtype, False, args, compiled=True)
+        print(
+            f"  compiled : forward {row['forward'] * 1000:6.1f} ms ({row['forward'] / bound:.2f}x "
+            f"bound) | per token {row['per_token'] * 1000:6.1f} ms ({row['per_token'] / bound:.2f}x "
+            f"bound) | first call (compiling) {row['compile']:.1f} s | same texts as packed: "
+            f"{row['texts'] == rows['packed']['texts']} (an experiment, not the product)"
+        )
     before, after = rows["as loaded"], rows["packed"]
     rng = sampler_rng_seconds(after["vocab"], args.sequences)
     print(
@@ -216,6 +239,9 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=5)
     parser.add_argument("--large", action="store_true", help="also GPT-Neo 1.3B's size")
     parser.add_argument("--load", action="store_true", help="also load time per fresh process")
+    parser.add_argument(
+        "--compiled", action="store_true", help="also torch.compile's step (float32; ~1 min)"
+    )
     args = parser.parse_args()
     print_header("decode speed: decode step / memory-bandwidth bound, as loaded and packed")
 
