@@ -170,6 +170,7 @@ class WarmServers:
                     record = ""
                 if record and record != self.handled:
                     self._start(record)
+        self._running(self.current)  # forget the current server's runs that have ended
         for server in list(self.retired):
             if not self._running(server) and server is not self.current:
                 self.retired.remove(server)
@@ -205,7 +206,7 @@ def enable(preload: Sequence[str] = PRELOAD) -> bool:
     def run_flow_in_warm_process(*args: Any, **kwargs: Any) -> Any:
         with _lock:
             if servers is not None:
-                servers.check()
+                _check(servers)
                 module.connect_to_new_process = servers.current.connect_to_new_process
             engine.multiprocessing = shim  # type: ignore[assignment]
             try:
@@ -224,16 +225,21 @@ def enable(preload: Sequence[str] = PRELOAD) -> bool:
     return True
 
 
+def _check(servers: WarmServers) -> None:
+    """`servers.check()`, whose failure is logged: keeping a model warm never stops a run."""
+    try:
+        servers.check()
+    except Exception:
+        logger.exception("Warm-model check failed")
+
+
 def _start_checker(servers: WarmServers, interval: float = 1.0) -> None:
     """Check for a newly hinted model between runs too, so it is loaded before the next run."""
 
     def loop() -> None:
         while True:
             time.sleep(interval)
-            try:
-                with _lock:
-                    servers.check()
-            except Exception:  # keeping a model warm must never stop serving
-                logger.exception("Warm-model check failed")
+            with _lock:
+                _check(servers)
 
     threading.Thread(target=loop, name="textgen-warm-models", daemon=True).start()

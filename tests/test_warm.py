@@ -94,6 +94,7 @@ def test_a_run_notes_its_model_and_the_next_one_finds_it_loaded(
     assert warm[2] == cold[2]  # same texts
     servers.check()
     assert servers.retired == []  # the plain server had no running child left: stopped
+    assert servers.children[id(servers.current)] == []  # ended runs are forgotten
     servers.current._stop()
 
 
