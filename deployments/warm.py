@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.config import switched_off
 from tasks.model import WARM_HINT_ENV
 
 logger = logging.getLogger(__name__)
@@ -77,13 +78,9 @@ READY_ENV = "TEXTGEN_WARM_READY"
 MODEL_MODULE = "deployments.warm_model"
 
 
-def _off(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() in {"0", "false", "no", "off"}
-
-
 def enabled() -> bool:
     """Whether warm starts are on (`TEXTGEN_WARM_START`, default on)."""
-    return not _off("TEXTGEN_WARM_START")
+    return not switched_off("TEXTGEN_WARM_START")
 
 
 class WarmServers:
@@ -195,7 +192,7 @@ def enable(preload: Sequence[str] = PRELOAD) -> bool:
     real = engine.run_flow_in_subprocess
     shim = _ForkingMultiprocessing(context)
     servers = None
-    if not _off("TEXTGEN_WARM_MODEL_START"):
+    if not switched_off("TEXTGEN_WARM_MODEL_START"):
         folder = tempfile.mkdtemp(prefix="textgen-warm-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         hint = Path(folder) / "model.json"

@@ -15,8 +15,10 @@ from pathlib import Path
 
 
 def _load() -> None:
-    record = os.environ.get("TEXTGEN_WARM_MODEL")
-    ready = os.environ.get("TEXTGEN_WARM_READY")
+    from deployments.warm import MODEL_ENV, READY_ENV
+
+    record = os.environ.get(MODEL_ENV)
+    ready = os.environ.get(READY_ENV)
     if not record or not ready:
         return
     try:

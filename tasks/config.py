@@ -27,6 +27,11 @@ def setting(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
+def switched_off(name: str) -> bool:
+    """Whether an on-by-default operator switch is set to 0, false, no or off."""
+    return (setting(name) or "").strip().lower() in {"0", "false", "no", "off"}
+
+
 @contextlib.contextmanager
 def overrides(values: dict[str, str]) -> Iterator[None]:
     """Let a linked repository's own limits and credentials hold while its run goes on."""

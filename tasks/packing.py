@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.config import setting
+from tasks.config import switched_off
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ class Packing:
     """Linear layers now running on packed weights."""
     extra_bytes: int
     """Memory added: packed copies of weights that are also used unpacked (tied embeddings)."""
-    seconds: float
     skipped: str = ""
     """Why nothing was packed, when nothing was."""
 
@@ -54,8 +53,7 @@ class Packing:
 
 def enabled() -> bool:
     """Whether models are packed at load (`TEXTGEN_PACKED_WEIGHTS`, default on)."""
-    value = (setting(ENV, "1") or "1").strip().lower()
-    return value not in {"0", "false", "no", "off"}
+    return not switched_off(ENV)
 
 
 def _linear_module() -> Any:
@@ -124,7 +122,7 @@ def pack_linears(model: Any, device: str) -> Packing:
 
     reason = why_not(model, device)
     if reason:
-        return Packing(layers=0, extra_bytes=0, seconds=0.0, skipped=reason)
+        return Packing(layers=0, extra_bytes=0, skipped=reason)
     started = time.perf_counter()
     packed_cls = packed_linear_class()
     shared = _shared_weights(model)
@@ -137,7 +135,7 @@ def pack_linears(model: Any, device: str) -> Packing:
             probe = torch.arange(4, dtype=torch.long).unsqueeze(0) % vocab
             expected = model(input_ids=probe).logits
         except Exception as exc:  # a model this check cannot run stays as it is
-            return Packing(0, 0, 0.0, skipped=f"no check forward: {type(exc).__name__}")
+            return Packing(0, 0, skipped=f"no check forward: {type(exc).__name__}")
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear:
@@ -162,10 +160,10 @@ def pack_linears(model: Any, device: str) -> Packing:
             for parent, name, child in replaced:
                 setattr(parent, name, child)
             logger.warning("Not packing %s: %s", type(model).__name__, problem)
-            return Packing(0, 0, time.perf_counter() - started, skipped=problem)
+            return Packing(0, 0, skipped=problem)
     seconds = time.perf_counter() - started
     logger.info("Packed %d linear layers in %.2f s (%d bytes added)", len(replaced), seconds, extra)
-    return Packing(layers=len(replaced), extra_bytes=extra, seconds=seconds)
+    return Packing(layers=len(replaced), extra_bytes=extra)
 
 
 def _shared_weights(model: Any) -> set[int]:
