@@ -77,6 +77,22 @@ class Stack:
     def flow_runs(self) -> list[dict[str, Any]]:
         return self.prefect.flow_runs(DEPLOYMENT)
 
+    def force_run(self) -> str:
+        """Create a run of the deployment by hand (`force`: it generates); its flow run id."""
+        api = self.prefect.api_url
+        deployment = httpx.get(f"{api}/deployments/name/{DEPLOYMENT}", timeout=10).json()
+        for attempt in range(10):  # the server answers 503 while its database is busy
+            response = httpx.post(
+                f"{api}/deployments/{deployment['id']}/create_flow_run",
+                json={"parameters": {"force": True}},
+                timeout=30,
+            )
+            if response.status_code != 503:
+                break
+            time.sleep(1 + attempt)
+        response.raise_for_status()
+        return str(response.json()["id"])
+
 
 def seconds(text: str | None) -> float | None:
     """An API timestamp as epoch seconds."""

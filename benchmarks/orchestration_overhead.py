@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 from _common import median, print_header, spread
-from _stack import DEPLOYMENT, running_stack, seconds
+from _stack import running_stack, seconds
 
 from tests.servers import wait_for
 
@@ -76,16 +76,9 @@ def main() -> None:
     parts: dict[str, list[float]] = defaultdict(list)
     with running_stack(model, "overhead") as stack:
         api = stack.prefect.api_url
-        deployment = httpx.get(f"{api}/deployments/name/{DEPLOYMENT}", timeout=10).json()
         for _ in range(args.repeats):
             started = time.time()
-            response = httpx.post(
-                f"{api}/deployments/{deployment['id']}/create_flow_run",
-                json={"parameters": {"force": True}},
-                timeout=10,
-            )
-            response.raise_for_status()
-            flow_run_id = response.json()["id"]
+            flow_run_id = stack.force_run()
             run = wait_for(
                 lambda run_id=flow_run_id: stack.mlflow_run(flow_run_id=run_id),
                 240,

@@ -17,9 +17,8 @@ import argparse
 import time
 from pathlib import Path
 
-import httpx
 from _common import bench_dir, gpt2_124m, median, print_header, spread
-from _stack import DEPLOYMENT, running_stack
+from _stack import running_stack
 from decode_speed import gpt_neo_1_3b
 
 from tests.servers import wait_for
@@ -33,21 +32,9 @@ def forced_runs(model: Path, name: str, warm: bool, repeats: int) -> dict[str, l
     with running_stack(model, name, env) as stack:
         if warm:
             wait_for(lambda: READY_LINE in stack.service.output(), 300, "the model kept warm")
-        api = stack.prefect.api_url
-        deployment = httpx.get(f"{api}/deployments/name/{DEPLOYMENT}", timeout=10).json()
         for _ in range(repeats):
             started = time.time()
-            for attempt in range(10):  # the server answers 503 while its database is busy
-                response = httpx.post(
-                    f"{api}/deployments/{deployment['id']}/create_flow_run",
-                    json={"parameters": {"force": True}},
-                    timeout=30,
-                )
-                if response.status_code != 503:
-                    break
-                time.sleep(1 + attempt)
-            response.raise_for_status()
-            flow_run_id = response.json()["id"]
+            flow_run_id = stack.force_run()
             run = wait_for(
                 lambda run_id=flow_run_id: stack.mlflow_run(flow_run_id=run_id), 600, "the run"
             )
