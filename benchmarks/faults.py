@@ -25,6 +25,7 @@ from typing import Any
 from _common import print_header
 from _stack import SECRET, Stack, running_stack
 
+from tasks.triggers import is_superseded
 from tests.servers import start_serve, wait_for
 
 TERMINAL = {"COMPLETED", "CANCELLED", "FAILED", "CRASHED"}
@@ -358,7 +359,7 @@ def check(f: Faults) -> dict[str, Any]:
         records = by_sha.get(push.sha, [])
         outcomes = {r.data.tags.get("textgen.outcome") for r in records}
         mine = [r for r in flow_runs if r["parameters"].get("commit_sha") == push.sha]
-        superseded = any(r["state_name"] == "Superseded" for r in mine)
+        superseded = any(is_superseded((r.get("state") or {}).get("message")) for r in mine)
         # A failure Prefect recorded with its reason counts too (when MLflow could not be written).
         failed_in_prefect = any(r["state_type"] in {"FAILED", "CRASHED"} for r in mine)
         if "new" in outcomes or "reused" in outcomes:

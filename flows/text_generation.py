@@ -23,7 +23,7 @@ from tasks.quality import score_text
 from tasks.repo import CREDENTIALS_ENV, RepoLocation, fetch_repo_commit
 from tasks.settings import read_settings
 from tasks.tracking import RunRecord, Tracker, log_to_mlflow, storable
-from tasks.triggers import AUTOMATIC_TRIGGERS, filter_push
+from tasks.triggers import AUTOMATIC_TRIGGERS, SKIPPED, SUPERSEDED, filter_push
 
 REPO_ENV = "TEXTGEN_REPO"
 
@@ -199,13 +199,12 @@ def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request
         if not go:
             record = tracker.finish_skipped(run_id, reason, commit.sha, kind)
             _publish(record, {})
-            # The flow run ends Completed, named Skipped/Superseded with the reason; a
-            # caller of the flow still receives the record.
-            state: State[RunRecord] = Completed(
-                message=reason,
-                name="Superseded" if kind == "superseded" else "Skipped",
-                data=record,
-            )
+            # The flow run ends Completed, its message saying Skipped or Superseded and why:
+            # a state of Prefect's own name, which its deployment page lists by default (a
+            # custom name is hidden by the page's default filter). A caller of the flow still
+            # receives the record.
+            word = SUPERSEDED if kind == "superseded" else SKIPPED
+            state: State[RunRecord] = Completed(message=f"{word}: {reason}", data=record)
             return cast(RunRecord, state)
     settings, source = read_settings(commit, r.overrides)
     model_path = locate_model(settings, commit)

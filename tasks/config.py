@@ -152,6 +152,62 @@ class OperatorLimits:
         )
 
 
+MODEL_ENV = "TEXTGEN_MODEL"
+OPERATOR_FILE = "operator.yaml"
+
+
+def operator_file() -> Path:
+    """This machine's durable operator settings (`model`), in the data folder."""
+    return data_dir() / OPERATOR_FILE
+
+
+def operator_model() -> tuple[str, str] | None:
+    """The model this machine generates with in place of the settings' own, and who chose it:
+    `TEXTGEN_MODEL`, else `model` in the operator file (`textgen offline-model --use`)."""
+    explicit = (setting(MODEL_ENV) or "").strip()
+    if explicit:
+        return explicit, MODEL_ENV
+    path = operator_file()
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"cannot read the operator settings {path}: {exc}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if model is None:
+        return None
+    if not isinstance(model, str) or not model.strip():
+        raise SettingsError(f"{path}: model={model!r}: expected a hub id or a path")
+    return model.strip(), str(path)
+
+
+def set_operator_model(model: str | None) -> Path:
+    """Record (or with None, forget) this machine's model in the operator file."""
+    import yaml
+
+    path = operator_file()
+    data: dict[str, object] = {}
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = loaded if isinstance(loaded, dict) else {}
+    if model is None:
+        data.pop("model", None)
+    else:
+        data["model"] = model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(
+        "# Operator settings of this machine (textgen); TEXTGEN_MODEL overrides `model`.\n"
+        + yaml.safe_dump(data, sort_keys=True),
+        encoding="utf-8",
+    )
+    tmp.replace(path)
+    return path
+
+
 RUN_TIMEOUT_ENV = "TEXTGEN_RUN_TIMEOUT"
 
 

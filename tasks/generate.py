@@ -8,6 +8,7 @@ token ids it generated are kept for counting and scoring.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,10 +135,45 @@ def check_context(generator: Generator, settings: GenerationSettings, prompt_tok
         )
 
 
-def run_generation(generator: Generator, settings: GenerationSettings) -> Generations:
-    """Seed, then generate the texts with the pipeline for the settings."""
+PROGRESS_SECONDS = 2.0
+"""How often a long generation reports the tokens it has made so far."""
+
+
+def progress_criteria(
+    total: int | None, report: Callable[[int, int | None, float], None], every: float
+) -> Any:
+    """A stopping criterion that never stops: generate() calls it once per new token, and it
+    calls `report(tokens so far, total, seconds)` at most every `every` seconds. It reads
+    nothing and draws no random numbers, so the texts are the same with it as without."""
     import torch
-    from transformers import set_seed
+    from transformers import StoppingCriteria
+
+    class TokenProgress(StoppingCriteria):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.tokens = 0
+            self.started = self.last = time.perf_counter()
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            self.tokens += 1
+            now = time.perf_counter()
+            if now - self.last >= every:
+                self.last = now
+                report(self.tokens, total, now - self.started)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return TokenProgress()
+
+
+def run_generation(
+    generator: Generator,
+    settings: GenerationSettings,
+    progress: Callable[[int, int | None, float], None] | None = None,
+    every: float = PROGRESS_SECONDS,
+) -> Generations:
+    """Seed, then generate the texts with the pipeline for the settings; `progress` hears of
+    the tokens made so far every `every` seconds."""
+    import torch
+    from transformers import StoppingCriteriaList, set_seed
 
     pipe = generator.pipeline
     call_kwargs = settings.pipeline_kwargs()
@@ -148,12 +184,22 @@ def run_generation(generator: Generator, settings: GenerationSettings) -> Genera
     postprocess = {**pipe._postprocess_params, **postprocess}
     prompt = settings.initial_sentence
 
-    check_context(generator, settings, len(pipe.tokenizer(prompt)["input_ids"]))
+    prompt_tokens = len(pipe.tokenizer(prompt)["input_ids"])
+    check_context(generator, settings, prompt_tokens)
     model_inputs = pipe.preprocess(prompt, **preprocess)
+    run_kwargs = dict(forward)
+    if progress is not None:
+        effective = settings.effective()
+        total = effective.max_new_tokens or (
+            effective.max_length - prompt_tokens if effective.max_length else None
+        )
+        run_kwargs["stopping_criteria"] = StoppingCriteriaList(
+            [progress_criteria(total, progress, every)]
+        )
 
     set_seed(settings.random_seed)
     started = time.perf_counter()
-    model_outputs = pipe.forward(model_inputs, **forward)
+    model_outputs = pipe.forward(model_inputs, **run_kwargs)
     records = pipe.postprocess(model_outputs, **postprocess)
     if generator.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -178,8 +224,14 @@ def run_generation(generator: Generator, settings: GenerationSettings) -> Genera
 @task(name="generate-text", cache_policy=NO_CACHE)
 def generate_text(generator: Generator, settings: GenerationSettings) -> Generations:
     """`set_seed(random_seed)` and one pipeline call; measure time and new tokens."""
-    generations = run_generation(generator, settings)
-    get_run_logger().info(
+    logger = get_run_logger()
+
+    def report(tokens: int, total: int | None, seconds: float) -> None:
+        of = f" of {total}" if total else ""
+        logger.info("Generating: %d%s new tokens per sequence (%.0f s)", tokens, of, seconds)
+
+    generations = run_generation(generator, settings, progress=report)
+    logger.info(
         "Generated %d sequences, %d new tokens in %.2f s (%.1f tokens/s)",
         len(generations.texts),
         generations.total_new_tokens,

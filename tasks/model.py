@@ -247,7 +247,10 @@ def locate_model(settings: GenerationSettings, commit: CommitInfo | None = None)
     if not model.startswith(("/", "~")):
         raise _refused(model)  # a relative path, with no repository to find it in
     path = Path(os.path.realpath(Path(model).expanduser()))
-    if not _inside(path, [Path(os.path.realpath(d)) for d in model_dirs()]):
+    roots = [Path(os.path.realpath(d)) for d in model_dirs()]
+    if settings.model_choice:
+        roots.append(path)  # the operator's own choice of model for this machine
+    if not _inside(path, roots):
         raise _refused(model)
     if not path.exists():
         raise ModelError(
@@ -446,12 +449,17 @@ def build_generator(
         pipe = pipeline("text-generation", model=source, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         where = "the Hugging Face hub" if kind == "hub" else source
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (
-            " (no network? set model to a local folder, or run `textgen offline-model`)"
+            ". No model hub here? Run `textgen offline-model --use` once: this machine then "
+            "generates with the offline model (SmolLM2-135M), recorded as such in MLflow; or "
+            "set model to a local folder"
             if kind == "hub"
             else ""
         )
-        raise ModelError(f"cannot load model {settings.model!r} from {where}: {exc}{hint}") from exc
+        raise ModelError(
+            f"cannot load model {settings.model!r} from {where}: {detail}{hint}"
+        ) from exc
     packing = pack_linears(pipe.model, str(pipe.device))
     load_seconds = time.perf_counter() - started
     if kind == "hub":

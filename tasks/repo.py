@@ -195,6 +195,75 @@ class CommitInfo:
         return sorted(f"{folder.rstrip('/')}/{name}" for name in out.split("\0") if name)
 
 
+SETTINGS_PATHS = ("textgen.yaml", "nlp_text_generation.py", ".gradient/")
+"""Files a run reads from the commit: an uncommitted one is worth a warning even if untracked."""
+
+
+def uncommitted_changes(path: str | os.PathLike[str], branch: str | None = None) -> list[str]:
+    """Files of a local checkout whose changes a run of it will not see: tracked files that
+    differ from the commit, and untracked settings files. Empty for a bare repository, a
+    remote URL, or a checkout of another branch than `branch`."""
+    location = RepoLocation.parse(path)
+    if not location.is_local:
+        return []
+    try:
+        repo = git.Repo(location.url)
+        if repo.bare:
+            return []
+        if branch and not repo.head.is_detached and repo.active_branch.name != branch:
+            return []
+        out = str(repo.git.status("--porcelain", "--untracked-files=all", "-z"))
+    except (git.GitError, OSError, TypeError, ValueError):
+        return []
+    files = []
+    entries = iter(out.split("\0"))
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        status, name = entry[:2], entry[3:]
+        if status[0] in "RC":
+            next(entries, None)  # the rename's source path
+        if status == "??" and not name.startswith(SETTINGS_PATHS):
+            continue
+        files.append(name)
+    return sorted(set(files))
+
+
+def _origin(path: str) -> str | None:
+    """The `origin` remote's URL of a local repository, resolved against it when relative."""
+    try:
+        url = str(git.Repo(path).git.config("--get", "remote.origin.url")).strip()
+    except (git.GitError, OSError, ValueError):
+        return None
+    if not url:
+        return None
+    if "://" in url or re.match(r"^[\w.-]+@[\w.-]+:", url) or url.startswith("/"):
+        return url
+    return str((Path(path) / url).resolve())
+
+
+def repository_identity(location: str) -> str:
+    """Where a repository comes from, so that every way of reaching it is one repository: a
+    local path follows its `origin` remotes (a bare clone of a checkout leads to the checkout,
+    a checkout of GitHub to its URL) to the first remote URL or the last local repository.
+    Credentials are never part of it."""
+    current = RepoLocation.parse(location).url
+    chain = [current]
+    for _ in range(16):
+        if not current.startswith("/") or not Path(current).exists():
+            break
+        origin = _origin(current)
+        if origin is None:
+            break
+        nxt = RepoLocation.parse(origin).url
+        if nxt in chain:
+            # Repositories that are each other's origin: the same one from every entry point.
+            return min(chain[chain.index(nxt) :])
+        chain.append(nxt)
+        current = nxt
+    return current
+
+
 def mirror_path(location: RepoLocation) -> Path:
     """The cached bare mirror for a repository: one per (credential-free) location."""
     return repo_cache_dir() / f"{location.key}.git"

@@ -14,10 +14,17 @@ from typing import Any, Literal
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from tasks.bounded import LongNumber, check_size, load_yaml, show
-from tasks.config import OperatorLimits
+from tasks.config import OperatorLimits, operator_model
 from tasks.errors import SettingsError
 from tasks.repo import CommitInfo
 
@@ -65,6 +72,25 @@ class GenerationSettings(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = Field(
         None, description="weights' dtype; unset keeps transformers' default"
     )
+    _requested_model: str | None = PrivateAttr(None)
+    _model_set_by: str | None = PrivateAttr(None)
+
+    @property
+    def model_choice(self) -> dict[str, str]:
+        """When the operator's model replaced the settings' own: the model the settings asked
+        for and who replaced it (`TEXTGEN_MODEL` or the operator file); else empty."""
+        if self._model_set_by is None:
+            return {}
+        return {"model.requested": str(self._requested_model), "model.set_by": self._model_set_by}
+
+    def with_operator_model(self, model: str, set_by: str) -> GenerationSettings:
+        """These settings generating with the operator's `model` instead of their own."""
+        if model == self.model:
+            return self
+        chosen = self.model_copy(update={"model": model})
+        chosen._requested_model = self.model
+        chosen._model_set_by = set_by
+        return chosen
 
     @model_validator(mode="after")
     def _lengths(self) -> GenerationSettings:
@@ -99,8 +125,12 @@ class GenerationSettings(BaseModel):
         }
 
     def as_params(self) -> dict[str, str]:
-        """Every setting as an MLflow parameter (unset knobs shown as `None`)."""
-        return {k: str(v) for k, v in self.effective().model_dump().items()}
+        """The settings that have a value, as MLflow parameters; unset knobs (the model's
+        defaults) are left out, and `settings.json` holds the whole set. When the operator's
+        model replaced the settings' own, `model` is the one used and `model.requested` and
+        `model.set_by` say what was asked for and who replaced it."""
+        values = {k: str(v) for k, v in self.effective().model_dump().items() if v is not None}
+        return values | self.model_choice
 
     def digest(self) -> str:
         """A stable SHA-256 of the effective settings, the identity of an output's inputs."""
@@ -298,6 +328,11 @@ def load_settings(
                 raw.pop(other, None)
         label = f"{label} with overrides of {', '.join(sorted(overrides))}"
     settings = parse_settings(raw, label)
+    chosen = operator_model()
+    if chosen is not None and "model" not in (overrides or {}):
+        # The machine's model (an operator setting) over the repository's; `--set model=`
+        # of one run wins over both.
+        settings = settings.with_operator_model(*chosen)
     settings.check_limits(limits or OperatorLimits.from_env(), label)
     return settings, source
 
@@ -308,6 +343,14 @@ def read_settings(
 ) -> tuple[GenerationSettings, str]:
     """Read and validate the settings at the commit; fail before any model is loaded."""
     settings, source = load_settings(commit, overrides)
+    choice = settings.model_choice
+    if choice:
+        get_run_logger().info(
+            "Generating with this machine's model %s (set by %s) in place of the settings' %s",
+            settings.model,
+            choice["model.set_by"],
+            choice["model.requested"],
+        )
     get_run_logger().info(
         "Settings from %s at %s%s: %s",
         source,

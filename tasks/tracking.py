@@ -31,7 +31,7 @@ from tasks.config import artifact_root, file_lock, tracking_uri
 from tasks.errors import TrackingError
 from tasks.generate import Generations, format_output
 from tasks.model import Generator
-from tasks.repo import CommitInfo, RepoLocation
+from tasks.repo import CommitInfo, RepoLocation, normalize_repo, repository_identity
 from tasks.settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,22 @@ class RunRecord:
     settings_digest: str | None
     url: str
     reason: str = ""
+    output_url: str = ""
+    """The run holding `output.txt`: this run for a new version, the version's run for a reuse."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record for machines (`textgen run --json`)."""
+        return {
+            "outcome": self.outcome,
+            "version": self.version,
+            "commit": self.commit_sha,
+            "settings_digest": self.settings_digest,
+            "mlflow_run_id": self.run_id,
+            "experiment_id": self.experiment_id,
+            "url": self.url,
+            "output_url": self.output_url or self.url,
+            "reason": self.reason,
+        }
 
     def summary(self) -> str:
         """One line for people: what happened and where to look."""
@@ -132,9 +148,34 @@ def run_url(experiment_id: str, run_id: str) -> str:
     return f"{ui_base_url()}/{page}?workflowType=machine_learning"
 
 
+TAG_REPO_KEY = "textgen.repo_key"
+
+
 def experiment_name(repo_url: str) -> str:
-    """One experiment per repository, named by its credential-free location."""
-    return RepoLocation.parse(repo_url).url
+    """One experiment per repository, however it is reached (a checkout, a bare clone of it,
+    its https URL): named by where the repository comes from, without credentials."""
+    return repository_identity(repo_url)
+
+
+def _find_experiment(client: Any, name: str) -> Any | None:
+    """The repository's experiment: tagged with its normalized location (so `.git` or not,
+    https or ssh are one), else one named `name` from before the tag existed."""
+    from mlflow.entities import ViewType
+
+    key = normalize_repo(name)
+    if "'" not in key and "\\" not in key:
+        found = client.search_experiments(
+            view_type=ViewType.ALL,
+            filter_string=f"tags.`{TAG_REPO_KEY}` = '{key}'",
+            order_by=["creation_time ASC"],
+            max_results=10,
+        )
+        if found:
+            return found[0]
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage != "deleted":
+        client.set_experiment_tag(experiment.experiment_id, TAG_REPO_KEY, key)
+    return experiment
 
 
 def _truncate(text: str, limit: int = _MAX_TAG) -> str:
@@ -238,7 +279,7 @@ class Tracker:
         client = mlflow_client()
         name = experiment_name(repo_url)
         try:
-            experiment = client.get_experiment_by_name(name)
+            experiment = _find_experiment(client, name)
             if experiment is None:
                 if not create:
                     raise TrackingError(
@@ -255,12 +296,13 @@ class Tracker:
                         # Opens in the UI's model-training view (runs table), not GenAI's.
                         tags={
                             "textgen.repo_url": name,
+                            TAG_REPO_KEY: normalize_repo(name),
                             "mlflow.experimentKind": "custom_model_development",
                         },
                     )
                 except MlflowException:
                     # Created meanwhile by a concurrent run.
-                    experiment = client.get_experiment_by_name(name)
+                    experiment = _find_experiment(client, name)
                     if experiment is None:
                         raise
                     experiment_id = experiment.experiment_id
@@ -273,7 +315,8 @@ class Tracker:
                 experiment_id = experiment.experiment_id
         except MlflowException as exc:
             raise TrackingError(f"cannot use the MLflow store {tracking_uri()}: {exc}") from exc
-        return cls(client, experiment_id, name)
+        # Runs record the location they ran from; the experiment is the repository's.
+        return cls(client, experiment_id, RepoLocation.parse(repo_url).url)
 
     def url(self, run_id: str) -> str:
         """Link to a run of this experiment."""
@@ -341,7 +384,14 @@ class Tracker:
         )
         self.client.set_terminated(run_id, "FINISHED")
         return RunRecord(
-            "reused", run_id, self.experiment_id, version, sha, settings.digest(), self.url(run_id)
+            "reused",
+            run_id,
+            self.experiment_id,
+            version,
+            sha,
+            settings.digest(),
+            self.url(run_id),
+            output_url=self.url(existing.info.run_id),
         )
 
     def finish_skipped(
@@ -388,9 +438,21 @@ class Tracker:
             return str(tags[TAG_COMMIT])
         return None
 
+    def _failed_name(self, run_id: str) -> str:
+        """`1a2b3c4 (failed)`, or the requested ref when the commit was never resolved."""
+        try:
+            tags = self.client.get_run(run_id).data.tags
+        except Exception:
+            return "failed"
+        ref = tags.get(TAG_COMMIT, "")[:7] or tags.get("textgen.requested_ref", "")[:12]
+        return f"{ref} (failed)".strip()
+
     def fail(self, run_id: str, exc: BaseException) -> None:
-        """Mark a run FAILED with its reason; never raises (the original error matters more)."""
-        reason = f"{type(exc).__name__}: {exc}"
+        """Mark a run FAILED with its reason; never raises (the original error matters more).
+
+        `textgen.failure` and the first line of `error.txt` hold the one-line reason; the
+        traceback follows it in `error.txt`."""
+        reason = one_line_reason(exc)
         try:
             self.client.log_batch(
                 run_id,
@@ -398,11 +460,12 @@ class Tracker:
                     {
                         TAG_OUTCOME: "failed",
                         "textgen.failure": _truncate(reason),
+                        "mlflow.runName": self._failed_name(run_id),
                     }
                 ),
             )
             detail = "".join(traceback.format_exception(exc))
-            self.client.log_text(run_id, detail, "error.txt")
+            self.client.log_text(run_id, f"{reason}\n\n{detail}", "error.txt")
         except Exception:  # the store itself may be what failed
             logger.exception("could not record the failure of MLflow run %s", run_id)
         finally:
@@ -515,7 +578,13 @@ class Tracker:
             return "published"
         self.client.log_batch(
             run_id,
-            tags=_tags({TAG_OUTCOME: "failed", "textgen.failure": _truncate(reason)}),
+            tags=_tags(
+                {
+                    TAG_OUTCOME: "failed",
+                    "textgen.failure": _truncate(reason),
+                    "mlflow.runName": self._failed_name(run_id),
+                }
+            ),
         )
         with contextlib.suppress(Exception):
             self.client.log_text(run_id, reason + "\n", "error.txt")
@@ -607,6 +676,7 @@ class Tracker:
             "branch": commit.branch,
             "commit": commit.sha,
             "model": {k: v for k, v in generator.describe().items()},
+            "model_choice": settings.model_choice,
             "generation": generations.generation_config,
         }
         self.client.log_dict(run_id, settings_doc, "settings.json")
@@ -649,7 +719,14 @@ class Tracker:
             },
         )
         return RunRecord(
-            "new", run_id, self.experiment_id, version, commit.sha, digest, self.url(run_id)
+            "new",
+            run_id,
+            self.experiment_id,
+            version,
+            commit.sha,
+            digest,
+            self.url(run_id),
+            output_url=self.url(run_id),
         )
 
 
@@ -663,6 +740,12 @@ def _note(
         f"Model `{settings.model}`, seed {settings.random_seed}, "
         f"{len(generations.texts)} sequences.\n\n> {first}"
     )
+
+
+def one_line_reason(exc: BaseException) -> str:
+    """`SettingsError: textgen.yaml at ...: random_seed='forty': expected a number`, on one line."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text}"
 
 
 def storable(text: str) -> str:
@@ -705,5 +788,5 @@ def log_to_mlflow(
     record = tracker.record_generation(
         run_id, commit, settings, settings_source, generator, generations, quality
     )
-    get_run_logger().info("Logged %s", record.summary())
+    get_run_logger().info("Recorded version %s as MLflow run %s", record.version, record.run_id)
     return record

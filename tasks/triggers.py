@@ -31,6 +31,15 @@ from tasks.repo import ZERO_SHA, CommitInfo, changed_between, has_commit, is_anc
 
 WORKFLOWS_DIR = ".gradient/workflows"
 AUTOMATIC_TRIGGERS = frozenset({"push", "poll"})
+SUPERSEDED = "Superseded"
+SKIPPED = "Skipped"
+"""How the message of a flow run's state starts when a push made no run: it names no state
+(Prefect's deployment page hides states of custom names), so the message says it."""
+
+
+def is_superseded(message: str | None) -> bool:
+    """Whether a flow run's state message says a newer push superseded it."""
+    return (message or "").startswith(SUPERSEDED)
 
 
 MAX_PATTERN_CHARS = 256

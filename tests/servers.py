@@ -142,8 +142,10 @@ def start_serve(
     secret: str,
     model_cache: str,
     extra_env: dict[str, str] | None = None,
+    ui_port: int = 0,
 ) -> tuple[Service, str, str]:
-    """`textgen serve` for a bare repository (data under `root`), with the hook installed.
+    """`textgen serve` for a bare repository (data under `root`), with the hook installed,
+    and the MLflow UI on `ui_port` (0: none).
 
     Returns the service, the receiver's GitHub endpoint and the MLflow tracking URI.
     """
@@ -168,7 +170,8 @@ def start_serve(
     log = next(
         root / f"serve-{n}.log" for n in range(1, 1000) if not (root / f"serve-{n}.log").exists()
     )
-    service = Service.textgen(["serve", "--repo", str(bare), "--port", str(port)], env, log)
+    args = ["serve", "--repo", str(bare), "--port", str(port), "--ui-port", str(ui_port)]
+    service = Service.textgen(args, env, log)
     try:
         wait_for(
             lambda: (

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from deployments.cli import main
-from deployments.compare import _word_diff, compare, render_html, render_text
+from deployments.compare import _delta, _word_diff, compare, render_html, render_text
 from flows.text_generation import nlp_text_generation
 from tasks.errors import TrackingError
 from tests.conftest import GitRepo, RepoFactory, settings_yaml
@@ -144,7 +144,26 @@ def test_history_filters(
 def test_word_diff_marks_only_what_changed() -> None:
     left, right = _word_diff("the quick brown fox", "the slow brown fox jumps")
     assert left == [("same", "the "), ("del", "quick"), ("same", " brown fox")]
-    assert right == [("same", "the "), ("ins", "slow"), ("same", " brown fox"), ("ins", " jumps")]
+    assert right == [("same", "the "), ("ins", "slow"), ("same", " brown fox "), ("ins", "jumps")]
+
+
+def test_word_diff_marks_a_run_of_changed_words_once() -> None:
+    left, right = _word_diff("I like red apples and pears a lot", "I like green fresh figs and pears")
+    assert left == [
+        ("same", "I like "),
+        ("del", "red apples"),
+        ("same", " and pears "),
+        ("del", "a lot"),
+    ]
+    assert right == [("same", "I like "), ("ins", "green fresh figs"), ("same", " and pears")]
+
+
+def test_percent_change_has_the_sign_of_the_change() -> None:
+    # A negative metric that falls (log-likelihood -1.463 -> -1.601) fell: -9.4%, not +9.4%.
+    assert _delta(-1.463, -1.601) == "-0.138 (-9.4%)"
+    assert _delta(-1.601, -1.463) == "+0.138 (+8.6%)"
+    assert _delta(0.5, 0.6) == "+0.1 (+20.0%)"
+    assert _delta(0.0, 0.6) == "+0.6"
 
 
 def test_prefect_and_mlflow_link_to_each_other(versions: tuple[GitRepo, list[Any]]) -> None:
@@ -154,3 +173,40 @@ def test_prefect_and_mlflow_link_to_each_other(versions: tuple[GitRepo, list[Any
     assert tags["textgen.prefect.flow_run_url"].endswith(
         f"/runs/flow-run/{tags['textgen.prefect.flow_run_id']}"
     )
+
+
+def test_json_output_and_charts_across_versions(
+    versions: tuple[GitRepo, list[Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import xml.etree.ElementTree as ET
+
+    repo, (v1, v2, v3) = versions
+    assert main(["compare", "1", "2", "--repo", str(repo.path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["a"]["version"], report["b"]["version"]) == (1, 2)
+    assert report["settings"] == [{"key": "random_seed", "a": "1", "b": "2"}]
+    assert {m["metric"] for m in report["metrics"]} >= {"distinct_2", "tokens_per_second"}
+    assert len(report["texts"]) == 5 and all("a" in t and "b" in t for t in report["texts"])
+
+    assert main(["history", "--repo", str(repo.path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in rows] == ["3", "2", "1"]
+    assert rows[0]["commit"] == v3.commit_sha[:7]
+
+    chart = tmp_path / "history.svg"
+    assert main(["history", "--repo", str(repo.path), "--plot", str(chart)]) == 0
+    svg = ET.fromstring(chart.read_text())  # well-formed, self-contained SVG
+    assert svg.tag.endswith("svg")
+    text = chart.read_text()
+    for metric in ("distinct_2", "repetition_rate", "mean_log_likelihood", "tokens_per_second"):
+        assert f'data-metric="{metric}"' in text
+    for version, record in ((1, v1), (2, v2), (3, v3)):
+        assert f">v{version}<" in text and record.commit_sha[:7] in text
+    assert "<script" not in text and "http" not in text.replace("http://www.w3.org/2000/svg", "")
+
+    page = tmp_path / "report.html"
+    assert main(["compare", "1", "3", "--repo", str(repo.path), "--html", str(page)]) == 0
+    html = page.read_text()
+    assert "<svg" in html and "Across versions" in html
+    assert html.count('r="5"') >= 2  # the two compared versions are marked on each panel

@@ -177,7 +177,7 @@ def test_kill_9_of_serve_leaves_a_server_the_restart_adopts(
     }
     env.pop("PREFECT_API_URL", None)
     prefect_port = free_port()
-    args = ["serve", "--repo", str(bare), "--port", str(free_port())]
+    args = ["serve", "--repo", str(bare), "--port", str(free_port()), "--ui-port", "0"]
     args += ["--prefect-port", str(prefect_port)]
     first = Service.textgen(args, env, tmp_path / "serve1.log")
     second: Service | None = None

@@ -272,8 +272,9 @@ def test_commands_run_and_list_history(
         == 0
     )
     out = capsys.readouterr().out
-    assert "version: 1" in out and "mlflow run id: " in out
     run = runs_of(repo.path)[0]
+    assert out.count("version 1 (commit") == 1, out  # the summary, once
+    assert f"MLflow run {run.info.run_id}" in out and "output.txt: http" in out
     assert run.data.params["random_seed"] == "7"
     assert run.data.params["initial_sentence"] == "Hi there"
     assert main(["run", "--repo", str(repo.path), "--set", "max_length=lots"]) == 2
@@ -291,8 +292,10 @@ def test_commands_run_and_list_history(
         "started",
         "run",
         "id",
+        "reason",
     ]
     assert lines[1].split()[1:4] == ["FAILED", "failed", "manual"]  # no version, digest or model
+    assert "SettingsError: textgen.yaml at commit" in lines[1]  # the reason, in one line
     assert lines[2].split()[0] == "1" and "FINISHED" in lines[2]
     assert main(["history", "--repo", str(repo.path.parent / "never-ran")]) == 5
 

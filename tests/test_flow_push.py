@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from flows.text_generation import nlp_text_generation
 from tasks import model as model_module
 from tasks.repo import RepoLocation, resolve_commit
+from tasks.triggers import is_superseded
 from tests.conftest import RepoFactory, settings_yaml
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -50,7 +51,7 @@ def test_a_readme_only_push_loads_no_model_and_makes_no_version(
         repo_url=str(repo.path), commit_sha=sha, trigger="push", before=before, return_state=True
     )
     record = state.result()
-    assert state.name == "Skipped" and state.is_completed()
+    assert state.name == "Completed" and (state.message or "").startswith("Skipped: ")
     assert "matches paths-ignore" in (state.message or "")
     assert (record.outcome, record.version) == ("skipped", None)
     tags = tags_of(record.run_id)
@@ -106,7 +107,7 @@ def test_an_older_push_is_superseded_and_the_newest_picks_up_its_changes(
         trigger="push",
         return_state=True,
     )
-    assert older.name == "Superseded"
+    assert older.name == "Completed" and is_superseded(older.message)
     assert f"main has moved on from it to {readme_push[:7]}" in (older.message or "")
     assert tags_of(older.result().run_id)["textgen.skip_kind"] == "superseded"
 
@@ -138,4 +139,4 @@ def test_a_rewritten_branch_supersedes_the_old_commit(
     state = nlp_text_generation(
         repo_url=str(repo.path), commit_sha=old, trigger="push", return_state=True
     )
-    assert state.name == "Superseded" and "has been rewritten to" in (state.message or "")
+    assert is_superseded(state.message) and "has been rewritten to" in (state.message or "")
