@@ -157,9 +157,10 @@ def experiment_name(repo_url: str) -> str:
     return repository_identity(repo_url)
 
 
-def _find_experiment(client: Any, name: str) -> Any | None:
+def _find_experiment(client: Any, name: str, location: str = "") -> Any | None:
     """The repository's experiment: tagged with its normalized location (so `.git` or not,
-    https or ssh are one), else one named `name` from before the tag existed."""
+    https or ssh are one), else one from before the tag existed, named `name` or by the
+    `location` it was reached at then; that one is tagged and used from now on."""
     from mlflow.entities import ViewType
 
     key = normalize_repo(name)
@@ -173,6 +174,10 @@ def _find_experiment(client: Any, name: str) -> Any | None:
         if found:
             return found[0]
     experiment = client.get_experiment_by_name(name)
+    if experiment is None and location and location != name:
+        experiment = client.get_experiment_by_name(location)
+        if experiment is not None and experiment.tags.get(TAG_REPO_KEY):
+            return None  # another repository's, as it is tagged now
     if experiment is not None and experiment.lifecycle_stage != "deleted":
         client.set_experiment_tag(experiment.experiment_id, TAG_REPO_KEY, key)
     return experiment
@@ -279,7 +284,7 @@ class Tracker:
         client = mlflow_client()
         name = experiment_name(repo_url)
         try:
-            experiment = _find_experiment(client, name)
+            experiment = _find_experiment(client, name, RepoLocation.parse(repo_url).url)
             if experiment is None:
                 if not create:
                     raise TrackingError(
@@ -648,7 +653,11 @@ class Tracker:
         params = {
             **settings.as_params(),
             **generator.describe(),
-            **{f"generation.{k}": str(v) for k, v in generations.generation_config.items()},
+            **{
+                f"generation.{k}": str(v)
+                for k, v in generations.generation_config.items()
+                if v is not None  # settings.json holds the whole config
+            },
             "settings.source": settings_source,
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,

@@ -115,6 +115,7 @@ def isolated_env(
         "TEXTGEN_GIT_CREDENTIALS",
         "TEXTGEN_ALLOWED_MODELS",
         "TEXTGEN_LINK",
+        "TEXTGEN_MODEL",
     ):
         monkeypatch.delenv(name, raising=False)
     # Each test links repositories in a file of its own.
