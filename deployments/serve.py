@@ -736,7 +736,9 @@ def _serve(
     with prefect_api(prefect_port) as api_url:
         from prefect.runner import Runner
 
+        from deployments.status import forget_service, record_service
         from deployments.warm import enable as enable_warm_starts
+        from tasks.tracking import ui_base_url
 
         enable_warm_starts()
 
@@ -775,6 +777,21 @@ def _serve(
                         except Exception as exc:
                             logger.warning("Could not check for runs left behind: %s", exc)
                     http, threads = start_receiver(targets, host, port, poll, deployments)
+                    address = http.server_address
+                    record_service(
+                        {
+                            "prefect_api": api_url,
+                            "mlflow_ui": ui_base_url(),
+                            "receivers": [
+                                f"http://{address[0]}:{address[1]}/webhooks/{provider}"
+                                for provider in ("github", "gitea", "gitlab")
+                            ],
+                            "deployments": [
+                                f"{FLOW_NAME}/{names.get(t.name, DEFAULT_DEPLOYMENT)}"
+                                for t in targets
+                            ],
+                        }
+                    )
                     for t in targets:
                         name = names.get(t.name, DEFAULT_DEPLOYMENT)
                         logger.info(
@@ -803,6 +820,7 @@ def _serve(
         except KeyboardInterrupt:
             pass
         finally:
+            forget_service()
             for thread in threads:
                 thread.stopping.set()
             if http is not None:

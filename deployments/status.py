@@ -7,6 +7,8 @@ taken so far has been handled (its commit has a run that ended), for scripts and
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sqlite3
 import time
@@ -32,6 +34,7 @@ class Status:
 
     prefect_api: str | None
     mlflow_ui: str
+    service: dict[str, Any] | None = None
     pushes: list[dict[str, Any]] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
     versions: list[dict[str, Any]] = field(default_factory=list)
@@ -41,6 +44,7 @@ class Status:
         return {
             "prefect_api": self.prefect_api,
             "mlflow_ui": self.mlflow_ui,
+            "serve": self.service,
             "pushes": self.pushes,
             "runs": self.runs,
             "versions": self.versions,
@@ -48,8 +52,40 @@ class Status:
 
     @property
     def busy(self) -> bool:
-        """Whether a push waits to be handled or a run is queued or going."""
-        return bool(self.runs) or any(not p["handled"] for p in self.pushes)
+        """Whether serve is still starting (nothing takes pushes yet), a push waits to be
+        handled, or a run is queued or going."""
+        starting = self.service is None and not os.environ.get("PREFECT_API_URL")
+        return starting or bool(self.runs) or any(not p["handled"] for p in self.pushes)
+
+
+def service_file() -> Path:
+    """Written by `textgen serve` once it takes pushes: its pid and addresses."""
+    return data_dir() / "serve.json"
+
+
+def record_service(info: dict[str, Any]) -> None:
+    """Say that serve is up (called by serve once its receiver listens)."""
+    path = service_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
+    tmp.replace(path)
+
+
+def forget_service() -> None:
+    """Serve is stopping."""
+    with contextlib.suppress(OSError):
+        service_file().unlink()
+
+
+def running_service() -> dict[str, Any] | None:
+    """What serve recorded, if the process that recorded it still runs."""
+    try:
+        info = json.loads(service_file().read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dict(info)
 
 
 def prefect_api() -> str | None:
@@ -180,8 +216,9 @@ def look() -> Status:
     """Everything `textgen status` shows."""
     from tasks.tracking import ui_base_url
 
-    api = prefect_api()
-    status = Status(api, ui_base_url())
+    service = running_service()
+    api = prefect_api() or (service or {}).get("prefect_api")
+    status = Status(api, (service or {}).get("mlflow_ui") or ui_base_url(), service)
     status.pushes = outbox_pushes()
     if api:
         status.runs = active_runs(api)
@@ -215,6 +252,13 @@ def render(status: Status) -> str:
     from deployments.cli import format_table
 
     lines = []
+    service = status.service
+    if service:
+        lines.append(f"textgen serve: running (pid {service['pid']})")
+        lines += [f"  receiver: {url}" for url in service.get("receivers", [])]
+        lines += [f"  deployment: {name}" for name in service.get("deployments", [])]
+    else:
+        lines.append("textgen serve: not running with this data folder")
     if status.prefect_api:
         lines.append(f"Prefect API: {status.prefect_api} (UI {_ui_base(status.prefect_api)})")
     else:

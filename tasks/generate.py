@@ -148,7 +148,7 @@ def progress_criteria(
     import torch
     from transformers import StoppingCriteria
 
-    class TokenProgress(StoppingCriteria):  # type: ignore[misc]
+    class TokenProgress(StoppingCriteria):
         def __init__(self) -> None:
             self.tokens = 0
             self.started = self.last = time.perf_counter()

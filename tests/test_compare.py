@@ -148,7 +148,9 @@ def test_word_diff_marks_only_what_changed() -> None:
 
 
 def test_word_diff_marks_a_run_of_changed_words_once() -> None:
-    left, right = _word_diff("I like red apples and pears a lot", "I like green fresh figs and pears")
+    left, right = _word_diff(
+        "I like red apples and pears a lot", "I like green fresh figs and pears"
+    )
     assert left == [
         ("same", "I like "),
         ("del", "red apples"),

@@ -18,7 +18,6 @@ from mlflow import MlflowClient
 from deployments.cli import main
 from flows.text_generation import nlp_text_generation
 from tasks.config import operator_file, set_operator_model
-from tasks.errors import SettingsError
 from tasks.repo import repository_identity, uncommitted_changes
 from tasks.tracking import Tracker
 from tests.conftest import GitRepo, RepoFactory, settings_yaml
@@ -157,8 +156,12 @@ def test_one_repository_is_one_experiment_however_it_is_reached(
     hosted = make_repo({"textgen.yaml": settings_yaml(tiny_model)})
     hosted.git("remote", "add", "origin", "https://git.example.com/team/Hosted.git")
     mine = Tracker.for_repo(str(hosted.path))
-    assert mine.experiment_id == Tracker.for_repo("https://git.example.com/team/hosted").experiment_id
-    assert mine.experiment_id == Tracker.for_repo("git@git.example.com:team/hosted.git").experiment_id
+    assert (
+        mine.experiment_id == Tracker.for_repo("https://git.example.com/team/hosted").experiment_id
+    )
+    assert (
+        mine.experiment_id == Tracker.for_repo("git@git.example.com:team/hosted.git").experiment_id
+    )
     assert mine.experiment_id != first.experiment_id
 
 
