@@ -1,14 +1,18 @@
 """The MLflow UI in headless Chromium: two versions, their commits, their generation tables.
 
 Needs Debian's chromium (/usr/bin/chromium, or $CHROMIUM); CI installs it. Screenshots are
-written to a temporary folder (printed on failure).
+written to $TEXTGEN_SCREENSHOTS (CI keeps them in build/screenshots), else a temporary folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +23,8 @@ from mlflow import MlflowClient
 
 from deployments.cli import main
 from flows.text_generation import nlp_text_generation
-from tests.conftest import RepoFactory, settings_yaml
-from tests.servers import Service, free_port, wait_for
+from tests.conftest import GitRepo, RepoFactory, settings_yaml
+from tests.servers import PrefectServer, Service, free_port, start_serve, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("prefect_harness")]
 
@@ -34,6 +38,16 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
+def screenshots(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Where a test's screenshots go: $TEXTGEN_SCREENSHOTS/name, else a temporary folder."""
+    root = os.environ.get("TEXTGEN_SCREENSHOTS")
+    if root:
+        folder = Path(root) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return tmp_path_factory.mktemp(name)
 
 
 @pytest.fixture
@@ -96,7 +110,7 @@ def test_the_runs_page_and_the_artifact_view_show_both_versions(
     mlflow_ui: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    shots = tmp_path_factory.mktemp("screenshots")
+    shots = screenshots(tmp_path_factory, "runs-page")
     first, second = two_versions["records"]
     page = browser.new_page(viewport={"width": 1800, "height": 1000})
     page.goto(f"{mlflow_ui}/#/experiments/{first.experiment_id}/runs?workflowType=machine_learning")
@@ -171,3 +185,115 @@ def test_the_html_report_renders(
     assert page.locator("h3").count() == 5
     page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
     assert requests == [report.as_uri()], "the page loads nothing else"
+
+
+def _links(text: str) -> list[str]:
+    return [url.rstrip(").,") for url in re.findall(r"https?://[^\s<>\"']+", text)]
+
+
+def test_every_link_printed_after_serve_and_a_push_opens(
+    browser: Any,
+    tmp_path: Path,
+    tiny_model: Path,
+    shared_model_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`textgen serve` with its MLflow UI, one push; then every link `textgen status` and
+    `textgen run` print, and those serve logs, open in the browser, and the version's links show
+    its output.txt."""
+    shots = screenshots(tmp_path_factory, "serve-links")
+    work = GitRepo(tmp_path / "work")
+    spec = "on:\n  github:\n    branches:\n      only: main\n"
+    work.commit(
+        {
+            "textgen.yaml": settings_yaml(tiny_model, random_seed=5),
+            ".gradient/workflows/run.yaml": spec,
+        },
+        "seed 5",
+    )
+    bare = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "--quiet", "--bare", str(work.path), str(bare)], check=True)
+    work.git("remote", "add", "origin", str(bare))
+    ui_port = free_port()
+    prefect = PrefectServer(tmp_path / "prefect")
+    prefect.start()
+    try:
+        service, _, tracking_uri = start_serve(
+            tmp_path, bare, prefect, "s3cret", str(shared_model_cache), ui_port=ui_port
+        )
+    except BaseException:
+        prefect.stop()
+        raise
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect.api_url,
+        "TEXTGEN_HOME": str(tmp_path / "home"),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "TEXTGEN_ARTIFACT_ROOT": (tmp_path / "artifacts").as_uri(),
+        "TEXTGEN_MLFLOW_UI_URL": f"http://127.0.0.1:{ui_port}",
+    }
+
+    def textgen(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "deployments.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, (done.stdout, done.stderr, service.output()[-3000:])
+        return done.stdout
+
+    try:
+        work.commit({"textgen.yaml": settings_yaml(tiny_model, random_seed=6)}, "seed 6")
+        work.git("push", "--quiet", "origin", "HEAD:main")
+        sha = work.git("rev-parse", "HEAD")
+        textgen("status", "--wait", "--timeout", "300")
+        printed = textgen("status") + textgen("run", "--repo", str(bare))
+        serve_log = service.output()
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment = client.search_experiments()[0]
+        version = client.search_runs([experiment.experiment_id], "tags.`textgen.outcome` = 'new'")[
+            0
+        ]
+        assert version.data.tags["mlflow.source.git.commit"] == sha
+        output = Path(client.download_artifacts(version.info.run_id, "output.txt")).read_text()
+        first_text = output.split("---", 3)[-1].strip().splitlines()[0][:40]
+
+        links = sorted(set(_links(printed)))
+        ui_line = next(line for line in serve_log.splitlines() if "MLflow UI on" in line)
+        links += _links(ui_line)
+        # status's last version and run's output.txt both lead to the version's run.
+        assert any(version.info.run_id in u for u in links), printed
+        reused = [u for u in links if "/runs/" in u and version.info.run_id not in u]
+        assert len(reused) == 1, printed  # the run's own record, which reused it
+        assert any(f"127.0.0.1:{ui_port}" in u for u in links)
+        wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{ui_port}/health", timeout=2).status_code == 200,
+            120,
+            "serve's MLflow UI",
+        )
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        for index, url in enumerate(links):
+            if "/webhooks/" in url:
+                # The receiver's endpoints take POSTed deliveries; a GET is refused, not lost.
+                assert httpx.get(url, timeout=5).status_code in {404, 405}
+                continue
+            response = page.goto(url)
+            assert response is None or response.ok, (url, response and response.status)
+            if version.info.run_id in url:
+                page.get_by_text(f"v1 {sha[:7]}").first.wait_for(timeout=30000)
+                page.get_by_role("tab", name="Artifacts").click()
+                page.get_by_text("output.txt").first.click()
+                page.get_by_text(first_text).first.wait_for(timeout=30000)
+            elif url in reused:
+                page.get_by_text(f"{sha[:7]} reuses v1").first.wait_for(timeout=30000)
+            page.screenshot(path=str(shots / f"link-{index}.png"), full_page=True)
+    except Exception:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(shots / "failure.png"), full_page=True)
+        print(f"screenshots in {shots}")
+        raise
+    finally:
+        service.stop()
+        prefect.stop()
