@@ -7,12 +7,13 @@ that need them, so `textgen --help` and `textgen offline-model` (once converted)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -109,15 +110,21 @@ class ExpectedErrors(logging.Filter):
         return True
 
 
-def quiet_expected_errors() -> ExpectedErrors:
-    """Put an `ExpectedErrors` filter on every console handler (not Prefect's API handler)."""
-    quiet = ExpectedErrors()
+@contextlib.contextmanager
+def quiet_expected_errors(enabled: bool = True) -> Iterator[None]:
+    """An `ExpectedErrors` filter on every console handler (not Prefect's API handler), for
+    the length of the block."""
     from prefect.logging.handlers import APILogHandler
 
-    for handler in logging.getLogger().handlers:
-        if not isinstance(handler, APILogHandler):
-            handler.addFilter(quiet)
-    return quiet
+    quiet = ExpectedErrors()
+    handlers = [h for h in logging.getLogger().handlers if not isinstance(h, APILogHandler)]
+    for handler in handlers if enabled else []:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -140,16 +147,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     _use_local_server()
     from flows.text_generation import nlp_text_generation
 
-    if not args.verbose:
-        quiet_expected_errors()
-    record = nlp_text_generation(
-        repo_url=_repo_argument(args.repo),
-        branch=args.branch,
-        commit_sha=args.commit,
-        overrides=parse_assignments(args.set) or None,
-        trigger=args.trigger,
-        force=args.force,
-    )
+    with quiet_expected_errors(enabled=not args.verbose):
+        record = nlp_text_generation(
+            repo_url=_repo_argument(args.repo),
+            branch=args.branch,
+            commit_sha=args.commit,
+            overrides=parse_assignments(args.set) or None,
+            trigger=args.trigger,
+            force=args.force,
+        )
     if args.json:
         print(json.dumps(record.as_dict() | {"warnings": warnings}, indent=2))
         return 0

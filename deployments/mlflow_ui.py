@@ -6,10 +6,8 @@ The links `textgen` prints and records go to this UI (`tasks.tracking.ui_base_ur
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -121,14 +119,8 @@ class MlflowUI:
 
     def stop(self) -> None:
         """Stop the server and its workers (its own process group)."""
+        from deployments.serve import stop_group
+
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        if process is not None:
+            stop_group(process)

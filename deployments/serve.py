@@ -218,16 +218,7 @@ class LocalPrefectServer:
         process, pid = self.process, self.pid
         self.process, self.pid = None, 0
         if process is not None:
-            if process.poll() is not None:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+            stop_group(process)
         elif pid and _is_prefect_server(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
@@ -237,6 +228,21 @@ class LocalPrefectServer:
             if _is_prefect_server(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float = 20) -> None:
+    """End a child started in a session of its own, and its children: SIGTERM to the group,
+    SIGKILL after `grace` seconds."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def use_api_url(url: str | None) -> None:
