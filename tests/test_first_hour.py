@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -317,8 +318,9 @@ def test_shell_completion_and_usage_errors(capsys: Any) -> None:
     assert complete("hi") == ["history"]
     assert set(complete("history", "--")) >= {"--repo", "--plot", "--json", "--since"}
     assert complete("link", "") == ["add", "list", "remove"]
+    # The script for the shell it is run from (typer detects it), as `--install-completion`.
     script = subprocess.run(
-        [sys.executable, "-m", "deployments.cli", "--show-completion", "bash"],
+        ["bash", "-c", f"{shlex.quote(sys.executable)} -m deployments.cli --show-completion"],
         capture_output=True,
         text=True,
         timeout=60,
