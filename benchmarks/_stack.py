@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from _common import bench_dir
 
+from tasks.tracking import experiment_name
 from tests.conftest import GitRepo
 from tests.servers import PrefectServer, Service, deliver, set_hook, start_serve, wait_for
 
@@ -62,7 +63,7 @@ class Stack:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
-        experiment = client.get_experiment_by_name(str(self.bare))
+        experiment = client.get_experiment_by_name(experiment_name(str(self.bare)))
         if experiment is None:
             return None
         if flow_run_id:

@@ -25,6 +25,7 @@ from typing import Any
 from _common import print_header
 from _stack import SECRET, Stack, running_stack
 
+from tasks.tracking import experiment_name
 from tasks.triggers import is_superseded
 from tests.servers import start_serve, wait_for
 
@@ -98,7 +99,7 @@ class Faults:
 
         client = MlflowClient(tracking_uri=self.stack.tracking_uri)
         try:
-            experiment = client.get_experiment_by_name(str(self.stack.bare))
+            experiment = client.get_experiment_by_name(experiment_name(str(self.stack.bare)))
             if experiment is None:
                 return []
             return list(client.search_runs([experiment.experiment_id], max_results=2000))

@@ -45,6 +45,7 @@ from _stack import seconds as api_seconds
 from deployments.hook import install
 from deployments.team import Postgres, Team
 from tasks.links import Link, save_links
+from tasks.tracking import experiment_name
 from tasks.triggers import is_superseded
 from tests.conftest import GitRepo, build_tiny_gpt2
 from tests.servers import PrefectServer, Service, free_port, wait_for
@@ -243,7 +244,7 @@ def mlflow_runs(tracking_uri: str, bare: dict[str, Path]) -> dict[str, list[Any]
     client = MlflowClient(tracking_uri=tracking_uri)
     runs: dict[str, list[Any]] = {}
     for name, path in bare.items():
-        experiment = client.get_experiment_by_name(str(path))
+        experiment = client.get_experiment_by_name(experiment_name(str(path)))
         runs[name] = (
             []
             if experiment is None

@@ -383,7 +383,9 @@ def run(
     _use_local_server()
     from flows.text_generation import nlp_text_generation
 
-    with quiet_expected_errors(enabled=not _VERBOSE["on"]):
+    # With --json, stdout holds the JSON alone (MLflow's client prints "View run" lines).
+    stdout = contextlib.redirect_stdout(sys.stderr) if json_ else contextlib.nullcontext()
+    with quiet_expected_errors(enabled=not _VERBOSE["on"]), stdout:
         record = nlp_text_generation(
             repo_url=_repo_argument(repo),
             branch=branch,

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tasks.tracking import experiment_name
 from tests.conftest import GitRepo
 from tests.servers import PrefectServer, Service, free_port, start_serve, wait_for
 
@@ -60,7 +61,7 @@ def _push(work: GitRepo, model: Path, seed: int) -> str:
 
 def _mlflow_runs(tracking_uri: str, bare: Path) -> list[Any]:
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(str(bare))
+    experiment = client.get_experiment_by_name(experiment_name(str(bare)))
     return [] if experiment is None else client.search_runs([experiment.experiment_id])
 
 

@@ -15,6 +15,7 @@ from flows.text_generation import nlp_text_generation
 from tasks import model as model_module
 from tasks.errors import ModelError, SettingsError
 from tasks.generate import format_output
+from tasks.tracking import experiment_name
 from tests.conftest import RepoFactory, settings_yaml
 from tests.gitserver import serve_repo
 from tests.test_settings import ORIGINAL_SCRIPT
@@ -32,7 +33,7 @@ def artifact_text(run_id: str, path: str) -> str:
 
 
 def runs_of(repo_path: Path | str) -> list[Any]:
-    experiment = client().get_experiment_by_name(str(repo_path))
+    experiment = client().get_experiment_by_name(experiment_name(str(repo_path)))
     assert experiment is not None
     return client().search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
+from tasks.tracking import experiment_name
 from tasks.triggers import is_superseded
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
 from tests.servers import PrefectServer, Service, deliver, set_hook, start_serve, wait_for
@@ -46,7 +47,7 @@ class Setup:
 
     def runs(self) -> list[Any]:
         client = self.mlflow()
-        experiment = client.get_experiment_by_name(str(self.bare))
+        experiment = client.get_experiment_by_name(experiment_name(str(self.bare)))
         if experiment is None:
             return []
         return list(client.search_runs([experiment.experiment_id], max_results=500))

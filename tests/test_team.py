@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 from deployments.hook import install
 from deployments.team import Team
 from tasks.links import Link, save_links
+from tasks.tracking import experiment_name
 from tasks.triggers import is_superseded
 from tests.conftest import GitRepo
 from tests.servers import wait_for
@@ -83,7 +84,7 @@ class Topology:
         return MlflowClient(tracking_uri=self.team.mlflow_uri)
 
     def runs(self, name: str) -> list[Any]:
-        experiment = self.mlflow.get_experiment_by_name(str(self.repos[name].bare))
+        experiment = self.mlflow.get_experiment_by_name(experiment_name(str(self.repos[name].bare)))
         return [] if experiment is None else self.mlflow.search_runs([experiment.experiment_id])
 
     def version_of(self, name: str, sha: str) -> Any:
@@ -315,7 +316,7 @@ def test_processes_writing_at_once_get_unique_gap_free_numbers_on_postgresql(
         if re.fullmatch(r"[0-9a-f]{32} \d+", line)
     )
     assert claimed == list(range(1, 41)), "duplicate or missing numbers"
-    experiment = topology.mlflow.get_experiment_by_name(repo)
+    experiment = topology.mlflow.get_experiment_by_name(experiment_name(repo))
     assert experiment is not None
     published = topology.mlflow.search_runs(
         [experiment.experiment_id], "tags.`textgen.outcome` = 'new'", max_results=100

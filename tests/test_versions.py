@@ -3,6 +3,7 @@ moment; numbers are counted, not just checked for "no crash"."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -202,7 +203,7 @@ def test_three_textgen_runs_at_once_on_a_fresh_data_folder(
         )
 
     runs = [
-        textgen("run", "--repo", str(repo.path), "--set", f"random_seed={seed}")
+        textgen("run", "--repo", str(repo.path), "--set", f"random_seed={seed}", "--json")
         for seed in (1, 2, 3)
     ]
     history = textgen("history", "--repo", str(repo.path))
@@ -211,12 +212,7 @@ def test_three_textgen_runs_at_once_on_a_fresh_data_folder(
         assert proc.returncode == 0, err[-3000:]
     _, err = history.communicate(timeout=600)
     assert "Traceback" not in err, err[-3000:]
-    numbers = sorted(
-        int(line.split(":")[1])
-        for out, _ in results
-        for line in out.splitlines()
-        if line.startswith("version:")
-    )
+    numbers = sorted(json.loads(out)["version"] for out, _ in results)
     assert numbers == [1, 2, 3]
 
 

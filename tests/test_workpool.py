@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from deployments.hook import install
+from tasks.tracking import experiment_name
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
 from tests.servers import PrefectServer, Service, free_port, wait_for
 
@@ -98,7 +99,7 @@ def pool(
 
 def run_of(tracking_uri: str, bare: Path, sha: str) -> object:
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(str(bare))
+    experiment = client.get_experiment_by_name(experiment_name(str(bare)))
     if experiment is None:
         return None
     runs = client.search_runs(
