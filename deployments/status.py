@@ -18,6 +18,7 @@ from typing import Any
 
 from tasks.config import data_dir, tracking_uri
 from tasks.errors import TextgenError
+from tasks.triggers import AUTOMATIC_TRIGGERS
 
 ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
 
@@ -130,8 +131,9 @@ def active_runs(api_url: str) -> list[dict[str, Any]]:
 
 
 def _ended_run_for(repo: str, sha: str) -> bool:
-    """Whether a run of commit `sha` of `repo` has ended in MLflow (any outcome)."""
-    from tasks.tracking import TAG_COMMIT, Tracker
+    """Whether a push (or poll) run of commit `sha` of `repo` has ended in MLflow, whatever
+    its outcome; an earlier manual run of the commit does not count."""
+    from tasks.tracking import TAG_COMMIT, TAG_TRIGGER, Tracker
 
     try:
         tracker = Tracker.for_repo(repo, create=False)
@@ -140,9 +142,9 @@ def _ended_run_for(repo: str, sha: str) -> bool:
     found = tracker.client.search_runs(
         [tracker.experiment_id],
         f"tags.`{TAG_COMMIT}` = '{sha}' and attributes.status != 'RUNNING'",
-        max_results=1,
+        max_results=50,
     )
-    return bool(found)
+    return any(run.data.tags.get(TAG_TRIGGER) in AUTOMATIC_TRIGGERS for run in found)
 
 
 def outbox_pushes(folder: Path | None = None) -> list[dict[str, Any]]:
