@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 from tasks.config import artifact_root, data_dir, tracking_uri
 from tasks.errors import TextgenError
@@ -64,15 +63,6 @@ def server_command(host: str, port: int) -> list[str]:
     return command
 
 
-def answering(url: str, timeout: float = 2.0) -> bool:
-    """Whether an MLflow server answers its health check at `url`."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 class MlflowUI:
     """`mlflow server` as a child process of the service, stopped with it."""
 
@@ -101,6 +91,8 @@ class MlflowUI:
         threading.Thread(target=self._announce, name="mlflow-ui-watch", daemon=True).start()
 
     def _announce(self, timeout: float = 120.0) -> None:
+        from deployments.serve import healthy
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             process = self.process
@@ -111,7 +103,7 @@ class MlflowUI:
                     "The MLflow UI exited with code %s; see %s", process.returncode, self.log
                 )
                 return
-            if answering(self.url):
+            if healthy(self.url):
                 logger.info("MLflow UI on %s (the links runs print open here)", self.url)
                 return
             time.sleep(0.5)

@@ -33,7 +33,7 @@ from deployments.receiver import (
     Served,
     start_http,
 )
-from tasks.config import data_dir, tracking_uri
+from tasks.config import data_dir, forget_service, record_service, tracking_uri
 from tasks.errors import SettingsError, TextgenError
 from tasks.links import resolve_ref
 from tasks.repo import RepoLocation
@@ -742,7 +742,6 @@ def _serve(
     with prefect_api(prefect_port) as api_url:
         from prefect.runner import Runner
 
-        from deployments.status import forget_service, record_service
         from deployments.warm import enable as enable_warm_starts
         from tasks.tracking import ui_base_url
 

@@ -7,8 +7,6 @@ taken so far has been handled (its commit has a run that ended), for scripts and
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import sqlite3
 import time
@@ -16,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config import data_dir, tracking_uri
+from tasks.config import data_dir, running_service, tracking_uri
 from tasks.errors import TextgenError
 from tasks.triggers import AUTOMATIC_TRIGGERS
 
@@ -57,36 +55,6 @@ class Status:
         handled, or a run is queued or going."""
         starting = self.service is None and not os.environ.get("PREFECT_API_URL")
         return starting or bool(self.runs) or any(not p["handled"] for p in self.pushes)
-
-
-def service_file() -> Path:
-    """Written by `textgen serve` once it takes pushes: its pid and addresses."""
-    return data_dir() / "serve.json"
-
-
-def record_service(info: dict[str, Any]) -> None:
-    """Say that serve is up (called by serve once its receiver listens)."""
-    path = service_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
-    tmp.replace(path)
-
-
-def forget_service() -> None:
-    """Serve is stopping."""
-    with contextlib.suppress(OSError):
-        service_file().unlink()
-
-
-def running_service() -> dict[str, Any] | None:
-    """What serve recorded, if the process that recorded it still runs."""
-    try:
-        info = json.loads(service_file().read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return dict(info)
 
 
 def prefect_api() -> str | None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tasks.errors import SettingsError
 
@@ -150,6 +152,36 @@ class OperatorLimits:
             allowed_models=tuple(p.strip() for p in allowed.split(",") if p.strip()),
             trust_remote_code=setting("TEXTGEN_TRUST_REMOTE_CODE", "") in {"1", "true"},
         )
+
+
+def service_file() -> Path:
+    """Written by `textgen serve` once it takes pushes: its pid and addresses."""
+    return data_dir() / "serve.json"
+
+
+def record_service(info: dict[str, Any]) -> None:
+    """Say that serve is up (called by serve once its receiver listens)."""
+    path = service_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
+    tmp.replace(path)
+
+
+def forget_service() -> None:
+    """Serve is stopping."""
+    with contextlib.suppress(OSError):
+        service_file().unlink()
+
+
+def running_service() -> dict[str, Any] | None:
+    """What serve recorded, if the process that recorded it still runs."""
+    try:
+        info = json.loads(service_file().read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dict(info)
 
 
 MODEL_ENV = "TEXTGEN_MODEL"

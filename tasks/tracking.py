@@ -27,7 +27,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import artifact_root, data_dir, file_lock, tracking_uri
+from tasks.config import artifact_root, file_lock, running_service, tracking_uri
 from tasks.errors import TrackingError
 from tasks.generate import Generations, format_output
 from tasks.model import Generator
@@ -143,12 +143,8 @@ def ui_base_url() -> str:
 
 def _served_ui() -> str | None:
     """The MLflow UI a running `textgen serve` of this data folder serves (`serve.json`)."""
-    try:
-        info = json.loads((data_dir() / "serve.json").read_text())
-        os.kill(int(info["pid"]), 0)
-        return str(info["mlflow_ui"]).rstrip("/") or None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    info = running_service() or {}
+    return str(info.get("mlflow_ui") or "").rstrip("/") or None
 
 
 def run_url(experiment_id: str, run_id: str) -> str:
