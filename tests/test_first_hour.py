@@ -320,7 +320,8 @@ def test_shell_completion_and_usage_errors(capsys: Any) -> None:
     assert complete("link", "") == ["add", "list", "remove"]
     # The script for the shell it is run from (typer detects it), as `--install-completion`.
     script = subprocess.run(
-        ["bash", "-c", f"{shlex.quote(sys.executable)} -m deployments.cli --show-completion"],
+        # Two commands, so bash stays the parent (it would exec a single one in its place).
+        ["bash", "-c", f"{shlex.quote(sys.executable)} -m deployments.cli --show-completion; exit"],
         capture_output=True,
         text=True,
         timeout=60,
