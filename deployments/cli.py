@@ -164,10 +164,12 @@ def history_rows(
     model: str | None = None,
 ) -> list[dict[str, str]]:
     """The experiment's runs, newest first, as rows of the history table."""
+    from tasks.gates import TAG_GATES, failed_gates
     from tasks.tracking import (
         TAG_COMMIT,
         TAG_DIGEST,
         TAG_OUTCOME,
+        TAG_PREVIEW,
         TAG_TRIGGER,
         TAG_VERSION,
         Tracker,
@@ -200,6 +202,11 @@ def history_rows(
             version = f"={tags.get('textgen.reused_version', '')}"
         model_name = run.data.params.get("model", "")
         reason = tags.get("textgen.failure") or tags.get("textgen.skip_reason") or ""
+        if outcome == "preview":
+            reason = reason or f"preview of PR #{tags.get(TAG_PREVIEW, '?')}, never numbered"
+        gated = failed_gates(tags)
+        if gated:
+            reason = f"gated: {gated}" + (f"; {reason}" if reason else "")
         rows.append(
             {
                 "version": version,
@@ -209,8 +216,9 @@ def history_rows(
                 if model_name.startswith(("/", ".", "~"))
                 else model_name,
                 "status": run.info.status,
-                "outcome": outcome,
+                "outcome": f"{outcome} (gated)" if gated else outcome,
                 "trigger": tags.get(TAG_TRIGGER, ""),
+                "gates": tags.get(TAG_GATES, ""),
                 "started": _fmt_time(run.info.start_time),
                 "run id": run.info.run_id,
                 "reason": reason,
@@ -444,7 +452,16 @@ def history(
     if not rows:
         print("no runs yet")
         return 0
-    print(format_table([row | {"reason": _short(row["reason"])} for row in rows]))
+    gates = any(row["gates"] for row in rows)  # a column only for repositories with gates
+    print(
+        format_table(
+            [
+                {k: v for k, v in row.items() if gates or k != "gates"}
+                | {"reason": _short(row["reason"])}
+                for row in rows
+            ]
+        )
+    )
     return 0
 
 
@@ -460,11 +477,18 @@ def compare(
     no_color: Annotated[
         bool, typer.Option("--no-color", help="Mark changes without colours.")
     ] = False,
+    markdown: Annotated[
+        bool,
+        typer.Option(
+            "--markdown", help="Print the report as Markdown (what a pull request comment shows)."
+        ),
+    ] = False,
     json_: Json = False,
 ) -> int:
-    """Compare two versions: settings, commits, metrics and texts side by side."""
+    """Compare two versions (or a pull request's preview run): settings, commits, metrics
+    and texts side by side."""
     from deployments.compare import compare as compare_versions
-    from deployments.compare import render_html, render_text
+    from deployments.compare import render_html, render_markdown, render_text
 
     comparison = compare_versions(_repo_or_default(repo), a, b)
     if html:
@@ -472,6 +496,9 @@ def compare(
         print(f"wrote {html}", file=sys.stderr)
     if json_:
         print(json.dumps(comparison.as_dict(), indent=2))
+        return 0
+    if markdown:
+        sys.stdout.write(render_markdown(comparison))
         return 0
     sys.stdout.write(render_text(comparison, color=sys.stdout.isatty() and not no_color))
     return 0
@@ -691,6 +718,14 @@ def receive(
     return 0
 
 
+class Previews(StrEnum):
+    """Which pull requests get a preview run."""
+
+    all = "all"
+    same_repo = "same-repo"
+    off = "off"
+
+
 class Provider(StrEnum):
     """Who reports a linked repository's pushes."""
 
@@ -726,6 +761,24 @@ def link_add(
             help="An operator limit for this repository, e.g. max_total_tokens=512 (repeatable).",
         ),
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="API token for commit statuses and pull request comments, by reference: "
+            "env:NAME or file:PATH (README: least scope per provider)."
+        ),
+    ] = None,
+    api_url: Annotated[
+        str | None,
+        typer.Option(help="The provider's REST API root (default: from the URL's host)."),
+    ] = None,
+    repository: Annotated[
+        str | None,
+        typer.Option(help="owner/name on the provider (GitLab: the project path; default: URL)."),
+    ] = None,
+    previews: Annotated[
+        Previews | None, typer.Option(help="Pull requests that get a preview run (default all).")
+    ] = None,
     links: Links = None,
 ) -> int:
     """Link a repository (or replace the link of the same name)."""
@@ -750,6 +803,10 @@ def link_add(
         "credentials": credentials,
         "poll": poll,
         "limits": limits,
+        "token": token,
+        "api_url": api_url,
+        "repository": repository,
+        "previews": previews.value if previews is not None else None,
     }
     try:
         link = Link.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -780,6 +837,8 @@ def link_list(links: Links = None) -> int:
             "provider": link.provider,
             "secret": link.secret or "",
             "credentials": link.credentials or "",
+            "token": link.token or "",
+            "previews": link.previews if link.provider in {"github", "gitea", "gitlab"} else "",
             "limits": ", ".join(f"{k}={v}" for k, v in link.limits.items()),
         }
         for link in found

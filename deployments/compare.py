@@ -24,7 +24,7 @@ from deployments.charts import render_svg, version_points
 from tasks.errors import TrackingError
 from tasks.repo import RepoLocation, is_ancestor, resolve_commit
 from tasks.settings import GenerationSettings
-from tasks.tracking import TAG_COMMIT, TAG_OUTCOME, TAG_VERSION, Tracker
+from tasks.tracking import TAG_COMMIT, TAG_OUTCOME, TAG_PREVIEW, TAG_VERSION, Tracker
 
 SETTING_KEYS = tuple(GenerationSettings.model_fields)
 
@@ -143,7 +143,7 @@ def resolve_reference(tracker: Tracker, ref: str) -> Any:
             run = None
         if run is not None and run.info.experiment_id == tracker.experiment_id:
             tags = run.data.tags
-            if tags.get(TAG_OUTCOME) == "new":
+            if tags.get(TAG_OUTCOME) in {"new", "preview"}:
                 return run
             if tags.get(TAG_OUTCOME) == "reused":
                 return tracker.client.get_run(tags["textgen.reused_run_id"])
@@ -196,11 +196,20 @@ def _texts(tracker: Tracker, run: Any) -> list[str]:
         ) from exc
 
 
+def _label_of(run: Any) -> str:
+    version = run.data.tags.get(TAG_VERSION)
+    if version:
+        return f"v{version}"
+    if run.data.tags.get(TAG_PREVIEW):
+        return f"PR #{run.data.tags[TAG_PREVIEW]}"
+    return str(run.info.run_id[:8])
+
+
 def _side(tracker: Tracker, run: Any) -> Side:
     version = run.data.tags.get(TAG_VERSION)
     return Side(
         run=run,
-        label=f"v{version}" if version else run.info.run_id[:8],
+        label=_label_of(run),
         version=int(version) if version else None,
         sha=run.data.tags.get(TAG_COMMIT, ""),
         texts=_texts(tracker, run),
@@ -393,6 +402,81 @@ def render_text(c: Comparison, width: int | None = None, color: bool = False) ->
             pad = column - len(re.sub(r"\033\[\d+m", "", l_line))
             lines.append(f"  {l_line}{' ' * max(0, pad)} | {r_line}")
     return "\n".join(lines) + "\n"
+
+
+MARKDOWN_CHARS = 60_000
+"""GitHub keeps comments up to 65,536 characters; the report stays under that."""
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell or line: no pipes, no HTML, one line."""
+    return _md_piece(text).strip()
+
+
+def _md_piece(text: str) -> str:
+    """A piece of a line, its spaces kept (collapsed), Markdown and HTML escaped."""
+    escaped = html.escape(re.sub(r"\s+", " ", text), quote=False)
+    return re.sub(r"([\\`*_~|\[\]#])", r"\\\1", escaped)
+
+
+def render_markdown(c: Comparison, title: str | None = None) -> str:
+    """The report as Markdown for a pull request comment: settings, commits, metrics, and each
+    text as a diff (`-` the first's, `+` the second's) with the changed words in bold."""
+    lines = [
+        f"### {title or f'{c.a.label} → {c.b.label}'}",
+        "",
+        f"Comparing **{c.a.label}** (commit `{c.a.sha[:7]}`) with **{c.b.label}** "
+        f"(commit `{c.b.sha[:7]}`) of `{_md(c.repo)}`.",
+        "",
+    ]
+    if c.settings:
+        lines += ["| setting | " + _md(c.a.label) + " | " + _md(c.b.label) + " |", "|---|---|---|"]
+        lines += [f"| `{k}` | {_md(x)} | {_md(y)} |" for k, x, y in c.settings]
+    else:
+        lines.append("Settings: the same.")
+    if c.environment:
+        lines += ["", "<details><summary>Model and environment differences</summary>", ""]
+        lines += ["| param | " + _md(c.a.label) + " | " + _md(c.b.label) + " |", "|---|---|---|"]
+        lines += [f"| `{k}` | {_md(x)} | {_md(y)} |" for k, x, y in c.environment]
+        lines += ["", "</details>"]
+    lines += ["", f"Commits ({_md(c.commits_note)}):", ""]
+    lines += [f"- {_md(line)}" for line in c.commits[:20]] or ["- none"]
+    lines += ["", "| metric | " + _md(c.a.label) + " | " + _md(c.b.label) + " | change |"]
+    lines.append("|---|---:|---:|---:|")
+    lines += [f"| `{k}` | {_fmt(x)} | {_fmt(y)} | {_delta(x, y)} |" for k, x, y in c.metrics]
+    changed = sum(1 for left, right in c.pairs if any(k != "same" for k, _ in left + right))
+    lines += ["", f"**Texts:** {changed} of {len(c.pairs)} differ.", ""]
+    for index, (left, right) in enumerate(c.pairs, start=1):
+        same = all(kind == "same" for kind, _ in left + right)
+        old = "".join(p for k, p in left if k != "ins")
+        new = "".join(p for k, p in right if k != "del")
+        lines.append(
+            f"<details{'' if same else ' open'}><summary>Output {index} of "
+            f"{len(c.pairs)}{' (identical)' if same else ''}</summary>"
+        )
+        lines += ["", "```diff"]
+        fence = "`\u200b``"  # a text cannot end the code block
+        if same:
+            lines.append("  " + " ".join(old.split()).replace("```", fence))
+        else:
+            lines.append("- " + " ".join(old.split()).replace("```", fence))
+            lines.append("+ " + " ".join(new.split()).replace("```", fence))
+        lines += ["```", ""]
+        if not same:
+            for label, pieces, kind, mark in (
+                (c.a.label, left, "del", "~~"),
+                (c.b.label, right, "ins", "**"),
+            ):
+                text = "".join(
+                    f"{mark}{_md_piece(p)}{mark}" if k == kind else _md_piece(p) for k, p in pieces
+                )
+                lines += [f"> **{_md(label)}:** {text}", ">"]
+            lines[-1] = ""
+        lines.append("</details>")
+    text = "\n".join(lines) + "\n"
+    if len(text) > MARKDOWN_CHARS:
+        text = text[: MARKDOWN_CHARS - 80] + "\n\n… (cut: the full report is `textgen compare`)\n"
+    return text
 
 
 def _wrap(text: str, width: int, color: bool) -> list[str]:

@@ -8,14 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 from prefect.utilities.timeout import timeout as deadline
 
 from tasks.config import RUN_TIMEOUT_ENV, run_timeout
 from tasks.config import overrides as operator_overrides
-from tasks.errors import RepositoryError, RunTimeoutError
+from tasks.errors import RepositoryError, RunTimeoutError, SettingsError
+from tasks.gates import evaluate, gate_tags, load_gates
 from tasks.generate import generate_text
 from tasks.links import Link, link_for
 from tasks.model import load_generator, local_revision, locate_model
@@ -23,7 +24,14 @@ from tasks.quality import score_text
 from tasks.repo import CREDENTIALS_ENV, RepoLocation, fetch_repo_commit
 from tasks.settings import read_settings
 from tasks.tracking import RunRecord, Tracker, log_to_mlflow, storable
-from tasks.triggers import AUTOMATIC_TRIGGERS, SKIPPED, SUPERSEDED, filter_push
+from tasks.triggers import (
+    AUTOMATIC_TRIGGERS,
+    PREVIEW_TRIGGER,
+    SKIPPED,
+    SUPERSEDED,
+    filter_preview,
+    filter_push,
+)
 
 REPO_ENV = "TEXTGEN_REPO"
 
@@ -55,6 +63,39 @@ class Request:
     before: str | None
     changed_paths: list[str] | None
     attempt: int
+    pull_request: PullRequest | None = None
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    """The pull request a preview run is for, as the receiver read it from the delivery."""
+
+    number: int
+    ref: str
+    """Its head in the linked repository: `refs/pull/N/head` or `refs/merge-requests/N/head`."""
+    head_branch: str = ""
+    fork: bool = True
+
+    @classmethod
+    def of(cls, value: dict[str, Any] | None, trigger: str) -> PullRequest | None:
+        """The `pull_request` parameter, checked; required exactly for preview runs."""
+        if trigger != PREVIEW_TRIGGER:
+            if value:
+                raise SettingsError("pull_request is given only to preview runs")
+            return None
+        if not isinstance(value, dict):
+            raise SettingsError(
+                "a preview run needs pull_request: {number, ref} naming the pull request"
+            )
+        number = value.get("number")
+        ref = value.get("ref")
+        if not isinstance(number, int) or isinstance(number, bool) or not 0 < number < 10**10:
+            raise SettingsError(f"pull_request.number must be a positive number, not {number!r}")
+        if not isinstance(ref, str):
+            raise SettingsError(f"pull_request.ref must be the head ref, not {ref!r}")
+        return cls(
+            number, ref, str(value.get("head_branch") or "")[:200], value.get("fork") is not False
+        )
 
 
 class _Deadline(TimeoutError):
@@ -66,12 +107,17 @@ def _flow_run_name() -> str:
 
     params = flow_run.parameters
     ref = params.get("commit_sha") or params.get("branch") or "main"
+    pull = params.get("pull_request")
+    if isinstance(pull, dict) and pull.get("number"):
+        return f"preview-pr{pull['number']}-{str(ref)[:12]}"
     return f"{params.get('trigger', 'manual')}-{str(ref)[:12]}"
 
 
 def _markdown(record: RunRecord, params: dict[str, Any]) -> str:
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.items())
     title = f"Version {record.version}" if record.version else record.outcome.capitalize()
+    if record.outcome == "preview":
+        title = "Preview"
     return (
         f"# {title}\n\n"
         f"- outcome: **{record.outcome}** {record.reason}\n"
@@ -118,6 +164,7 @@ def nlp_text_generation(
     before: str | None = None,
     changed_paths: list[str] | None = None,
     attempt: int = 1,
+    pull_request: dict[str, Any] | None = None,
 ) -> RunRecord:
     """Generate text with the settings at one commit and record it as a new MLflow version.
 
@@ -132,9 +179,21 @@ def nlp_text_generation(
         before: For a push, the branch's previous tip.
         changed_paths: For a push, the files it changed, when the sender knows them.
         attempt: Which try of this push: a push run whose worker died is run once more.
+        pull_request: For a preview run (trigger `preview`): the pull request into `branch`,
+            `{number, ref}`, whose head `commit_sha` is. Recorded as its preview, compared
+            with the branch's latest version, never numbered.
     """
     request = Request(
-        repo_url, branch, commit_sha, overrides, trigger, force, before, changed_paths, attempt
+        repo_url,
+        branch,
+        commit_sha,
+        overrides,
+        trigger,
+        force,
+        before,
+        changed_paths,
+        attempt,
+        PullRequest.of(pull_request, trigger),
     )
     link = _link(default_repo_url() if repo_url is None else repo_url, branch, trigger)
     with operator_overrides(_link_settings(link)):
@@ -146,7 +205,7 @@ def _link(repo_url: str, branch: str, trigger: str) -> Link | None:
     from prefect.runtime import deployment
 
     url = RepoLocation.parse(repo_url).url
-    required = trigger in AUTOMATIC_TRIGGERS or bool(deployment.id)
+    required = trigger in AUTOMATIC_TRIGGERS or trigger == PREVIEW_TRIGGER or bool(deployment.id)
     return link_for(url, branch, required)
 
 
@@ -189,13 +248,23 @@ def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request
     """The flow's stages for its MLflow run `run_id`: commit, filter, settings, model, output."""
     r = request
     automatic = r.trigger in AUTOMATIC_TRIGGERS
+    pr = r.pull_request
     commit = fetch_repo_commit(
-        r.repo_url or location.url, r.branch, r.commit_sha, refresh=automatic
+        r.repo_url or location.url,
+        r.branch,
+        r.commit_sha,
+        refresh=automatic or pr is not None,
+        pull_ref=pr.ref if pr else None,
     )
     tracker.tag_commit(run_id, commit)
-    if automatic:
-        last = tracker.last_handled_commit(r.branch, AUTOMATIC_TRIGGERS)
-        go, reason, kind = filter_push(commit, last, r.before, r.changed_paths)
+    if pr is not None:
+        tracker.tag_preview(run_id, pr.number, pr.head_branch, pr.fork)
+    if automatic or pr is not None:
+        if pr is not None:
+            go, reason, kind = filter_preview(commit, r.branch, pr.ref)
+        else:
+            last = tracker.last_handled_commit(r.branch, AUTOMATIC_TRIGGERS)
+            go, reason, kind = filter_push(commit, last, r.before, r.changed_paths)
         if not go:
             record = tracker.finish_skipped(run_id, reason, commit.sha, kind)
             _publish(record, {})
@@ -209,7 +278,12 @@ def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request
     settings, source = read_settings(commit, r.overrides)
     model_path = locate_model(settings, commit)
     revision = local_revision(settings, model_path)
-    existing = None if r.force else tracker.find_version(commit.sha, settings.digest(), revision)
+    gates = load_gates(commit)  # a malformed gate fails the run before the model loads
+    existing = (
+        None
+        if r.force or pr is not None
+        else tracker.find_version(commit.sha, settings.digest(), revision)
+    )
     if existing is not None:
         record = tracker.finish_reused(run_id, existing, settings)
     else:
@@ -217,10 +291,49 @@ def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request
         generations = generate_text(generator, settings)
         quality = score_text(generator, generations)
         record = log_to_mlflow(
-            tracker, run_id, commit, settings, source, generator, generations, quality
+            tracker,
+            run_id,
+            commit,
+            settings,
+            source,
+            generator,
+            generations,
+            quality,
+            _check_gates(tracker, r.branch, gates, generator, generations, quality),
+            pr.number if pr else None,
         )
     _publish(record, settings.as_params())
     return record
+
+
+def _check_gates(
+    tracker: Tracker,
+    branch: str,
+    gates: list[Any],
+    generator: Any,
+    generations: Any,
+    quality: dict[str, float],
+) -> dict[str, str]:
+    """The repository's quality gates, checked against this run's metrics and those of the
+    branch's latest version (the base); their outcome as MLflow tags (none without gates)."""
+    if not gates:
+        return {}
+    metrics = {
+        **quality,
+        "new_tokens": float(generations.total_new_tokens),
+        "tokens_per_second": generations.tokens_per_second,
+        "generation_seconds": generations.generation_seconds,
+        "load_seconds": generator.load_seconds,
+    }
+    base = tracker.latest_version(branch)
+    results = evaluate(gates, metrics, dict(base.data.metrics) if base is not None else None)
+    logger = get_run_logger()
+    for result in results:
+        logger.info("Gate %s: %s", "passed" if result.passed else "FAILED", result.line())
+    tags = gate_tags(results)
+    if base is not None:
+        tags["textgen.gates.base"] = f"v{base.data.tags.get('textgen.version', '?')}"
+    return tags
 
 
 def _label_flow_run(mlflow_url: str) -> None:

@@ -11,6 +11,8 @@ never by value) and optional operator limits:
         provider: github              # github, gitea, gitlab, hook or poll
         secret: env:ALPHA_WEBHOOK_SECRET
         credentials: env:ALPHA_GIT_TOKEN
+        token: env:ALPHA_API_TOKEN     # commit statuses and pull-request comments
+        previews: all                  # all, same-repo (no forks) or off
         limits: {max_total_tokens: 512}
 
 The receiver accepts pushes only for these, and a deployment of a link runs only its repository:
@@ -27,7 +29,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.config import data_dir
 from tasks.errors import SettingsError
@@ -91,6 +100,23 @@ class Link(BaseModel):
     )
     poll: float | None = Field(default=None, gt=0, description="poll the remote every N seconds")
     limits: dict[str, int | str] = Field(default_factory=dict)
+    token: str | None = Field(
+        default=None,
+        description="API token for commit statuses and pull-request comments, by reference: "
+        "env:NAME or file:PATH",
+    )
+    api_url: str | None = Field(
+        default=None, description="the provider's REST API root; by default derived from url"
+    )
+    repository: str | None = Field(
+        default=None,
+        description="owner/name (GitLab: the project's full path) on the provider; by default "
+        "from url",
+    )
+    previews: Literal["all", "same-repo", "off"] = Field(
+        default="all",
+        description="pull requests that get a preview run: all, same-repo (none from forks), off",
+    )
 
     @field_validator("name")
     @classmethod
@@ -122,7 +148,79 @@ class Link(BaseModel):
             raise ValueError("is not a branch name")
         return value.removeprefix("refs/heads/")
 
-    @field_validator("secret", "credentials")
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^\s/@]+(/[^\s]*)?$", value):
+            raise ValueError(
+                "must be an http(s) URL without credentials, e.g. https://api.github.com"
+            )
+        return value.rstrip("/")
+
+    @field_validator("repository")
+    @classmethod
+    def _repository(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$", value):
+            raise ValueError("must be owner/name (GitLab: group/subgroup/project)")
+        return value
+
+    @model_validator(mode="after")
+    def _reporting(self) -> Link:
+        if self.token is not None:
+            if self.provider not in {"github", "gitea", "gitlab"}:
+                raise ValueError(
+                    f"token: a {self.provider} link has no provider API to report to; "
+                    "statuses need provider github, gitea or gitlab"
+                )
+            self.api_target()  # derivable, or say what to add
+        return self
+
+    def api_target(self) -> tuple[str, str]:
+        """The provider's API root and the repository's path there (owner/name)."""
+        from urllib.parse import urlsplit
+
+        from tasks.repo import RepoLocation
+
+        location = RepoLocation.parse(self.url)
+        parts = urlsplit(location.url) if "://" in location.url else None
+        host = parts.hostname if parts is not None else None
+        if host is None and location.url.count(":") == 1 and "@" in location.url:
+            host = location.url.split("@", 1)[1].split(":", 1)[0]  # git@host:owner/name
+        repository = self.repository
+        if repository is None and host is not None:
+            path = parts.path if parts is not None else location.url.split(":", 1)[1]
+            repository = re.sub(r"\.git$", "", path.strip("/")) or None
+        api = self.api_url
+        if api is None and host is not None:
+            web = parts is not None and parts.scheme in {"http", "https"}
+            scheme = parts.scheme if web and parts is not None else "https"
+            port = f":{parts.port}" if web and parts is not None and parts.port else ""
+            if self.provider == "github":
+                api = (
+                    "https://api.github.com"
+                    if host == "github.com"
+                    else f"{scheme}://{host}{port}/api/v3"
+                )
+            elif self.provider == "gitea":
+                api = f"{scheme}://{host}{port}/api/v1"
+            elif self.provider == "gitlab":
+                api = f"{scheme}://{host}{port}/api/v4"
+        if api is None or repository is None:
+            raise ValueError(
+                f"token: cannot tell the {self.provider} API and repository from {self.url!r}; "
+                "set api_url and repository (owner/name)"
+            )
+        return api, repository
+
+    def api_token(self) -> str | None:
+        """The resolved API token, or None when the link has none."""
+        if self.token is None:
+            return None
+        return resolve_ref(self.token, f"link {self.name}: token")
+
+    @field_validator("secret", "credentials", "token")
     @classmethod
     def _reference(cls, value: str | None) -> str | None:
         if value is not None and not _REF.match(value):

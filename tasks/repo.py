@@ -167,6 +167,8 @@ class CommitInfo:
     on_branch: bool
     branch_tip: str | None = None
     """The branch's tip in the mirror when the commit was resolved."""
+    pull_tip: str | None = None
+    """For a pull request's head: the pull request's ref tip when the commit was resolved."""
 
     @property
     def short_sha(self) -> str:
@@ -355,13 +357,28 @@ def read_blob(mirror: Path, sha: str, path: str) -> bytes | None:
     return bytes(data)
 
 
+_PULL_REF = re.compile(r"^refs/(pull/[1-9][0-9]{0,9}/head|merge-requests/[1-9][0-9]{0,9}/head)$")
+
+
 def resolve_commit(
-    location: RepoLocation, branch: str, commit_sha: str | None, refresh: bool = False
+    location: RepoLocation,
+    branch: str,
+    commit_sha: str | None,
+    refresh: bool = False,
+    pull_ref: str | None = None,
 ) -> CommitInfo:
     """Fetch what is missing into the mirror and resolve `commit_sha` (or the tip of `branch`).
 
     `refresh` fetches the branch even when the commit is known, to learn the current tip.
+    `pull_ref` (`refs/pull/N/head`, `refs/merge-requests/N/head`) is a pull request's head in
+    the linked repository: it is fetched too (a fork's commits are reachable only from it), and
+    its tip recorded, so a preview of a head the pull request has moved on from is superseded.
     """
+    if pull_ref is not None and not _PULL_REF.match(pull_ref):
+        raise RepositoryError(
+            f"{pull_ref!r} is not a pull request's head ref; expected refs/pull/N/head or "
+            f"refs/merge-requests/N/head"
+        )
     if location.is_local and not Path(location.url.removeprefix("file://")).exists():
         raise RepositoryError(f"repository {location.url} does not exist on this machine")
     if not branch or branch.startswith("-") or ".." in branch:
@@ -380,6 +397,10 @@ def resolve_commit(
         have = _resolve(repo, wanted) if wanted and _FULL_SHA.match(wanted) else None
         if have is None or refresh:
             _fetch(repo, location, f"+refs/heads/{branch}:{tracking}", branch, env)
+        pull_tracking = None
+        if pull_ref is not None:
+            pull_tracking = "refs/remotes/origin/" + pull_ref.removeprefix("refs/")
+            _fetch(repo, location, f"+{pull_ref}:{pull_tracking}", pull_ref, env)
         if wanted is None:
             sha = _resolve(repo, tracking)
             if sha is None:
@@ -405,6 +426,7 @@ def resolve_commit(
                 )
         on_branch = _is_ancestor(repo, sha, tracking)
         tip = _resolve(repo, tracking)
+        pull_tip = _resolve(repo, pull_tracking) if pull_tracking else None
     commit = repo.commit(sha)
     return CommitInfo(
         repo_url=location.url,
@@ -417,6 +439,7 @@ def resolve_commit(
         mirror=str(path),
         on_branch=on_branch,
         branch_tip=tip,
+        pull_tip=pull_tip,
     )
 
 
@@ -428,6 +451,14 @@ def _is_ancestor(repo: git.Repo, sha: str, descendant: str) -> bool:
     except git.GitCommandError:
         return False
     return True
+
+
+def merge_base(mirror: str | Path, a: str, b: str) -> str | None:
+    """The best common ancestor of two commits, or None when they share none."""
+    try:
+        return str(git.Repo(mirror).git.merge_base(a, b)).strip() or None
+    except git.GitCommandError:
+        return None
 
 
 def has_commit(mirror: str | Path, sha: str) -> bool:
@@ -460,14 +491,19 @@ def _is_transient(task: object, task_run: object, state: object) -> bool:
     cache_policy=NO_CACHE,
 )
 def fetch_repo_commit(
-    repo_url: str, branch: str = "main", commit_sha: str | None = None, refresh: bool = False
+    repo_url: str,
+    branch: str = "main",
+    commit_sha: str | None = None,
+    refresh: bool = False,
+    pull_ref: str | None = None,
 ) -> CommitInfo:
     """Resolve the commit to run (a short SHA too, or the tip of `branch`) in a cached mirror.
 
-    `refresh` fetches the branch even for a known commit, to learn the branch's current tip.
+    `refresh` fetches the branch even for a known commit, to learn the branch's current tip;
+    `pull_ref` fetches a pull request's head too (see `resolve_commit`).
     """
     location = RepoLocation.parse(repo_url)
-    commit = resolve_commit(location, branch, commit_sha, refresh)
+    commit = resolve_commit(location, branch, commit_sha, refresh, pull_ref)
     logger = get_run_logger()
     logger.info(
         "Resolved %s@%s to %s (%s): %s",
@@ -477,6 +513,6 @@ def fetch_repo_commit(
         commit.author,
         commit.message.splitlines()[0] if commit.message else "",
     )
-    if not commit.on_branch:
+    if not commit.on_branch and pull_ref is None:
         logger.warning("Commit %s is not on branch %r of %s", commit.sha, branch, location.url)
     return commit

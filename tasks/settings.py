@@ -308,6 +308,7 @@ def load_settings(
     if text is not None:
         source = SETTINGS_FILE
         raw = parse_yaml_settings(text, f"{SETTINGS_FILE} {where}")
+        raw.pop("gates", None)  # quality gates, not generation settings (tasks.gates)
     else:
         script = commit.read_file(LEGACY_SCRIPT)
         if script is None:

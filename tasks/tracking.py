@@ -44,6 +44,8 @@ TAG_MODEL_REVISION = "textgen.model_revision"
 TAG_TRIGGER = "textgen.trigger"
 TAG_COMMIT = "mlflow.source.git.commit"
 TAG_STATE = "textgen.state"
+TAG_PREVIEW = "textgen.preview.pr"
+"""The pull request a preview run previews (its number)."""
 TAG_HOST = "textgen.worker.host"
 TAG_PID = "textgen.worker.pid"
 TAG_PROCESS_START = "textgen.worker.process_start"
@@ -88,6 +90,11 @@ class RunRecord:
             return (
                 f"commit {sha} with these settings is already version {self.version}; "
                 f"reused it (MLflow run {self.run_id}): {self.url}"
+            )
+        if self.outcome == "preview":
+            return (
+                f"preview of commit {sha} (never a numbered version), "
+                f"MLflow run {self.run_id}: {self.url}"
             )
         return f"{self.outcome}: {self.reason} (MLflow run {self.run_id}): {self.url}"
 
@@ -365,6 +372,15 @@ class Tracker:
         }
         self.client.log_batch(run_id, tags=_tags(tags))
 
+    def tag_preview(self, run_id: str, pr: int, head_branch: str, fork: bool) -> None:
+        """Mark a run as the preview of pull request `pr`, before it can fail."""
+        tags = {
+            TAG_PREVIEW: str(pr),
+            "textgen.preview.head_branch": head_branch,
+            "textgen.preview.fork": str(fork).lower(),
+        }
+        self.client.log_batch(run_id, tags=_tags(tags))
+
     def find_version(self, commit_sha: str, digest: str, model_revision: str | None) -> Any | None:
         """The run holding an output for this commit, settings and model, if any."""
         query = (
@@ -390,6 +406,9 @@ class Tracker:
                     "textgen.reused_version": str(version),
                     "textgen.reused_run_id": existing.info.run_id,
                     "mlflow.runName": f"{sha[:7]} reuses v{version}",
+                    **{
+                        k: v for k, v in existing.data.tags.items() if k.startswith("textgen.gates")
+                    },
                 }
             ),
         )
@@ -447,6 +466,37 @@ class Tracker:
             if tags.get(TAG_OUTCOME) == "skipped" and tags.get("textgen.skip_kind") == "superseded":
                 continue
             return str(tags[TAG_COMMIT])
+        return None
+
+    def _finish_preview(
+        self, run_id: str, commit: CommitInfo, digest: str, output_digest: str, pr: int
+    ) -> RunRecord:
+        """End a pull request's preview run FINISHED: recorded, tagged, never numbered."""
+        self.client.log_batch(run_id, tags=_tags(_preview_tags(pr, commit, output_digest)))
+        self.client.set_terminated(run_id, "FINISHED")
+        return RunRecord(
+            "preview",
+            run_id,
+            self.experiment_id,
+            None,
+            commit.sha,
+            digest,
+            self.url(run_id),
+            output_url=self.url(run_id),
+        )
+
+    def latest_version(self, branch: str) -> Any | None:
+        """The run of the branch's latest numbered version (the base gates compare with)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{TAG_OUTCOME}` = 'new' and attributes.status = 'FINISHED'",
+            order_by=[f"tags.`{TAG_VERSION_KEY}` DESC"],
+            max_results=200,
+        )
+        # The branch is compared here, not in the query: a git branch name may hold quotes.
+        for run in runs:
+            if run.data.tags.get("mlflow.source.git.branch") == branch:
+                return run
         return None
 
     def _failed_name(self, run_id: str) -> str:
@@ -646,8 +696,12 @@ class Tracker:
         generator: Generator,
         generations: Generations,
         quality: dict[str, float] | None = None,
+        extra_tags: dict[str, str] | None = None,
+        preview: int | None = None,
     ) -> RunRecord:
-        """Log the whole record of a new output and end the run FINISHED."""
+        """Log the whole record of a new output and end the run FINISHED: as the next numbered
+        version, or, for `preview` (a pull request's number), as that pull request's preview,
+        which takes no number. `extra_tags` (the gates' outcome) are logged with the record."""
         import pandas as pd
         import torch
         import transformers
@@ -680,7 +734,9 @@ class Tracker:
             run_id,
             metrics=_metrics(metrics),
             params=_params(params),
-            tags=_tags({TAG_DIGEST: digest, TAG_MODEL_REVISION: generator.revision}),
+            tags=_tags(
+                {TAG_DIGEST: digest, TAG_MODEL_REVISION: generator.revision, **(extra_tags or {})}
+            ),
         )
         self.client.log_text(run_id, format_output(generations.texts), "output.txt")
         settings_doc = {
@@ -723,6 +779,8 @@ class Tracker:
                     )
                 ],
             )
+        if preview is not None:
+            return self._finish_preview(run_id, commit, digest, dataset.digest, preview)
         version = self.allocate_version(run_id)
         self.publish(
             run_id,
@@ -743,6 +801,20 @@ class Tracker:
             self.url(run_id),
             output_url=self.url(run_id),
         )
+
+
+def _preview_tags(pr: int, commit: CommitInfo, output_digest: str) -> dict[str, str]:
+    return {
+        TAG_OUTCOME: "preview",
+        TAG_PREVIEW: str(pr),
+        "textgen.output_digest": output_digest,
+        "mlflow.runName": f"PR #{pr} preview {commit.short_sha}",
+        "mlflow.note.content": _truncate(
+            f"**Preview of pull request #{pr}** at commit `{commit.short_sha}`: "
+            f"{commit.message.splitlines()[0] if commit.message else ''}\n\n"
+            "A preview is recorded for comparison and never becomes a numbered version."
+        ),
+    }
 
 
 def _note(
@@ -798,10 +870,25 @@ def log_to_mlflow(
     generator: Generator,
     generations: Generations,
     quality: dict[str, float] | None = None,
+    extra_tags: dict[str, str] | None = None,
+    preview: int | None = None,
 ) -> RunRecord:
-    """Record the output as a new numbered version: tags, params, metrics, artifacts, dataset."""
+    """Record the output as a new numbered version (or a pull request's preview): tags,
+    params, metrics, artifacts, dataset."""
     record = tracker.record_generation(
-        run_id, commit, settings, settings_source, generator, generations, quality
+        run_id,
+        commit,
+        settings,
+        settings_source,
+        generator,
+        generations,
+        quality,
+        extra_tags,
+        preview,
     )
-    get_run_logger().info("Recorded version %s as MLflow run %s", record.version, record.run_id)
+    logger = get_run_logger()
+    if preview is not None:
+        logger.info("Recorded the preview of PR #%s as MLflow run %s", preview, record.run_id)
+    else:
+        logger.info("Recorded version %s as MLflow run %s", record.version, record.run_id)
     return record

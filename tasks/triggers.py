@@ -9,6 +9,9 @@ on:
     branches:
       only: main
     paths-ignore: ["**/*.md", "docs/**"]
+    pull_request:                 # previews of pull requests (GitHub Actions syntax)
+      branches: [main]            # the base branch; or branches-ignore
+      paths-ignore: ["**/*.md"]   # or paths
 ```
 
 Patterns follow GitHub's filter cheat sheet: `*` matches any characters but `/`, `**` any
@@ -27,10 +30,19 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.bounded import load_yaml, show
 from tasks.errors import SettingsError
-from tasks.repo import ZERO_SHA, CommitInfo, changed_between, has_commit, is_ancestor
+from tasks.repo import (
+    ZERO_SHA,
+    CommitInfo,
+    changed_between,
+    has_commit,
+    is_ancestor,
+    merge_base,
+)
 
 WORKFLOWS_DIR = ".gradient/workflows"
 AUTOMATIC_TRIGGERS = frozenset({"push", "poll"})
+PREVIEW_TRIGGER = "preview"
+"""The trigger of a pull request's preview run: recorded, compared, never a numbered version."""
 SUPERSEDED = "Superseded"
 SKIPPED = "Skipped"
 """How the message of a flow run's state starts when a push made no run: it names no state
@@ -229,6 +241,7 @@ class WorkflowTrigger:
     branches: tuple[str, ...]
     paths: tuple[str, ...] | None
     paths_ignore: tuple[str, ...] | None
+    pull_request: PullRequestTrigger | None = None
 
     def decide(self, branch: str, changed: tuple[str, ...] | None) -> tuple[bool, str]:
         """Whether a push of `changed` files to `branch` runs, and why."""
@@ -269,6 +282,66 @@ class WorkflowTrigger:
         return True, f"{self.source}: a push to {branch!r} runs"
 
 
+@dataclass(frozen=True)
+class PullRequestTrigger:
+    """The `on.github.pull_request` section: which pull requests get a preview run."""
+
+    source: str
+    branches: tuple[str, ...] | None
+    branches_ignore: tuple[str, ...] | None
+    paths: tuple[str, ...] | None
+    paths_ignore: tuple[str, ...] | None
+
+    def decide(self, base: str, changed: tuple[str, ...] | None) -> tuple[bool, str]:
+        """Whether a pull request into `base` that changes `changed` gets a preview, and why."""
+        if self.branches is not None and not matches_patterns(base, list(self.branches)):
+            return False, (
+                f"{self.source}: base branch {base!r} is not in pull_request.branches "
+                f"{list(self.branches)}"
+            )
+        if self.branches_ignore is not None and matches_patterns(base, list(self.branches_ignore)):
+            return False, (
+                f"{self.source}: base branch {base!r} matches pull_request.branches-ignore "
+                f"{list(self.branches_ignore)}"
+            )
+        filters = WorkflowTrigger(self.source, (), self.paths, self.paths_ignore)
+        if changed is not None and not changed:
+            return False, f"{self.source}: the pull request changes no files"
+        run, reason = filters.decide(base, changed)
+        return run, reason.replace("a push to", "a pull request into").replace(
+            "the push changed", "the pull request changes"
+        )
+
+
+def _pull_request_trigger(value: Any, source: str) -> PullRequestTrigger:
+    """Parse `on.github.pull_request` (null or a mapping of GitHub Actions filters)."""
+    where = f"{source}: on.github.pull_request"
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise SettingsError(f"{where} must be a mapping (or empty), got {show(value)}")
+    allowed = ("branches", "branches-ignore", "paths", "paths-ignore")
+    unknown = set(value) - set(allowed)
+    if unknown:
+        raise SettingsError(
+            f"{where} has unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}"
+        )
+    for a, b in (("branches", "branches-ignore"), ("paths", "paths-ignore")):
+        if a in value and b in value:
+            raise SettingsError(f"{where} has both {a} and {b}; use one of them")
+
+    def patterns(key: str) -> tuple[str, ...] | None:
+        return tuple(_as_list(value[key], f"{where}.{key}")) if key in value else None
+
+    return PullRequestTrigger(
+        source,
+        patterns("branches"),
+        patterns("branches-ignore"),
+        patterns("paths"),
+        patterns("paths-ignore"),
+    )
+
+
 def parse_workflow(text: bytes, source: str) -> WorkflowTrigger | None:
     """The trigger of one workflow file, or None when it has no `on.github` section."""
     doc = load_yaml(text, source)
@@ -295,11 +368,11 @@ def parse_workflow(text: bytes, source: str) -> WorkflowTrigger | None:
     ignore = github.get("paths-ignore")
     if paths is not None and ignore is not None:
         raise SettingsError(f"{source}: on.github has both paths and paths-ignore; use one of them")
-    unknown_keys = set(github) - {"branches", "paths", "paths-ignore"}
+    unknown_keys = set(github) - {"branches", "paths", "paths-ignore", "pull_request"}
     if unknown_keys:
         raise SettingsError(
             f"{source}: on.github has unknown keys {sorted(unknown_keys)}; "
-            f"allowed: branches, paths, paths-ignore"
+            f"allowed: branches, paths, paths-ignore, pull_request"
         )
     return WorkflowTrigger(
         source=source,
@@ -308,6 +381,9 @@ def parse_workflow(text: bytes, source: str) -> WorkflowTrigger | None:
         paths_ignore=None
         if ignore is None
         else tuple(_as_list(ignore, f"{source}: on.github.paths-ignore")),
+        pull_request=_pull_request_trigger(github["pull_request"], source)
+        if "pull_request" in github
+        else None,
     )
 
 
@@ -335,6 +411,22 @@ def decide_push(
     reasons = []
     for trigger in triggers:
         run, reason = trigger.decide(branch, changed)
+        if run:
+            return True, reason
+        reasons.append(reason)
+    return False, "; ".join(reasons)
+
+
+def decide_preview(
+    triggers: list[WorkflowTrigger], base: str, changed: tuple[str, ...] | None
+) -> tuple[bool, str]:
+    """A pull request gets a preview when a workflow's `on.github.pull_request` selects it."""
+    sections = [t.pull_request for t in triggers if t.pull_request is not None]
+    if not sections:
+        return False, f"no workflow in {WORKFLOWS_DIR}/ has an on.github.pull_request trigger"
+    reasons = []
+    for section in sections:
+        run, reason = section.decide(base, changed)
         if run:
             return True, reason
         reasons.append(reason)
@@ -399,4 +491,32 @@ def filter_push(
     )
     run, reason = decide_push(load_triggers(commit), commit.branch, changed)
     logger.info("%s %s: %s", "Running" if run else "Skipping", commit.short_sha, reason)
+    return run, reason, "filtered"
+
+
+@task(name="filter-preview", cache_policy=NO_CACHE)
+def filter_preview(commit: CommitInfo, base: str, pull_ref: str) -> tuple[bool, str, str]:
+    """Whether a pull request's preview of `commit` goes ahead: (run, reason, kind of skip).
+
+    A head the pull request has since moved on from is superseded (its newer push previews
+    instead); otherwise the workflow specs at the head decide, on the files the pull request
+    changes (from the merge base with `base` to the head), as GitHub Actions does.
+    """
+    logger = get_run_logger()
+    tip = commit.pull_tip
+    if tip and tip != commit.sha:
+        reason = f"superseded: {pull_ref} has moved on to {tip[:7]}, whose preview runs instead"
+        logger.info("Skipping %s: %s", commit.short_sha, reason)
+        return False, reason, "superseded"
+    changed: tuple[str, ...] | None = None
+    if commit.branch_tip and has_commit(commit.mirror, commit.branch_tip):
+        base_sha = merge_base(commit.mirror, commit.branch_tip, commit.sha)
+        if base_sha:
+            changed = changed_between(commit.mirror, base_sha, commit.sha)
+    logger.info(
+        "Files the pull request changes: %s",
+        "unknown" if changed is None else f"{len(changed)}: {', '.join(changed[:10])}",
+    )
+    run, reason = decide_preview(load_triggers(commit), base, changed)
+    logger.info("%s preview of %s: %s", "Running" if run else "Skipping", commit.short_sha, reason)
     return run, reason, "filtered"

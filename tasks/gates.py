@@ -1,0 +1,260 @@
+"""Quality gates: thresholds on a run's recorded metrics, from the repository at the commit.
+
+An optional `gates:` list, in `textgen.yaml` or at the top of a workflow spec
+(`.gradient/workflows/*.yaml`); every gate of both applies:
+
+```yaml
+gates:
+  - distinct_2 >= 0.6                         # a fixed threshold
+  - repetition_rate <= 0.1
+  - mean_log_likelihood >= base - 0.05        # not worse than the base by more than 0.05
+  - tokens_per_second >= base * 0.8           # within 80% of the base
+```
+
+`base` is the metric of the version the run is compared with: for a push, the branch's latest
+version before it; for a pull-request preview, the latest version of the base branch. A gate
+relative to a base that does not exist (the first version) is not checked, and says so.
+
+A run that fails a gate is still recorded (a push still gets its version number); it is tagged
+`textgen.gates=failed` with which gates failed, and its commit status says failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tasks.bounded import load_yaml, show
+from tasks.errors import SettingsError
+from tasks.repo import CommitInfo
+
+GATE_METRICS = (
+    "distinct_1",
+    "distinct_2",
+    "repetition_rate",
+    "mean_new_tokens",
+    "mean_log_likelihood",
+    "perplexity",
+    "new_tokens",
+    "tokens_per_second",
+    "generation_seconds",
+    "load_seconds",
+)
+"""The recorded metrics a gate may name."""
+
+MAX_GATES = 50
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_GATE = re.compile(
+    rf"^\s*(?P<metric>[a-z_0-9]+)\s*(?P<op>>=|<=|>|<)\s*"
+    rf"(?:(?P<number>{_NUMBER})|base(?:\s*(?P<rel>[-+*])\s*(?P<amount>{_NUMBER}))?)\s*$"
+)
+ALLOWED = (
+    "`METRIC OP VALUE` where OP is >=, <=, > or <, and VALUE is a number, `base`, "
+    "`base - x`, `base + x` or `base * x`"
+)
+
+TAG_GATES = "textgen.gates"
+"""`passed` or `failed` (absent when the repository has no gates)."""
+TAG_GATES_FAILED = "textgen.gates.failed"
+TAG_GATES_REPORT = "textgen.gates.report"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One threshold on one metric."""
+
+    metric: str
+    op: str
+    number: float | None = None
+    rel: str | None = None
+    """For a gate relative to the base: `-`, `+` or `*` (None: the base itself)."""
+    amount: float = 0.0
+    source: str = ""
+
+    @property
+    def relative(self) -> bool:
+        return self.number is None
+
+    def text(self) -> str:
+        if not self.relative:
+            return f"{self.metric} {self.op} {self.number:g}"
+        tail = f" {self.rel} {self.amount:g}" if self.rel else ""
+        return f"{self.metric} {self.op} base{tail}"
+
+    def threshold(self, base: float | None) -> float | None:
+        """The value the metric is compared with; None when it needs a base there is not."""
+        if not self.relative:
+            return self.number
+        if base is None or not math.isfinite(base):
+            return None
+        if self.rel == "-":
+            return base - self.amount
+        if self.rel == "+":
+            return base + self.amount
+        if self.rel == "*":
+            return base * self.amount
+        return base
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """How one gate went for one run."""
+
+    gate: str
+    metric: str
+    value: float | None
+    threshold: float | None
+    passed: bool
+    checked: bool
+    note: str
+
+    def line(self) -> str:
+        """`distinct_2 = 0.41, needs >= 0.6`, for statuses and comments."""
+        return self.note
+
+
+def parse_gate(text: Any, source: str) -> Gate:
+    """One gate from its text; a clear error naming the file and what is allowed."""
+    if not isinstance(text, str):
+        raise SettingsError(f"{source}: gate {show(text)} is not text; expected {ALLOWED}")
+    match = _GATE.match(text)
+    if match is None:
+        raise SettingsError(f"{source}: gate {show(text)} is not understood; expected {ALLOWED}")
+    metric = match.group("metric")
+    if metric not in GATE_METRICS:
+        raise SettingsError(
+            f"{source}: gate {show(text)} names the unknown metric {metric!r}; "
+            f"allowed: {', '.join(GATE_METRICS)}"
+        )
+    number = match.group("number")
+    amount = match.group("amount")
+    values = [float(v) for v in (number, amount) if v is not None]
+    if any(not math.isfinite(v) for v in values):
+        raise SettingsError(f"{source}: gate {show(text)} has a value that is not finite")
+    return Gate(
+        metric=metric,
+        op=match.group("op"),
+        number=float(number) if number is not None else None,
+        rel=match.group("rel"),
+        amount=float(amount) if amount is not None else 0.0,
+        source=source,
+    )
+
+
+def parse_gates(value: Any, source: str) -> list[Gate]:
+    """The `gates:` value of a file: a list of gate texts (or one)."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise SettingsError(f"{source}: `gates` must be a list of gates, each {ALLOWED}")
+    if len(items) > MAX_GATES:
+        raise SettingsError(f"{source}: {len(items)} gates; allowed: at most {MAX_GATES}")
+    return [parse_gate(item, source) for item in items]
+
+
+def load_gates(commit: CommitInfo) -> list[Gate]:
+    """Every gate at the commit: `textgen.yaml`'s, then each workflow spec's."""
+    from tasks.triggers import WORKFLOWS_DIR
+
+    gates: list[Gate] = []
+    where = f"at commit {commit.short_sha}"
+    text = commit.read_file("textgen.yaml")
+    if text is not None:
+        doc = load_yaml(text, f"textgen.yaml {where}")
+        if isinstance(doc, dict):
+            gates += parse_gates(doc.get("gates"), f"textgen.yaml {where}")
+    for path in commit.list_files(WORKFLOWS_DIR):
+        if not path.endswith((".yaml", ".yml")):
+            continue
+        spec = commit.read_file(path)
+        doc = load_yaml(spec, f"{path} {where}") if spec is not None else None
+        if isinstance(doc, dict):
+            gates += parse_gates(doc.get("gates"), f"{path} {where}")
+    return gates
+
+
+def evaluate(
+    gates: list[Gate], metrics: Mapping[str, float], base: Mapping[str, float] | None
+) -> list[GateResult]:
+    """Check each gate against the run's metrics (and the base's, for relative gates)."""
+    results = []
+    for gate in gates:
+        value = metrics.get(gate.metric)
+        threshold = gate.threshold(None if base is None else base.get(gate.metric))
+        if value is None or not math.isfinite(value):
+            results.append(
+                GateResult(
+                    gate.text(),
+                    gate.metric,
+                    None,
+                    threshold,
+                    False,
+                    True,
+                    f"{gate.metric} was not recorded, needs {gate.op} {_fmt(threshold)}",
+                )
+            )
+            continue
+        if threshold is None:
+            results.append(
+                GateResult(
+                    gate.text(),
+                    gate.metric,
+                    value,
+                    None,
+                    True,
+                    False,
+                    f"{gate.metric} = {_fmt(value)}: not checked, no base version to compare with",
+                )
+            )
+            continue
+        passed = _OPERATORS[gate.op](value, threshold)
+        results.append(
+            GateResult(
+                gate.text(),
+                gate.metric,
+                value,
+                threshold,
+                passed,
+                True,
+                f"{gate.metric} = {_fmt(value)}, needs {gate.op} {_fmt(threshold)}"
+                + (f" ({gate.text()})" if gate.relative else ""),
+            )
+        )
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def gate_tags(results: list[GateResult]) -> dict[str, str]:
+    """The MLflow tags that record the gates' outcome (none when there were no gates)."""
+    if not results:
+        return {}
+    failed = [r for r in results if not r.passed]
+    tags = {
+        TAG_GATES: "failed" if failed else "passed",
+        TAG_GATES_REPORT: json.dumps([asdict(r) for r in results])[:5000],
+    }
+    if failed:
+        tags[TAG_GATES_FAILED] = "; ".join(r.line() for r in failed)[:5000]
+    return tags
+
+
+def failed_gates(tags: Mapping[str, str]) -> str | None:
+    """The failed gates a run's tags record, or None when it passed or had none."""
+    if tags.get(TAG_GATES) != "failed":
+        return None
+    return tags.get(TAG_GATES_FAILED) or "a quality gate failed"
