@@ -49,6 +49,13 @@ from tasks.repo import ZERO_SHA, RepoLocation, normalize_repo
 logger = logging.getLogger(__name__)
 
 EVENT_NAME = "git.push"
+PULL_REQUEST_EVENT = "git.pull_request"
+PREVIEW_ACTIONS = {
+    "github": {"opened", "synchronize", "reopened"},
+    "gitea": {"opened", "synchronized", "synchronize", "reopened"},
+    "gitlab": {"open", "reopen", "update"},
+}
+"""The pull request actions that (re)run its preview: a new head, or the request (re)opened."""
 PROVIDERS = ("github", "gitea", "gitlab")
 DEFAULT_MAX_BYTES = 5 * 1024 * 1024
 MAX_CONNECTIONS = 64
@@ -77,11 +84,20 @@ class PushEvent:
     forced: bool = False
     pusher: str = ""
     trigger: str = "push"
+    pull_request: dict[str, Any] | None = None
+    """For a pull request's head (trigger `preview`): number, ref, head_branch, fork."""
+    base: str | None = None
+    """For a pull request: the branch it targets (its `ref` is the pull request's head)."""
 
     @property
     def branch(self) -> str:
-        """The branch name of `refs/heads/<branch>`."""
-        return self.ref.removeprefix("refs/heads/")
+        """The branch name of `refs/heads/<branch>` (for a pull request, its base branch)."""
+        return self.base or self.ref.removeprefix("refs/heads/")
+
+    @property
+    def event_name(self) -> str:
+        """`git.push`, or `git.pull_request` for a pull request's head."""
+        return PULL_REQUEST_EVENT if self.pull_request is not None else EVENT_NAME
 
 
 @dataclass
@@ -152,6 +168,13 @@ class Served:
     secret: bytes | None = field(default=None, repr=False)
     providers: frozenset[str] = frozenset(PROVIDERS)
     """The endpoints whose deliveries may be for it (a GitLab project sends to /gitlab)."""
+    previews: str = "off"
+    """Pull requests that get a preview run: all, same-repo or off."""
+    reports: bool = False
+    """Whether results go back to the provider (the link has an API token)."""
+    link: Link | None = field(default=None, repr=False, compare=False)
+    token: str | None = field(default=None, repr=False, compare=False)
+    """The link's API token, resolved (see `of`)."""
 
     @property
     def key(self) -> str:
@@ -160,15 +183,25 @@ class Served:
 
     @classmethod
     def of(cls, link: Link) -> Served:
-        """A link as served: its secret resolved now, so a missing one fails at start."""
+        """A link as served: its secret and API token resolved now, so a missing one fails at
+        start. The token's environment variable is then removed from this process, so nothing
+        it starts later (flow runs, their fork server, a Prefect server) inherits it."""
         # The local hook and the poller's moves come signed like GitHub deliveries.
         endpoint = "github" if link.provider in {"hook", "poll"} else link.provider
+        forge = link.provider in PROVIDERS
+        token = link.api_token() if forge else None
+        if token is not None and link.token and link.token.startswith("env:"):
+            os.environ.pop(link.token.removeprefix("env:"), None)
         return cls(
             link.name,
             RepoLocation.parse(link.url),
             link.branch,
             link.webhook_secret(),
             frozenset({endpoint}),
+            link.previews if forge else "off",
+            token is not None,
+            link,
+            token,
         )
 
 
@@ -228,6 +261,10 @@ class Receiver:
             return Verdict(400, {"error": "body is not valid JSON: nested too deeply"})
         if event in {"ping", "system hook"}:
             return Verdict(200, {"status": "pong"})
+        if event in {"pull_request", "merge request hook"}:
+            if not isinstance(payload, dict):
+                return Verdict(400, {"error": "pull request payload must be a JSON object"})
+            return self._pull_request(provider, delivery, payload, authentic)
         if event not in {"push", "push hook", "tag push hook"}:
             return Verdict(202, {"status": "ignored", "reason": f"event {event!r} starts no run"})
         if not isinstance(payload, dict):
@@ -296,11 +333,84 @@ class Receiver:
             forced=forced,
             pusher=pusher,
         )
-        status, event_id = self.outbox.enqueue(push, target.repo, target.branch)
+        status, event_id = self.outbox.enqueue(
+            push, target.repo, target.branch, target.name if target.reports else None
+        )
         code = 202 if status == "queued" else 200
         return Verdict(
             code,
             {"status": status, "event_id": event_id, "after": after, "link": target.name},
+            push,
+        )
+
+    def _pull_request(
+        self, provider: str, delivery: str, payload: dict[str, Any], authentic: list[Served]
+    ) -> Verdict:
+        """A pull request (merge request) delivery: its head previewed when a link asks."""
+        try:
+            pull = parse_pull_request(provider, payload)
+        except ValueError as exc:
+            return Verdict(400, {"error": str(exc)})
+        if pull.action not in PREVIEW_ACTIONS[provider]:
+            return Verdict(
+                202,
+                {
+                    "status": "ignored",
+                    "reason": f"pull request action {pull.action!r} runs no preview",
+                },
+            )
+        if provider == "gitlab" and pull.action == "update" and not pull.new_commits:
+            return Verdict(
+                202, {"status": "ignored", "reason": "merge request update without new commits"}
+            )
+        keys = {normalize_repo(n) for n in pull.repositories[:20]}
+        target = next((t for t in authentic if t.key in keys and t.branch == pull.base), None)
+        if target is None:
+            served = ", ".join(sorted({f"{t.repo.url}@{t.branch}" for t in authentic})[:5])
+            return Verdict(
+                202,
+                {
+                    "status": "ignored",
+                    "reason": f"pull request into {pull.base} of "
+                    f"{pull.repositories[0] if pull.repositories else 'an unnamed repository'}; "
+                    f"this receiver serves {served}",
+                },
+            )
+        if target.previews == "off" or (target.previews == "same-repo" and pull.fork):
+            why = "previews are off" if target.previews == "off" else "it comes from a fork"
+            return Verdict(
+                202,
+                {"status": "ignored", "reason": f"link {target.name}: no preview, {why}"},
+            )
+        push = PushEvent(
+            provider=provider,
+            delivery=delivery or f"pr-{pull.number}-{pull.head}",
+            ref=pull.ref,
+            after=pull.head,
+            before=None,
+            changed_paths=None,
+            pusher=pull.author,
+            trigger="preview",
+            pull_request={
+                "number": pull.number,
+                "ref": pull.ref,
+                "head_branch": pull.head_branch,
+                "fork": pull.fork,
+            },
+            base=target.branch,
+        )
+        status, event_id = self.outbox.enqueue(
+            push, target.repo, target.branch, target.name if target.reports else None
+        )
+        return Verdict(
+            202 if status == "queued" else 200,
+            {
+                "status": status,
+                "event_id": event_id,
+                "after": pull.head,
+                "link": target.name,
+                "pull_request": pull.number,
+            },
             push,
         )
 
@@ -337,6 +447,95 @@ class Receiver:
         return json.loads(text)
 
 
+@dataclass(frozen=True)
+class PullRequestDelivery:
+    """What a pull request (merge request) delivery says, in one form for every provider."""
+
+    action: str
+    number: int
+    head: str
+    """The head commit's SHA."""
+    base: str
+    """The branch it targets."""
+    head_branch: str
+    fork: bool
+    ref: str
+    """Its head ref in the target repository: refs/pull/N/head, refs/merge-requests/N/head."""
+    repositories: list[str]
+    author: str = ""
+    new_commits: bool = True
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any, limit: int = 300) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def parse_pull_request(provider: str, payload: dict[str, Any]) -> PullRequestDelivery:
+    """Read a `pull_request` (GitHub, Gitea) or `Merge Request Hook` (GitLab) payload.
+
+    A pull request from a fork counts as one unless the payload shows the head repository is
+    the base repository; its head is fetched from the linked repository's own pull request
+    ref, never from the fork's URL.
+    """
+    if provider == "gitlab":
+        attrs = payload.get("object_attributes")
+        if not isinstance(attrs, dict):
+            raise ValueError("merge request payload needs `object_attributes`")
+        number = attrs.get("iid")
+        last = _dict(attrs.get("last_commit"))
+        head = str(last.get("id") or "").lower()
+        source, target = attrs.get("source_project_id"), attrs.get("target_project_id")
+        user = _dict(payload.get("user"))
+        pull = PullRequestDelivery(
+            action=_text(attrs.get("action"), 40),
+            number=number if isinstance(number, int) else -1,
+            head=head,
+            base=_text(attrs.get("target_branch")),
+            head_branch=_text(attrs.get("source_branch")),
+            fork=source is None or source != target,
+            ref=f"refs/merge-requests/{number}/head",
+            repositories=_payload_repositories(payload),
+            author=_text(user.get("username"), 200),
+            new_commits="oldrev" in attrs or attrs.get("action") != "update",
+        )
+    else:
+        info = payload.get("pull_request")
+        if not isinstance(info, dict):
+            raise ValueError("pull request payload needs `pull_request`")
+        number = payload.get("number", info.get("number"))
+        head_info = _dict(info.get("head"))
+        base_info = _dict(info.get("base"))
+        head_repo = _dict(head_info.get("repo"))
+        base_repo = _dict(base_info.get("repo"))
+        head_name = head_repo.get("full_name")
+        user = _dict(info.get("user"))
+        pull = PullRequestDelivery(
+            action=_text(payload.get("action"), 40),
+            number=number if isinstance(number, int) else -1,
+            head=str(head_info.get("sha") or "").lower(),
+            base=_text(base_info.get("ref")),
+            head_branch=_text(head_info.get("ref")),
+            fork=not head_name or head_name != base_repo.get("full_name"),
+            ref=f"refs/pull/{number}/head",
+            repositories=_payload_repositories(payload),
+            author=_text(user.get("login"), 200),
+        )
+    if not 0 < pull.number < 10**10 or isinstance(pull.number, bool):
+        raise ValueError("pull request payload needs a positive `number` (GitLab: `iid`)")
+    if not _SHA.match(pull.head):
+        raise ValueError(
+            "pull request payload needs the head's 40-character SHA "
+            "(pull_request.head.sha; GitLab: object_attributes.last_commit.id)"
+        )
+    if not pull.base:
+        raise ValueError("pull request payload needs the base branch (pull_request.base.ref)")
+    return pull
+
+
 def event_document(
     push: PushEvent, repo: RepoLocation, branch: str, received_at: float
 ) -> dict[str, Any]:
@@ -355,7 +554,7 @@ def _event(push: PushEvent, repo: RepoLocation, branch: str, received_at: float)
     return {
         "id": str(uuid.uuid5(_EVENT_NAMESPACE, f"{push.provider}:{push.delivery}")),
         "occurred": datetime.fromtimestamp(received_at, UTC).isoformat(),
-        "event": EVENT_NAME,
+        "event": push.event_name,
         "resource": {
             "prefect.resource.id": f"git.repo.{repo.key}",
             "prefect.resource.name": repo.display_name,
@@ -396,6 +595,21 @@ class Outbox:
                 CREATE UNIQUE INDEX IF NOT EXISTS one_event_per_commit
                     ON deliveries (repo, ref, after) WHERE status IN ('pending', 'sent');
                 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                CREATE TABLE IF NOT EXISTS reports (
+                    provider TEXT NOT NULL,
+                    delivery TEXT NOT NULL,
+                    link TEXT NOT NULL,
+                    kind TEXT NOT NULL,
+                    sha TEXT NOT NULL,
+                    pr INTEGER,
+                    phase TEXT NOT NULL DEFAULT 'queued',
+                    result TEXT,
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    next_at REAL NOT NULL DEFAULT 0,
+                    last_error TEXT,
+                    created_at REAL NOT NULL,
+                    PRIMARY KEY (provider, delivery)
+                );
                 """
             )
             columns = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
@@ -409,8 +623,13 @@ class Outbox:
         db.execute("PRAGMA synchronous=FULL")
         return db
 
-    def enqueue(self, push: PushEvent, repo: RepoLocation, branch: str) -> tuple[str, str | None]:
-        """Store a push; returns (queued | duplicate delivery | duplicate commit, event id)."""
+    def enqueue(
+        self, push: PushEvent, repo: RepoLocation, branch: str, report: str | None = None
+    ) -> tuple[str, str | None]:
+        """Store a push; returns (queued | duplicate delivery | duplicate commit, event id).
+
+        `report` names the link whose provider hears how the run went: a queued push is then
+        also a row of `reports`, in the same transaction (see deployments.reporter)."""
         now = time.time()
         event = event_document(push, repo, branch, now)
         with self._lock, self._connect() as db:
@@ -444,6 +663,21 @@ class Outbox:
                     push.before,
                 ),
             )
+            if report is not None and not same_commit:
+                db.execute(
+                    "INSERT OR IGNORE INTO reports "
+                    "(provider, delivery, link, kind, sha, pr, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        push.provider,
+                        push.delivery,
+                        report,
+                        "preview" if push.pull_request else "push",
+                        push.after,
+                        (push.pull_request or {}).get("number"),
+                        now,
+                    ),
+                )
             db.execute("COMMIT")
         if same_commit:
             return "duplicate commit", None
@@ -657,7 +891,7 @@ class Emitter(threading.Thread):
             sent = True
             logger.info(
                 "Emitted %s for %s@%s (delivery %s)",
-                EVENT_NAME,
+                event["event"],
                 event["payload"]["branch"],
                 event["payload"]["after"][:7],
                 delivery,

@@ -26,6 +26,7 @@ from urllib.request import urlopen
 
 from deployments.receiver import (
     EVENT_NAME,
+    PULL_REQUEST_EVENT,
     Emitter,
     Outbox,
     Poller,
@@ -293,6 +294,32 @@ def push_trigger(repo_url: str, branch: str) -> Any:
             "trigger": "{{ event.payload.trigger }}",
         },
     )
+
+
+def preview_trigger(repo_url: str, branch: str) -> Any:
+    """The deployment trigger of previews: a `git.pull_request` event for a pull request into
+    this branch of this repository."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name=f"{PULL_REQUEST_EVENT} into {branch}",
+        expect={PULL_REQUEST_EVENT},
+        match={
+            "prefect.resource.id": "git.repo.*",
+            "git.repository": repo_url,
+            "git.branch": branch,
+        },
+        parameters={
+            "commit_sha": "{{ event.payload.after }}",
+            "trigger": "preview",
+            "pull_request": "{{ event.payload.pull_request }}",
+        },
+    )
+
+
+def triggers(repo_url: str, branch: str) -> list[Any]:
+    """Every trigger of a link's deployment: its pushes and its pull requests' previews."""
+    return [push_trigger(repo_url, branch), preview_trigger(repo_url, branch)]
 
 
 def supersede_queued_runs(deployment_id: Any, newest_sha: str) -> int:
@@ -653,6 +680,11 @@ def start_receiver(
         if reap:
             threads.append(Reaper(watched, outbox))
     threads.append(Emitter(outbox, after_send=janitor.wake.set if janitor else None))
+    reporting = [(t.link, t.token) for t in targets if t.link is not None and t.token]
+    if reporting:
+        from deployments.reporter import Reporter
+
+        threads.append(Reporter(outbox.path, reporting, deployments or {}, reap=reap))
     for target in targets:
         seconds = (poll or {}).get(target.name)
         if seconds:
@@ -686,7 +718,7 @@ def _add_deployment(runner: Any, repo_url: str, branch: str, name: str) -> Any:
         nlp_text_generation,
         name=name,
         parameters={"repo_url": repo_url, "branch": branch},
-        triggers=[push_trigger(repo_url, branch)],
+        triggers=triggers(repo_url, branch),
         concurrency_limit=ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         ),

@@ -16,7 +16,7 @@ from typing import Any
 
 from tasks.config import data_dir, running_service, tracking_uri
 from tasks.errors import TextgenError
-from tasks.triggers import AUTOMATIC_TRIGGERS
+from tasks.triggers import AUTOMATIC_TRIGGERS, PREVIEW_TRIGGER
 
 ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
 
@@ -98,9 +98,10 @@ def active_runs(api_url: str) -> list[dict[str, Any]]:
     return runs
 
 
-def _ended_run_for(repo: str, sha: str) -> bool:
-    """Whether a push (or poll) run of commit `sha` of `repo` has ended in MLflow, whatever
-    its outcome; an earlier manual run of the commit does not count."""
+def _ended_run_for(repo: str, sha: str, preview: bool = False) -> bool:
+    """Whether a push (or poll) run of commit `sha` of `repo` (for a pull request's head, its
+    preview run) has ended in MLflow, whatever its outcome; an earlier manual run of the
+    commit does not count."""
     from tasks.tracking import TAG_COMMIT, TAG_TRIGGER, Tracker
 
     try:
@@ -112,7 +113,8 @@ def _ended_run_for(repo: str, sha: str) -> bool:
         f"tags.`{TAG_COMMIT}` = '{sha}' and attributes.status != 'RUNNING'",
         max_results=50,
     )
-    return any(run.data.tags.get(TAG_TRIGGER) in AUTOMATIC_TRIGGERS for run in found)
+    wanted = {PREVIEW_TRIGGER} if preview else AUTOMATIC_TRIGGERS
+    return any(run.data.tags.get(TAG_TRIGGER) in wanted for run in found)
 
 
 def outbox_pushes(folder: Path | None = None) -> list[dict[str, Any]]:
@@ -146,7 +148,8 @@ def outbox_pushes(folder: Path | None = None) -> list[dict[str, Any]]:
                     "commit": after[:12],
                     "received": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(received)),
                     "unsent": waiting,
-                    "handled": status == "sent" and _ended_run_for(repo, after),
+                    "handled": status == "sent"
+                    and _ended_run_for(repo, after, not ref.startswith("refs/heads/")),
                 }
             )
     return pushes

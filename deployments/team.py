@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from deployments.serve import SECRET_ENV, ServeError, healthy, push_trigger
+from deployments.serve import SECRET_ENV, ServeError, healthy, triggers
 from tasks.links import Link
 
 logger = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ def apply_links(
             name=link.name,
             work_pool_name=pool,
             parameters={"repo_url": link.url, "branch": link.branch},
-            triggers=[push_trigger(link.url, link.branch)],
+            triggers=triggers(link.url, link.branch),
             concurrency_limit=ConcurrencyLimitConfig(
                 limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
             ),

@@ -143,9 +143,12 @@ def start_serve(
     model_cache: str,
     extra_env: dict[str, str] | None = None,
     ui_port: int = 0,
+    links: Path | None = None,
+    deployment: str = "on-push",
 ) -> tuple[Service, str, str]:
     """`textgen serve` for a bare repository (data under `root`), with the hook installed,
-    and the MLflow UI on `ui_port` (0: none).
+    and the MLflow UI on `ui_port` (0: none); or, with `links`, for that links file (whose
+    link for the bare repository is named `deployment`).
 
     Returns the service, the receiver's GitHub endpoint and the MLflow tracking URI.
     """
@@ -170,12 +173,14 @@ def start_serve(
     log = next(
         root / f"serve-{n}.log" for n in range(1, 1000) if not (root / f"serve-{n}.log").exists()
     )
-    args = ["serve", "--repo", str(bare), "--port", str(port), "--ui-port", str(ui_port)]
+    served = ["--links", str(links)] if links else ["--repo", str(bare)]
+    args = ["serve", *served, "--port", str(port), "--ui-port", str(ui_port)]
     service = Service.textgen(args, env, log)
     try:
         wait_for(
             lambda: (
-                "Serving nlp-text-generation/on-push" in service.output() or not service.alive()
+                f"Serving nlp-text-generation/{deployment}" in service.output()
+                or not service.alive()
             ),
             120,
             "textgen serve to start",
