@@ -49,7 +49,9 @@ def main() -> None:
     import os
 
     from deployments.receiver import Outbox, Receiver, sign
+    from tasks.bounded import load_yaml
     from tasks.errors import SettingsError
+    from tasks.gates import parse_gate, parse_gates
     from tasks.generate import run_generation
     from tasks.model import build_generator, folder_digest, locate_model
     from tasks.repo import RepoLocation, resolve_commit
@@ -88,8 +90,8 @@ def main() -> None:
         Outbox(root / "outbox.sqlite"),
     )
 
-    def delivery(body: bytes) -> Callable[[], Any]:
-        headers = {"X-GitHub-Event": "push", "X-Hub-Signature-256": sign(b"secret", body)}
+    def delivery(body: bytes, event: str = "push") -> Callable[[], Any]:
+        headers = {"X-GitHub-Event": event, "X-Hub-Signature-256": sign(b"secret", body)}
 
         def send() -> Any:
             verdict = receiver.handle("github", headers, body)
@@ -100,6 +102,12 @@ def main() -> None:
         return send
 
     push = {"ref": "refs/heads/main", "before": "b" * 40, "after": "a" * 40}
+    pull = {
+        "action": "opened",
+        "number": 7,
+        "repository": {"clone_url": "https://example.com/o/r.git"},
+        "pull_request": {"head": {"sha": "a" * 40, "ref": "x"}, "base": {"ref": "main"}},
+    }
     paths = [f"data/shard-{i:05d}/part-with-a-longer-file-name.json" for i in range(30_000)]
     cases: list[tuple[str, Callable[[], Any]]] = [
         ("YAML alias bomb in textgen.yaml (322 bytes)", settings_at(BOMB + "\nrandom_seed: *i\n")),
@@ -123,6 +131,12 @@ def main() -> None:
             lambda: matches_patterns("a" * 5000, ["*a" * 20 + "*b"]),
         ),
         (
+            "YAML alias bomb in gates",
+            lambda: parse_gates(load_yaml((BOMB + "\ngates: *i\n").encode(), "t.yaml"), "t.yaml"),
+        ),
+        ("gate with a 1 MB number", lambda: parse_gate("distinct_2 >= " + "9" * 1_000_000, "t")),
+        ("60 gates", lambda: parse_gates(["distinct_2 >= 0.5"] * 60, "t.yaml")),
+        (
             "invalid class [z-a]",
             lambda: parse_workflow(b"on: {github: {paths-ignore: ['[z-a]']}}\n", "w.yaml"),
         ),
@@ -137,6 +151,23 @@ def main() -> None:
         ),
         ("payload repository missing", delivery(json.dumps(push).encode())),
         ("100k-deep JSON body", delivery(b"[" * 100_000 + b"]" * 100_000)),
+        (
+            "pull request head SHA of 40 non-hex characters",
+            delivery(
+                json.dumps(
+                    {**pull, "pull_request": {**pull["pull_request"], "head": {"sha": "z" * 40}}}
+                ).encode(),
+                "pull_request",
+            ),
+        ),
+        (
+            "pull request number 10^12",
+            delivery(json.dumps({**pull, "number": 10**12}).encode(), "pull_request"),
+        ),
+        (
+            "pull request into a repository previews are off for",
+            delivery(json.dumps(pull).encode(), "pull_request"),
+        ),
         (
             "signed push naming 30k paths (1.6 MB)",
             delivery(

@@ -378,10 +378,13 @@ class Receiver:
             )
         if target.previews == "off" or (target.previews == "same-repo" and pull.fork):
             why = "previews are off" if target.previews == "off" else "it comes from a fork"
-            return Verdict(
-                202,
-                {"status": "ignored", "reason": f"link {target.name}: no preview, {why}"},
-            )
+            reason = f"link {target.name}: no preview, {why}"
+            if target.link is None:
+                reason = (
+                    "no preview: only linked repositories preview their pull requests "
+                    "(`textgen link add`)"
+                )
+            return Verdict(202, {"status": "ignored", "reason": reason})
         push = PushEvent(
             provider=provider,
             delivery=delivery or f"pr-{pull.number}-{pull.head}",
