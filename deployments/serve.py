@@ -275,19 +275,31 @@ def prefect_api(port: int = 4200) -> Iterator[str]:
         server.stop()
 
 
-def push_trigger(repo_url: str, branch: str) -> Any:
-    """The deployment trigger: a `git.push` event for this repository and branch."""
+def _event_trigger(
+    event: str, name: str, repo_url: str, branch: str, parameters: dict[str, str]
+) -> Any:
     from prefect.events import DeploymentEventTrigger
 
     return DeploymentEventTrigger(
-        name=f"{EVENT_NAME} to {branch}",
-        expect={EVENT_NAME},
+        name=name,
+        expect={event},
         match={
             "prefect.resource.id": "git.repo.*",
             "git.repository": repo_url,
             "git.branch": branch,
         },
-        parameters={
+        parameters=parameters,
+    )
+
+
+def push_trigger(repo_url: str, branch: str) -> Any:
+    """The deployment trigger: a `git.push` event for this repository and branch."""
+    return _event_trigger(
+        EVENT_NAME,
+        f"{EVENT_NAME} to {branch}",
+        repo_url,
+        branch,
+        {
             "commit_sha": "{{ event.payload.after }}",
             "before": "{{ event.payload.before }}",
             "changed_paths": "{{ event.payload.changed_paths }}",
@@ -299,17 +311,12 @@ def push_trigger(repo_url: str, branch: str) -> Any:
 def preview_trigger(repo_url: str, branch: str) -> Any:
     """The deployment trigger of previews: a `git.pull_request` event for a pull request into
     this branch of this repository."""
-    from prefect.events import DeploymentEventTrigger
-
-    return DeploymentEventTrigger(
-        name=f"{PULL_REQUEST_EVENT} into {branch}",
-        expect={PULL_REQUEST_EVENT},
-        match={
-            "prefect.resource.id": "git.repo.*",
-            "git.repository": repo_url,
-            "git.branch": branch,
-        },
-        parameters={
+    return _event_trigger(
+        PULL_REQUEST_EVENT,
+        f"{PULL_REQUEST_EVENT} into {branch}",
+        repo_url,
+        branch,
+        {
             "commit_sha": "{{ event.payload.after }}",
             "trigger": "preview",
             "pull_request": "{{ event.payload.pull_request }}",

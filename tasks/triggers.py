@@ -408,9 +408,16 @@ def decide_push(
     """A push runs when any workflow's trigger selects it; the reason names the deciding file."""
     if not triggers:
         return False, f"no workflow in {WORKFLOWS_DIR}/ has an on.github trigger"
+    return _any_selects([t.decide for t in triggers], branch, changed)
+
+
+def _any_selects(
+    deciders: list[Any], branch: str, changed: tuple[str, ...] | None
+) -> tuple[bool, str]:
+    """The first decider that runs it, with its reason; else every one's reason."""
     reasons = []
-    for trigger in triggers:
-        run, reason = trigger.decide(branch, changed)
+    for decide in deciders:
+        run, reason = decide(branch, changed)
         if run:
             return True, reason
         reasons.append(reason)
@@ -424,13 +431,7 @@ def decide_preview(
     sections = [t.pull_request for t in triggers if t.pull_request is not None]
     if not sections:
         return False, f"no workflow in {WORKFLOWS_DIR}/ has an on.github.pull_request trigger"
-    reasons = []
-    for section in sections:
-        run, reason = section.decide(base, changed)
-        if run:
-            return True, reason
-        reasons.append(reason)
-    return False, "; ".join(reasons)
+    return _any_selects([s.decide for s in sections], base, changed)
 
 
 def changed_since(

@@ -20,6 +20,7 @@ import httpx
 
 from deployments.serve import LocalPrefectServer
 from deployments.team import free_port
+from tests.conftest import GitRepo
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
@@ -51,6 +52,19 @@ def set_hook(bare: Path, enabled: bool) -> None:
         subprocess.run(["git", "config", "--unset", "core.hooksPath"], cwd=bare, check=False)
     else:
         subprocess.run(["git", "config", "core.hooksPath", "/nonexistent"], cwd=bare, check=True)
+
+
+def bare_origin(root: Path, files: dict[str, str | None]) -> tuple[GitRepo, Path]:
+    """A work repository under `root` with one commit of `files`, and its bare clone
+    (`origin.git`) as its `origin`, main tracking origin/main."""
+    work = GitRepo(root / "work")
+    work.commit(files, "initial")
+    bare = root / "origin.git"
+    subprocess.run(["git", "clone", "--quiet", "--bare", str(work.path), str(bare)], check=True)
+    work.git("remote", "add", "origin", str(bare))
+    work.git("fetch", "--quiet", "origin")
+    work.git("branch", "--quiet", "--set-upstream-to=origin/main", "main")
+    return work, bare
 
 
 def deliver(

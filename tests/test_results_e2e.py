@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from mlflow import MlflowClient
 from tasks.tracking import experiment_name
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
 from tests.forge_double import ForgeDouble
-from tests.servers import PrefectServer, Service, deliver, start_serve, wait_for
+from tests.servers import PrefectServer, Service, bare_origin, deliver, start_serve, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -94,16 +93,10 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory, shared_model_cache: Path) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp("results")
     model = build_tiny_gpt2(root / "tiny")
-    work = GitRepo(root / "work")
-    work.commit(
+    work, bare = bare_origin(
+        root,
         {"textgen.yaml": settings_yaml(model, random_seed=1), ".gradient/workflows/w.yaml": SPEC},
-        "initial",
     )
-    bare = root / "origin.git"
-    subprocess.run(["git", "clone", "--quiet", "--bare", str(work.path), str(bare)], check=True)
-    work.git("remote", "add", "origin", str(bare))
-    work.git("fetch", "--quiet", "origin")
-    work.git("branch", "--quiet", "--set-upstream-to=origin/main", "main")
     double = ForgeDouble("github")
     links = root / "links.yaml"
     links.write_text(

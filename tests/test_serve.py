@@ -22,7 +22,15 @@ from mlflow import MlflowClient
 from tasks.tracking import experiment_name
 from tasks.triggers import is_superseded
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
-from tests.servers import PrefectServer, Service, deliver, set_hook, start_serve, wait_for
+from tests.servers import (
+    PrefectServer,
+    Service,
+    bare_origin,
+    deliver,
+    set_hook,
+    start_serve,
+    wait_for,
+)
 
 pytestmark = pytest.mark.server
 
@@ -99,16 +107,10 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory, shared_model_cache: Path) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp("serve")
     model = build_tiny_gpt2(root / "tiny")
-    work = GitRepo(root / "work")
-    work.commit(
+    work, bare = bare_origin(
+        root,
         {"textgen.yaml": settings_yaml(model, random_seed=1), ".gradient/workflows/w.yaml": SPEC},
-        "initial",
     )
-    bare = root / "origin.git"
-    subprocess.run(["git", "clone", "--quiet", "--bare", str(work.path), str(bare)], check=True)
-    work.git("remote", "add", "origin", str(bare))
-    work.git("fetch", "--quiet", "origin")
-    work.git("branch", "--quiet", "--set-upstream-to=origin/main", "main")
 
     prefect = PrefectServer(root / "prefect")
     prefect.start()
