@@ -750,6 +750,11 @@ class Outbox:
                 "DELETE FROM deliveries WHERE status IN ('sent', 'duplicate') AND received_at < ?",
                 (cutoff,),
             )
+            # Results the provider took (or refused) are kept as long.
+            db.execute(
+                "DELETE FROM reports WHERE phase IN ('done', 'gave_up') AND created_at < ?",
+                (cutoff,),
+            )
             return int(cursor.rowcount)
 
     def without_run(

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.forge import Forge, ForgeError, Status, forge_for
+from tasks.errors import TextgenError
 from tasks.gates import failed_gates
 from tasks.links import Link
 from tasks.triggers import SKIPPED, SUPERSEDED
@@ -293,7 +294,12 @@ class Reporter(threading.Thread):
         return self._from_record(row, record)
 
     def _record(self, row: Row, run: Any) -> Any | None:
-        tracker = self._tracker(row.link)
+        """The MLflow run of a flow run; None when it made none (a run cancelled while it
+        waited, or a repository whose experiment does not exist yet)."""
+        try:
+            tracker = self._tracker(row.link)
+        except TextgenError:
+            return None
         found = tracker.client.search_runs(
             [tracker.experiment_id],
             f"tags.`textgen.prefect.flow_run_id` = '{run.id}'",

@@ -234,3 +234,17 @@ def test_a_refused_token_is_logged_once_and_given_up(
     assert len(errors) == 2 and "Link hello: gitea did not take the result" in errors[-1]
     assert "Check the token's scope" in errors[-1]
     assert all(TOKEN not in e for e in errors)
+
+
+def test_posted_results_are_forgotten_with_their_deliveries(
+    tmp_path: Path, double: ForgeDouble
+) -> None:
+    outbox = queued(tmp_path)
+    made = reporter(outbox, double, [flow_run("COMPLETED")], version(2))
+    made.check()
+    made.check()
+    assert phases(outbox) == [("done", 0)]
+    with sqlite3.connect(outbox.path) as db:
+        db.execute("UPDATE deliveries SET status = 'sent'")
+    outbox.prune(older_than=-1)
+    assert phases(outbox) == [] and outbox.counts() == {}
