@@ -24,7 +24,7 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from deployments.forge import Forge, ForgeError, Status, forge_for
@@ -214,7 +214,7 @@ class Reporter(threading.Thread):
                     self._update(row, next_at=time.time() + self.seconds)
                     return 0
             self._update(row, phase="final", result=result, attempts=0)
-            row = Row(**{**row.__dict__, "phase": "final", "result": result, "attempts": 0})
+            row = replace(row, phase="final", result=result, attempts=0)
         result = row.result or {}
         forge.set_status(
             row.sha,

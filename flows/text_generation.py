@@ -23,7 +23,7 @@ from tasks.model import load_generator, local_revision, locate_model
 from tasks.quality import score_text
 from tasks.repo import CREDENTIALS_ENV, RepoLocation, fetch_repo_commit
 from tasks.settings import read_settings
-from tasks.tracking import RunRecord, Tracker, log_to_mlflow, storable
+from tasks.tracking import RunRecord, Tracker, log_to_mlflow, output_metrics, storable
 from tasks.triggers import (
     AUTOMATIC_TRIGGERS,
     PREVIEW_TRIGGER,
@@ -318,15 +318,12 @@ def _check_gates(
     branch's latest version (the base); their outcome as MLflow tags (none without gates)."""
     if not gates:
         return {}
-    metrics = {
-        **quality,
-        "new_tokens": float(generations.total_new_tokens),
-        "tokens_per_second": generations.tokens_per_second,
-        "generation_seconds": generations.generation_seconds,
-        "load_seconds": generator.load_seconds,
-    }
     base = tracker.latest_version(branch)
-    results = evaluate(gates, metrics, dict(base.data.metrics) if base is not None else None)
+    results = evaluate(
+        gates,
+        output_metrics(generator, generations, quality),
+        dict(base.data.metrics) if base is not None else None,
+    )
     logger = get_run_logger()
     for result in results:
         logger.info("Gate %s: %s", "passed" if result.passed else "FAILED", result.line())

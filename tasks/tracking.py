@@ -722,14 +722,7 @@ class Tracker:
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
         }
-        metrics = {
-            "load_seconds": generator.load_seconds,
-            "generation_seconds": generations.generation_seconds,
-            "new_tokens": float(generations.total_new_tokens),
-            "tokens_per_second": generations.tokens_per_second,
-            "prompt_tokens": float(len(generations.prompt_token_ids)),
-            **(quality or {}),
-        }
+        metrics = output_metrics(generator, generations, quality)
         self.client.log_batch(
             run_id,
             metrics=_metrics(metrics),
@@ -801,6 +794,20 @@ class Tracker:
             self.url(run_id),
             output_url=self.url(run_id),
         )
+
+
+def output_metrics(
+    generator: Generator, generations: Generations, quality: dict[str, float] | None = None
+) -> dict[str, float]:
+    """The metrics a run records: timings, token counts and the quality metrics."""
+    return {
+        "load_seconds": generator.load_seconds,
+        "generation_seconds": generations.generation_seconds,
+        "new_tokens": float(generations.total_new_tokens),
+        "tokens_per_second": generations.tokens_per_second,
+        "prompt_tokens": float(len(generations.prompt_token_ids)),
+        **(quality or {}),
+    }
 
 
 def _preview_tags(pr: int, commit: CommitInfo, output_digest: str) -> dict[str, str]:

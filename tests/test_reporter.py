@@ -71,13 +71,14 @@ def flow_run(state: str, sha: str = SHA, message: str = "") -> Any:
     )
 
 
-def version(number: int, **tags: str) -> Any:
+def mlflow_run(status: str = "FINISHED", run_id: str = "run-1", **tags: str) -> Any:
     return SimpleNamespace(
-        data=SimpleNamespace(
-            tags={"textgen.outcome": "new", "textgen.version": str(number), **tags}
-        ),
-        info=SimpleNamespace(run_id="run-1", status="FINISHED"),
+        data=SimpleNamespace(tags=tags), info=SimpleNamespace(run_id=run_id, status=status)
     )
+
+
+def version(number: int, **tags: str) -> Any:
+    return mlflow_run(**{"textgen.outcome": "new", "textgen.version": str(number), **tags})
 
 
 def phases(outbox: Outbox) -> list[tuple[str, int]]:
@@ -174,28 +175,23 @@ def test_a_restarted_receiver_posts_what_the_last_one_had_not(
         (
             "FAILED",
             "boom",
-            SimpleNamespace(
-                data=SimpleNamespace(
-                    tags={
-                        "textgen.outcome": "failed",
-                        "textgen.failure": "SettingsError: textgen.yaml: bad",
-                    }
-                ),
-                info=SimpleNamespace(run_id="r", status="FAILED"),
+            mlflow_run(
+                "FAILED",
+                **{
+                    "textgen.outcome": "failed",
+                    "textgen.failure": "SettingsError: textgen.yaml: bad",
+                },
             ),
             ("failure", "Failed: SettingsError: textgen.yaml: bad"),
         ),
         (
             "COMPLETED",
             "Skipped: only README.md",
-            SimpleNamespace(
-                data=SimpleNamespace(
-                    tags={
-                        "textgen.outcome": "skipped",
-                        "textgen.skip_reason": "every changed file matches paths-ignore",
-                    }
-                ),
-                info=SimpleNamespace(run_id="r", status="FINISHED"),
+            mlflow_run(
+                **{
+                    "textgen.outcome": "skipped",
+                    "textgen.skip_reason": "every changed file matches paths-ignore",
+                },
             ),
             ("success", "Skipped: every changed file"),
         ),
