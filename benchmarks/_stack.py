@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from _common import bench_dir
 
-from tasks.tracking import experiment_name
+from tasks.store import experiment_name
 from tests.conftest import GitRepo
 from tests.servers import PrefectServer, Service, deliver, set_hook, start_serve, wait_for
 

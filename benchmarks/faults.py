@@ -25,8 +25,8 @@ from typing import Any
 from _common import print_header
 from _stack import SECRET, Stack, running_stack
 
-from tasks.tracking import experiment_name
-from tasks.triggers import is_superseded
+from tasks.names import is_superseded
+from tasks.store import experiment_name
 from tests.servers import start_serve, wait_for
 
 TERMINAL = {"COMPLETED", "CANCELLED", "FAILED", "CRASHED"}
@@ -167,11 +167,10 @@ class Faults:
 
     def kill_prefect(self) -> None:
         self.stack.prefect.stopping.set()  # our own supervisor must not restart it meanwhile
-        process = self.stack.prefect.process
-        assert process is not None
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-        self.stack.prefect.process = None
+        child = self.stack.prefect.child
+        assert child is not None
+        child.kill()  # SIGKILL to its process group
+        self.stack.prefect.child = None
 
     def restart_serve(self) -> None:
         from tasks.config import model_cache_dir

@@ -48,15 +48,18 @@ def main() -> None:
     print_header("hostile inputs: every class refused in bounded time and memory")
     import os
 
-    from deployments.receiver import Outbox, Receiver, sign
+    from deployments.service.outbox import Outbox
+    from deployments.service.providers import sign
+    from deployments.service.receiver import Receiver
     from tasks.bounded import load_yaml
     from tasks.errors import SettingsError
     from tasks.gates import parse_gate, parse_gates
     from tasks.generate import run_generation
+    from tasks.globs import matches_patterns
     from tasks.model import build_generator, folder_digest, locate_model
     from tasks.repo import RepoLocation, resolve_commit
     from tasks.settings import load_settings, parse_settings
-    from tasks.triggers import matches_patterns, parse_workflow
+    from tasks.triggers import parse_workflow
 
     root = Path(tempfile.mkdtemp(prefix="textgen-hostile-"))
     os.environ["TEXTGEN_HOME"] = str(root / "home")

@@ -43,10 +43,11 @@ from _common import bench_dir, print_header
 from _stack import seconds as api_seconds
 
 from deployments.hook import install
-from deployments.team import Postgres, Team
+from deployments.ops.postgres import Postgres
+from deployments.ops.team import Team
 from tasks.links import Link, save_links
-from tasks.tracking import experiment_name
-from tasks.triggers import is_superseded
+from tasks.names import is_superseded
+from tasks.store import experiment_name
 from tests.conftest import GitRepo, build_tiny_gpt2
 from tests.servers import PrefectServer, Service, free_port, wait_for
 

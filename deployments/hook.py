@@ -23,17 +23,11 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from tasks.errors import TextgenError
+from tasks.errors import HookError
 
 MARKER = "# textgen push hook"
 ZERO_SHA = "0" * 40  # as tasks.repo.ZERO_SHA; not imported: the hook must start fast
 DEFAULT_URL = "http://127.0.0.1:8787/webhooks/github"
-
-
-class HookError(TextgenError):
-    """The hook cannot be installed as asked."""
-
-    exit_code = 7
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -68,7 +62,7 @@ def _quote(text: str) -> str:
 
 
 def default_secret_file() -> Path:
-    """Where `hook install` keeps the secret from `TEXTGEN_WEBHOOK_SECRET` (mode 0600)."""
+    """Where `hook install` keeps the receiver's webhook secret (mode 0600)."""
     from tasks.config import data_dir
 
     return data_dir() / "receiver" / "webhook-secret"
@@ -80,10 +74,12 @@ def install(path: Path, url: str, secret_file: Path | None, force: bool = False)
         raise HookError(f"repository {path} does not exist")
     repo, bare = repository_identity(path)
     if secret_file is None:
-        secret = os.environ.get("TEXTGEN_WEBHOOK_SECRET", "").strip()
+        from tasks.config import WEBHOOK_SECRET
+
+        secret = WEBHOOK_SECRET.get()
         if not secret:
             raise HookError(
-                "the hook signs its reports: set TEXTGEN_WEBHOOK_SECRET (the receiver's secret) "
+                f"the hook signs its reports: set {WEBHOOK_SECRET.name} (the receiver's secret) "
                 "or pass --secret-file FILE"
             )
         secret_file = default_secret_file()

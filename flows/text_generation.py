@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -13,32 +12,26 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 from prefect.utilities.timeout import timeout as deadline
 
-from tasks.config import RUN_TIMEOUT_ENV, run_timeout
-from tasks.config import overrides as operator_overrides
+from tasks import config, recovery, versions
+from tasks import tags as T
 from tasks.errors import RepositoryError, RunTimeoutError, SettingsError
 from tasks.gates import evaluate, gate_tags, load_gates
 from tasks.generate import generate_text
 from tasks.links import Link, link_for
 from tasks.model import load_generator, local_revision, locate_model
+from tasks.names import AUTOMATIC_TRIGGERS, FLOW_NAME, MANUAL, PREVIEW_TRIGGER, SKIPPED, SUPERSEDED
 from tasks.quality import score_text
-from tasks.repo import CREDENTIALS_ENV, RepoLocation, fetch_repo_commit
+from tasks.repo import RepoLocation, fetch_repo_commit
 from tasks.settings import read_settings
-from tasks.tracking import RunRecord, Tracker, log_to_mlflow, output_metrics, storable
-from tasks.triggers import (
-    AUTOMATIC_TRIGGERS,
-    PREVIEW_TRIGGER,
-    SKIPPED,
-    SUPERSEDED,
-    filter_preview,
-    filter_push,
-)
-
-REPO_ENV = "TEXTGEN_REPO"
+from tasks.store import storable
+from tasks.tracking import RunRecord, Tracker, log_to_mlflow, output_metrics
+from tasks.triggers import filter_preview, filter_push
 
 
 def default_repo_url() -> str:
-    """`TEXTGEN_REPO`, else the git checkout this project runs from (it links itself)."""
-    explicit = os.environ.get(REPO_ENV)
+    """The operator's default repository, else the git checkout this project runs from (it
+    links itself)."""
+    explicit = config.REPO.get()
     if explicit:
         return explicit
     root = Path(__file__).resolve().parents[1]
@@ -46,7 +39,7 @@ def default_repo_url() -> str:
         return str(root)
     raise RepositoryError(
         f"no repository given, and {root} is not a git checkout: pass repo_url (or --repo), "
-        f"or set {REPO_ENV}"
+        f"or set {config.REPO.name}"
     )
 
 
@@ -110,7 +103,7 @@ def _flow_run_name() -> str:
     pull = params.get("pull_request")
     if isinstance(pull, dict) and pull.get("number"):
         return f"preview-pr{pull['number']}-{str(ref)[:12]}"
-    return f"{params.get('trigger', 'manual')}-{str(ref)[:12]}"
+    return f"{params.get('trigger', MANUAL)}-{str(ref)[:12]}"
 
 
 def _markdown(record: RunRecord, params: dict[str, Any]) -> str:
@@ -136,20 +129,16 @@ def _record_crash(flow: Any, flow_run: Any, state: State[Any]) -> None:
     logger = logging.getLogger(__name__)
     try:
         repo_url = flow_run.parameters.get("repo_url") or default_repo_url()
-        tracker = Tracker.for_repo(RepoLocation.parse(repo_url).url, create=False)
-        runs = tracker.client.search_runs(
-            [tracker.experiment_id],
-            f"tags.`textgen.prefect.flow_run_id` = '{flow_run.id}' "
-            "and attributes.status = 'RUNNING'",
-        )
-        for run in runs:
-            tracker.recover(run, f"the process running it crashed: {state.message or state.name}")
-    except Exception as exc:
+        tracker = Tracker.for_repo(repo_url, create=False)
+        reason = f"the process running it crashed: {state.message or state.name}"
+        for run in versions.of_flow_run(tracker, flow_run.id, running=True):
+            recovery.recover(tracker, run, reason)
+    except Exception as exc:  # a hook of Prefect's: it must not fail, and says what it skipped
         logger.warning("Could not record the crash of flow run %s: %s", flow_run.id, exc)
 
 
 @flow(
-    name="nlp-text-generation",
+    name=FLOW_NAME,
     flow_run_name=_flow_run_name,
     log_prints=False,
     on_crashed=[_record_crash],
@@ -159,7 +148,7 @@ def nlp_text_generation(
     branch: str = "main",
     commit_sha: str | None = None,
     overrides: dict[str, Any] | None = None,
-    trigger: str = "manual",
+    trigger: str = MANUAL,
     force: bool = False,
     before: str | None = None,
     changed_paths: list[str] | None = None,
@@ -196,7 +185,7 @@ def nlp_text_generation(
         PullRequest.of(pull_request, trigger),
     )
     link = _link(default_repo_url() if repo_url is None else repo_url, branch, trigger)
-    with operator_overrides(_link_settings(link)):
+    with config.overrides(_link_settings(link)):
         return _tracked(request)
 
 
@@ -216,7 +205,7 @@ def _link_settings(link: Link | None) -> dict[str, str]:
     values = link.limit_env()
     credentials = link.git_credentials()
     if credentials:
-        values[CREDENTIALS_ENV] = credentials
+        values[config.GIT_CREDENTIALS.name] = credentials
     return values
 
 
@@ -224,18 +213,18 @@ def _tracked(request: Request) -> RunRecord:
     """The run, inside its MLflow run: opened first, ended whatever happens."""
     r = request
     location = RepoLocation.parse(default_repo_url() if r.repo_url is None else r.repo_url)
-    tracker = Tracker.for_repo(location.url)
+    tracker = Tracker.for_repo(location)
     _recover(tracker)
     run_id = tracker.start(r.branch, r.commit_sha, r.trigger, r.attempt)
     _label_flow_run(tracker.url(run_id))
-    seconds = run_timeout()
+    seconds = float(config.RUN_TIMEOUT.get())
     try:
         with deadline(seconds, timeout_exc_type=_Deadline):
             return _run(tracker, run_id, location, request)
     except _Deadline:
         error = RunTimeoutError(
             f"the run did not finish within its deadline of {seconds:g} s "
-            f"({RUN_TIMEOUT_ENV}); it was stopped"
+            f"({config.RUN_TIMEOUT.name}); it was stopped"
         )
         tracker.fail(run_id, error)
         raise error from None
@@ -263,7 +252,7 @@ def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request
         if pr is not None:
             go, reason, kind = filter_preview(commit, r.branch, pr.ref)
         else:
-            last = tracker.last_handled_commit(r.branch, AUTOMATIC_TRIGGERS)
+            last = versions.last_handled_commit(tracker, r.branch, AUTOMATIC_TRIGGERS)
             go, reason, kind = filter_push(commit, last, r.before, r.changed_paths)
         if not go:
             record = tracker.finish_skipped(run_id, reason, commit.sha, kind)
@@ -282,7 +271,7 @@ def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request
     existing = (
         None
         if r.force or pr is not None
-        else tracker.find_version(commit.sha, settings.digest(), revision)
+        else versions.find_version(tracker, commit.sha, settings.digest(), revision)
     )
     if existing is not None:
         record = tracker.finish_reused(run_id, existing, settings)
@@ -318,7 +307,7 @@ def _check_gates(
     branch's latest version (the base); their outcome as MLflow tags (none without gates)."""
     if not gates:
         return {}
-    base = tracker.latest_version(branch)
+    base = versions.latest_version(tracker, branch)
     results = evaluate(
         gates,
         output_metrics(generator, generations, quality),
@@ -329,7 +318,7 @@ def _check_gates(
         logger.info("Gate %s: %s", "passed" if result.passed else "FAILED", result.line())
     tags = gate_tags(results)
     if base is not None:
-        tags["textgen.gates.base"] = f"v{base.data.tags.get('textgen.version', '?')}"
+        tags[T.GATES_BASE] = f"v{base.data.tags.get(T.VERSION, '?')}"
     return tags
 
 
@@ -342,16 +331,16 @@ def _label_flow_run(mlflow_url: str) -> None:
         return
     try:
         with get_client(sync_client=True) as client:
-            client.update_flow_run_labels(flow_run.id, {"textgen.mlflow_run_url": mlflow_url})
-    except Exception as exc:
-        logging.getLogger(__name__).debug("Could not label the flow run: %s", exc)
+            client.update_flow_run_labels(flow_run.id, {T.FLOW_RUN_LABEL: mlflow_url})
+    except Exception as exc:  # a convenience: the run goes on without its label
+        logging.getLogger(__name__).warning("Could not label the flow run: %s", exc)
 
 
 def _recover(tracker: Tracker) -> None:
     """End the runs of earlier processes that died (never blocks this run)."""
     try:
-        tracker.recover_dead_runs()
-    except Exception as exc:
+        recovery.recover_dead_runs(tracker)
+    except Exception as exc:  # ending others' dead runs never blocks this run
         logging.getLogger(__name__).warning("Could not check for runs left RUNNING: %s", exc)
 
 
@@ -360,8 +349,8 @@ def _publish(record: RunRecord, params: dict[str, Any]) -> None:
     try:
         create_markdown_artifact(
             storable(_markdown(record, params)),
-            key="nlp-text-generation",
+            key=FLOW_NAME,
             description=storable(record.summary()),
         )
-    except Exception as exc:
+    except Exception as exc:  # the record is complete already; the artifact is a view of it
         logging.getLogger(__name__).warning("Could not create the Prefect artifact: %s", exc)

@@ -31,8 +31,15 @@ _repr.maxlevel = 3
 
 def show(value: Any) -> str:
     """A short repr of any value for a message: long strings and deep or wide values are cut."""
-    text = _repr.repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
+    return shorten(_repr.repr(value), 200)
+
+
+def shorten(text: str, limit: int, one_line: bool = False) -> str:
+    """`text` cut to at most `limit` characters, ending in `…` when cut; with `one_line`, its
+    runs of whitespace (newlines too) become single spaces first."""
+    if one_line:
+        text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class LongNumber(str):

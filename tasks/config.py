@@ -1,4 +1,12 @@
-"""Where things live and what the operator allows, read from the environment when asked.
+"""Every `TEXTGEN_*` setting, declared once: typed, with its default and its help (as MLflow's
+`environment_variables.py` declares its own). Code reads a setting through its variable here,
+never `os.environ` by name; `textgen config` lists them all with where each value comes from.
+
+A value is read when asked for, so a changed environment is seen at once. A bad value is a
+`SettingsError` naming the variable and what is allowed (`check()` finds them all at start-up).
+A linked repository's own limits and credentials hold for the length of its run through
+`overrides`, a `ContextVar`: they reach the run's tasks (Prefect copies the context into the
+threads it runs them in), and nothing else in the process.
 
 Nothing here runs at import time: the data folder is created by the code that writes to it.
 """
@@ -6,65 +14,268 @@ Nothing here runs at import time: the data folder is created by the code that wr
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
+import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
 from tasks.errors import SettingsError
 
-DATA_DIR_ENV = "TEXTGEN_HOME"
+T = TypeVar("T")
 
-_OVERRIDES: dict[str, str] = {}
-"""Operator settings of the link being run, over the process environment (see `overrides`)."""
-
-
-def setting(name: str, default: str | None = None) -> str | None:
-    """An operator setting: the running link's value, else the environment's."""
-    if name in _OVERRIDES:
-        return _OVERRIDES[name]
-    return os.environ.get(name, default)
+_OVERRIDES: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "textgen_overrides", default=MappingProxyType({})
+)
 
 
-def switched_off(name: str) -> bool:
-    """Whether an on-by-default operator switch is set to 0, false, no or off."""
-    return (setting(name) or "").strip().lower() in {"0", "false", "no", "off"}
+@dataclass(frozen=True)
+class Kind(Generic[T]):
+    """How a variable's text becomes its value, and how to say what is allowed."""
+
+    noun: str
+    """What a good value is: `an integer`, `a switch`, ..."""
+    parse: Callable[[str], T]
+    """Raises ValueError for text that is not one."""
+    allowed: str = ""
+    secret: bool = False
+    """Never shown: `textgen config` says only whether it is set."""
+
+
+def _integer(minimum: int) -> Kind[int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    return Kind("an integer", parse, f"a whole number of at least {minimum}")
+
+
+def _number(minimum: float) -> Kind[float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not value >= minimum:  # also refuses nan
+            raise ValueError(f"must be at least {minimum:g}")
+        return value
+
+    return Kind("a number", parse, f"a number of at least {minimum:g}")
+
+
+def _switch(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("is not a switch")
+
+
+SWITCH = Kind("a switch", _switch, "1, true, yes or on; 0, false, no or off")
+TEXT = Kind("text", str)
+SECRET = Kind("text", str, secret=True)
+INTEGER = _integer(1)
+COUNT = _integer(0)
+SECONDS = _number(0.05)
+DAYS = _number(0)
+PATH: Kind[Path | None] = Kind("a path", lambda text: Path(text).expanduser())
+PATHS = Kind(
+    "a list of paths",
+    lambda text: [Path(p).expanduser() for p in text.split(os.pathsep) if p.strip()],
+    f"folders separated by {os.pathsep!r}",
+)
+PATTERNS = Kind(
+    "a list of patterns",
+    lambda text: [p.strip() for p in text.split(",") if p.strip()],
+    "glob patterns separated by commas",
+)
+
+
+class Variable(Generic[T]):
+    """One `TEXTGEN_*` environment variable."""
+
+    def __init__(
+        self, name: str, kind: Kind[T], default: T, help: str, limit: str | None = None
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.default = default
+        self.help = help
+        self.secret = kind.secret
+        self.limit = limit
+        """The key of a link's `limits` that overrides it for that repository's runs."""
+
+    def __repr__(self) -> str:
+        return f"Variable({self.name})"
+
+    def raw(self) -> str | None:
+        """The text given, by the running link or the environment; None (or empty) if unset."""
+        given = _OVERRIDES.get()
+        if self.name in given:
+            return given[self.name]
+        return os.environ.get(self.name)
+
+    def is_set(self) -> bool:
+        """Whether a value is given (an empty one counts as unset)."""
+        return bool((self.raw() or "").strip())
+
+    def get(self) -> T:
+        """The value: the given one, parsed, else the default."""
+        raw = (self.raw() or "").strip()
+        if not raw:
+            return self.default
+        try:
+            return self.kind.parse(raw)
+        except ValueError as exc:
+            shown = "(hidden)" if self.secret else repr(raw)
+            detail = str(exc) if str(exc).startswith("must be") else f"is not {self.kind.noun}"
+            hint = f"; allowed: {self.kind.allowed}" if self.kind.allowed else ""
+            raise SettingsError(
+                f"environment variable {self.name}={shown} {detail}{hint} ({self.help})"
+            ) from None
+
+    def source(self) -> str:
+        """Where the value comes from: `link`, `environment` or `default`."""
+        if self.name in _OVERRIDES.get():
+            return "link"
+        return "environment" if self.is_set() else "default"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things live (<home> is the data folder)
+
+HOME = Variable("TEXTGEN_HOME", PATH, None, "the data folder (default ~/.local/share/textgen)")
+REPO_CACHE = Variable("TEXTGEN_REPO_CACHE", PATH, None, "bare mirrors (default <home>/repos)")
+MODEL_CACHE = Variable("TEXTGEN_MODEL_CACHE", PATH, None, "models (default <home>/models)")
+MODEL_DIRS = Variable("TEXTGEN_MODEL_DIRS", PATHS, [], "where settings may name models")
+ARTIFACT_ROOT = Variable("TEXTGEN_ARTIFACT_ROOT", TEXT, "", "new experiments' artifacts")
+LINKS = Variable("TEXTGEN_LINKS", PATH, None, "the links file (default <home>/links.yaml)")
+LINK = Variable("TEXTGEN_LINK", TEXT, "", "a work pool deployment's one link (team apply)")
+REPO = Variable("TEXTGEN_REPO", TEXT, "", "the default repository (default: this checkout)")
+MLFLOW_UI_URL = Variable("TEXTGEN_MLFLOW_UI_URL", TEXT, "", "the MLflow UI links point at")
+
+# Operator limits: caps a push cannot raise (a link's `limits` may, for its repository)
+MAX_RETURN_SEQUENCES = Variable(
+    "TEXTGEN_MAX_RETURN_SEQUENCES", INTEGER, 20, "most sequences a run", "max_return_sequences"
+)
+MAX_BEAMS = Variable("TEXTGEN_MAX_BEAMS", INTEGER, 8, "the widest beam search", "max_beams")
+MAX_TOTAL_TOKENS = Variable(
+    "TEXTGEN_MAX_TOTAL_TOKENS", INTEGER, 1024, "most tokens a sequence", "max_total_tokens"
+)
+MAX_PROMPT_CHARS = Variable(
+    "TEXTGEN_MAX_PROMPT_CHARS", INTEGER, 4000, "longest prompt (characters)", "max_prompt_chars"
+)
+MAX_MODEL_BYTES = Variable(
+    "TEXTGEN_MAX_MODEL_BYTES", INTEGER, 64 << 30, "largest local model", "max_model_bytes"
+)
+ALLOWED_MODELS = Variable(
+    "TEXTGEN_ALLOWED_MODELS", PATTERNS, [], "models runs may load (any)", "allowed_models"
+)
+RUN_TIMEOUT = Variable("TEXTGEN_RUN_TIMEOUT", INTEGER, 3600, "a run's deadline (s)", "run_timeout")
+
+# What runs where
+TRUST_REMOTE_CODE = Variable("TEXTGEN_TRUST_REMOTE_CODE", SWITCH, False, "models run own code")
+DEVICE = Variable("TEXTGEN_DEVICE", TEXT, "auto", "cpu, cuda, cuda:N, mps or auto")
+MODEL = Variable("TEXTGEN_MODEL", TEXT, "", "this machine's model, over the settings' own")
+MODEL_CACHE_SIZE = Variable("TEXTGEN_MODEL_CACHE_SIZE", COUNT, 1, "models a process keeps")
+PACKED_WEIGHTS = Variable("TEXTGEN_PACKED_WEIGHTS", SWITCH, True, "pack weights for CPU")
+GIT_TIMEOUT = Variable("TEXTGEN_GIT_TIMEOUT", SECONDS, 300.0, "seconds a git fetch may take")
+GIT_CREDENTIALS = Variable("TEXTGEN_GIT_CREDENTIALS", SECRET, "", "user:token for http(s) git")
+WEBHOOK_SECRET = Variable("TEXTGEN_WEBHOOK_SECRET", SECRET, "", "the webhooks' signing secret")
+
+# The service
+RUNNER_POLL_SECONDS = Variable("TEXTGEN_RUNNER_POLL_SECONDS", SECONDS, 0.5, "serve's run polls")
+OUTBOX_RETENTION_DAYS = Variable("TEXTGEN_OUTBOX_RETENTION_DAYS", DAYS, 14.0, "handled kept")
+WARM_START = Variable("TEXTGEN_WARM_START", SWITCH, True, "serve forks runs warm")
+WARM_MODEL_START = Variable("TEXTGEN_WARM_MODEL_START", SWITCH, True, "serve keeps the model")
+WARM_HINT = Variable("TEXTGEN_WARM_HINT", PATH, None, "set by serve: the loaded-model note")
+WARM_MODEL = Variable("TEXTGEN_WARM_MODEL", TEXT, "", "set by serve: a fork server's model")
+WARM_READY = Variable("TEXTGEN_WARM_READY", PATH, None, "set by serve: a fork server's answer")
+
+VARIABLES: tuple[Variable[Any], ...] = tuple(
+    value for value in list(globals().values()) if isinstance(value, Variable)
+)
+LIMITS: dict[str, Variable[Any]] = {v.limit: v for v in VARIABLES if v.limit}
+"""The link limits, by their key in `links.yaml`."""
+SECRETS = frozenset(v.name for v in VARIABLES if v.secret)
+"""What servers never get in their environment."""
 
 
 @contextlib.contextmanager
-def overrides(values: dict[str, str]) -> Iterator[None]:
-    """Let a linked repository's own limits and credentials hold while its run goes on."""
-    saved = dict(_OVERRIDES)
-    _OVERRIDES.update(values)
+def overrides(values: Mapping[str, str]) -> Iterator[None]:
+    """Let `values` (by variable name) hold over the environment for the length of the block
+    and in what it starts in this context: a linked repository's limits and credentials for
+    its run, the MLflow UI that serve serves for a command."""
+    token = _OVERRIDES.set({**_OVERRIDES.get(), **values})
     try:
         yield
     finally:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(saved)
+        _OVERRIDES.reset(token)
+
+
+def check() -> None:
+    """Read every variable once: a bad value fails the command at start-up, naming it."""
+    problems = []
+    for variable in VARIABLES:
+        try:
+            variable.get()
+        except SettingsError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise SettingsError("; ".join(problems))
+
+
+def describe() -> list[dict[str, str]]:
+    """Every variable with its value (secrets only as set or not) and where it comes from."""
+    rows = []
+    for variable in VARIABLES:
+        raw = (variable.raw() or "").strip()
+        value = ("(set)" if raw else "") if variable.secret else raw
+        rows.append(
+            {
+                "variable": variable.name,
+                "value": value,
+                "source": variable.source(),
+                "default": "" if variable.default in (None, "", []) else str(variable.default),
+                "help": variable.help,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders and stores, derived from the variables above
 
 
 def data_dir() -> Path:
     """The embedded data folder: MLflow store and artifacts, repository mirrors, models."""
-    explicit = os.environ.get(DATA_DIR_ENV)
-    if explicit:
-        return Path(explicit).expanduser().resolve()
+    explicit = HOME.get()
+    if explicit is not None:
+        return explicit.resolve()
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base).expanduser().resolve() / "textgen"
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if missing) across processes of this machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def repo_cache_dir() -> Path:
+    """Bare mirrors of the linked repositories, one per repository."""
+    return REPO_CACHE.get() or data_dir() / "repos"
+
+
+def model_cache_dir() -> Path:
+    """Models converted to safetensors (from GGUF) and the offline model."""
+    return MODEL_CACHE.get() or data_dir() / "models"
+
+
+def model_dirs() -> list[Path]:
+    """Folders a repository's settings may name models in: the model folders, else the cache."""
+    return MODEL_DIRS.get() or [model_cache_dir()]
+
+
+def links_file() -> Path:
+    """The links file: `TEXTGEN_LINKS`, else `links.yaml` in the data folder."""
+    return LINKS.get() or data_dir() / "links.yaml"
 
 
 def tracking_uri() -> str:
@@ -77,56 +288,22 @@ def tracking_uri() -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def tracking_server() -> bool:
+    """Whether runs are recorded on a tracking server (not in a store of this machine)."""
+    return tracking_uri().startswith(("http://", "https://", "databricks"))
+
+
 def artifact_root() -> str | None:
     """Where new experiments keep artifacts: the data folder for the embedded store.
 
     `None` lets a remote tracking server choose (its `--default-artifact-root`).
     """
-    explicit = os.environ.get("TEXTGEN_ARTIFACT_ROOT")
+    explicit = ARTIFACT_ROOT.get()
     if explicit:
         return explicit
-    if os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://", "databricks")):
+    if tracking_server():
         return None
     return (data_dir() / "artifacts").as_uri()
-
-
-def repo_cache_dir() -> Path:
-    """Bare mirrors of the linked repositories, one per repository."""
-    return Path(os.environ.get("TEXTGEN_REPO_CACHE") or data_dir() / "repos")
-
-
-def model_cache_dir() -> Path:
-    """Models converted to safetensors (from GGUF) and the offline model."""
-    return Path(os.environ.get("TEXTGEN_MODEL_CACHE") or data_dir() / "models")
-
-
-def model_dirs() -> list[Path]:
-    """Folders a repository's settings may name models in: `TEXTGEN_MODEL_DIRS` (separated by
-    `:`), else the model cache."""
-    raw = os.environ.get("TEXTGEN_MODEL_DIRS", "")
-    dirs = [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
-    return dirs or [model_cache_dir()]
-
-
-def max_model_bytes() -> int:
-    """The most bytes a local model may have (`TEXTGEN_MAX_MODEL_BYTES`, default 64 GiB)."""
-    return _env_int("TEXTGEN_MAX_MODEL_BYTES", 64 << 30)
-
-
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = setting(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(
-            f"environment variable {name}={raw!r} is not an integer; "
-            "unset it or give a whole number"
-        ) from None
-    if value < minimum:
-        raise SettingsError(f"environment variable {name}={value} must be at least {minimum}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -142,49 +319,20 @@ class OperatorLimits:
 
     @classmethod
     def from_env(cls) -> OperatorLimits:
-        """Read `TEXTGEN_MAX_*`, `TEXTGEN_ALLOWED_MODELS` and `TEXTGEN_TRUST_REMOTE_CODE`."""
-        allowed = setting("TEXTGEN_ALLOWED_MODELS", "") or ""
+        """The limits in force: the running link's, else the environment's, else the defaults."""
         return cls(
-            max_return_sequences=_env_int("TEXTGEN_MAX_RETURN_SEQUENCES", 20),
-            max_beams=_env_int("TEXTGEN_MAX_BEAMS", 8),
-            max_total_tokens=_env_int("TEXTGEN_MAX_TOTAL_TOKENS", 1024),
-            max_prompt_chars=_env_int("TEXTGEN_MAX_PROMPT_CHARS", 4000),
-            allowed_models=tuple(p.strip() for p in allowed.split(",") if p.strip()),
-            trust_remote_code=setting("TEXTGEN_TRUST_REMOTE_CODE", "") in {"1", "true"},
+            max_return_sequences=MAX_RETURN_SEQUENCES.get(),
+            max_beams=MAX_BEAMS.get(),
+            max_total_tokens=MAX_TOTAL_TOKENS.get(),
+            max_prompt_chars=MAX_PROMPT_CHARS.get(),
+            allowed_models=tuple(ALLOWED_MODELS.get()),
+            trust_remote_code=TRUST_REMOTE_CODE.get(),
         )
 
 
-def service_file() -> Path:
-    """Written by `textgen serve` once it takes pushes: its pid and addresses."""
-    return data_dir() / "serve.json"
+# ---------------------------------------------------------------------------------------------
+# This machine's durable operator settings (`textgen offline-model --use`)
 
-
-def record_service(info: dict[str, Any]) -> None:
-    """Say that serve is up (called by serve once its receiver listens)."""
-    path = service_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
-    tmp.replace(path)
-
-
-def forget_service() -> None:
-    """Serve is stopping."""
-    with contextlib.suppress(OSError):
-        service_file().unlink()
-
-
-def running_service() -> dict[str, Any] | None:
-    """What serve recorded, if the process that recorded it still runs."""
-    try:
-        info = json.loads(service_file().read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return dict(info)
-
-
-MODEL_ENV = "TEXTGEN_MODEL"
 OPERATOR_FILE = "operator.yaml"
 
 
@@ -196,9 +344,9 @@ def operator_file() -> Path:
 def operator_model() -> tuple[str, str] | None:
     """The model this machine generates with in place of the settings' own, and who chose it:
     `TEXTGEN_MODEL`, else `model` in the operator file (`textgen offline-model --use`)."""
-    explicit = (setting(MODEL_ENV) or "").strip()
+    explicit = MODEL.get()
     if explicit:
-        return explicit, MODEL_ENV
+        return explicit, MODEL.name
     path = operator_file()
     if not path.is_file():
         return None
@@ -220,6 +368,8 @@ def set_operator_model(model: str | None) -> Path:
     """Record (or with None, forget) this machine's model in the operator file."""
     import yaml
 
+    from tasks.files import write_atomic
+
     path = operator_file()
     data: dict[str, object] = {}
     if path.is_file():
@@ -229,25 +379,8 @@ def set_operator_model(model: str | None) -> Path:
         data.pop("model", None)
     else:
         data["model"] = model
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(
-        "# Operator settings of this machine (textgen); TEXTGEN_MODEL overrides `model`.\n"
+    return write_atomic(
+        path,
+        f"# Operator settings of this machine (textgen); {MODEL.name} overrides `model`.\n"
         + yaml.safe_dump(data, sort_keys=True),
-        encoding="utf-8",
     )
-    tmp.replace(path)
-    return path
-
-
-RUN_TIMEOUT_ENV = "TEXTGEN_RUN_TIMEOUT"
-
-
-def run_timeout() -> float:
-    """Seconds a flow run may take before it is stopped and marked FAILED (default an hour)."""
-    return float(_env_int(RUN_TIMEOUT_ENV, 3600))
-
-
-def requested_device() -> str:
-    """`TEXTGEN_DEVICE` (cpu, cuda, cuda:1, mps) or `auto`: CUDA when present."""
-    return os.environ.get("TEXTGEN_DEVICE", "auto").strip() or "auto"

@@ -1,4 +1,18 @@
-"""The project's exceptions: each message is written for the person reading it."""
+"""The project's exceptions and their exit codes: each message is written for the person reading
+it, and each code means one thing.
+
+| code | exception | meaning |
+|---|---|---|
+| 1 | `TextgenError` | any other failure the user can act on |
+| 2 | `SettingsError` | a settings file, override, operator setting or command line is invalid |
+| 3 | `RepositoryError` | a repository, branch or commit cannot be reached or resolved |
+| 4 | `ModelError` | a model cannot be found, allowed or loaded |
+| 5 | `TrackingError` | the MLflow store cannot be used, or a version reference resolved |
+| 6 | `ServeError` | a service cannot start as asked (`PortInUseError`: a port is taken) |
+| 7 | `HookError` | a git hook cannot be installed as asked |
+| 8 | `RunTimeoutError` | a run went past its deadline |
+| 9 | `WaitTimeout` | `textgen status --wait` gave up |
+"""
 
 from __future__ import annotations
 
@@ -37,7 +51,29 @@ class TrackingError(TextgenError):
     exit_code = 5
 
 
+class ServeError(TextgenError):
+    """A service (serve, receive, the team, the MLflow UI) cannot start as asked."""
+
+    exit_code = 6
+
+
+class PortInUseError(ServeError):
+    """A port the command must listen on is taken."""
+
+
+class HookError(TextgenError):
+    """A git hook cannot be installed as asked."""
+
+    exit_code = 7
+
+
 class RunTimeoutError(TextgenError, TimeoutError):
-    """A run went past its deadline (`TEXTGEN_RUN_TIMEOUT`)."""
+    """A run went past its deadline (the operator's run timeout)."""
 
     exit_code = 8
+
+
+class WaitTimeout(TextgenError):
+    """`textgen status --wait` gave up."""
+
+    exit_code = 9

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tasks import tags as T
 from tasks.bounded import load_yaml, show
 from tasks.errors import SettingsError
 from tasks.repo import CommitInfo
@@ -63,11 +64,6 @@ ALLOWED = (
     "`METRIC OP VALUE` where OP is >=, <=, > or <, and VALUE is a number, `base`, "
     "`base - x`, `base + x` or `base * x`"
 )
-
-TAG_GATES = "textgen.gates"
-"""`passed` or `failed` (absent when the repository has no gates)."""
-TAG_GATES_FAILED = "textgen.gates.failed"
-TAG_GATES_REPORT = "textgen.gates.report"
 
 
 @dataclass(frozen=True)
@@ -245,16 +241,16 @@ def gate_tags(results: list[GateResult]) -> dict[str, str]:
         return {}
     failed = [r for r in results if not r.passed]
     tags = {
-        TAG_GATES: "failed" if failed else "passed",
-        TAG_GATES_REPORT: json.dumps([asdict(r) for r in results])[:5000],
+        T.GATES: "failed" if failed else "passed",
+        T.GATES_REPORT: json.dumps([asdict(r) for r in results])[:5000],
     }
     if failed:
-        tags[TAG_GATES_FAILED] = "; ".join(r.line() for r in failed)[:5000]
+        tags[T.GATES_FAILED] = "; ".join(r.line() for r in failed)[:5000]
     return tags
 
 
 def failed_gates(tags: Mapping[str, str]) -> str | None:
     """The failed gates a run's tags record, or None when it passed or had none."""
-    if tags.get(TAG_GATES) != "failed":
+    if tags.get(T.GATES) != "failed":
         return None
-    return tags.get(TAG_GATES_FAILED) or "a quality gate failed"
+    return tags.get(T.GATES_FAILED) or "a quality gate failed"

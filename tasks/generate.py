@@ -1,8 +1,7 @@
 """Generate text as the original example does: `set_seed(random_seed)`, then one pipeline call.
 
-The call goes through the pipeline's own preprocess, forward and postprocess steps (what
-`pipeline(prompt, **kwargs)` runs for one prompt), so the texts are the pipeline's, and the
-token ids it generated are kept for counting and scoring.
+The call is the pipeline's public one, asked for token ids as well, so the texts are the
+pipeline's, and the token ids it generated are kept for counting and scoring.
 """
 
 from __future__ import annotations
@@ -71,18 +70,20 @@ def format_output(texts: list[str]) -> str:
     return "".join(parts)
 
 
-def _effective_generation(pipe: Any, forward_params: dict[str, Any]) -> dict[str, Any]:
-    """The decoding parameters generate() will use: its defaults, under the model's generation
-    config, under what the pipeline adds (its sampling default), under the call's own."""
+def effective_generation(pipe: Any, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The decoding parameters generate() uses for this call: its defaults, under the model's
+    generation config, under what the pipeline adds (its sampling default), under the call's.
+
+    transformers has no public API that says this (the merge happens inside the pipeline and
+    `generate()`), so two of its private helpers answer it: the pipeline's
+    `_prepare_generate_kwargs` and `GenerationConfig._get_default_generation_params`.
+    tests/test_internals.py fails loudly when either changes.
+    """
     from transformers import GenerationConfig
 
-    values: dict[str, Any] = {}
-    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
-    if callable(defaults):
-        values.update(defaults())
+    values: dict[str, Any] = dict(GenerationConfig._get_default_generation_params())
     values.update(pipe.model.generation_config.to_diff_dict())
-    prepare = getattr(pipe, "_prepare_generate_kwargs", None)
-    values.update(prepare(dict(forward_params)) if callable(prepare) else forward_params)
+    values.update(pipe._prepare_generate_kwargs(dict(call_kwargs)))
     return {key: values.get(key) for key in _RECORDED_GENERATION_KEYS}
 
 
@@ -170,28 +171,26 @@ def run_generation(
     progress: Callable[[int, int | None, float], None] | None = None,
     every: float = PROGRESS_SECONDS,
 ) -> Generations:
-    """Seed, then generate the texts with the pipeline for the settings; `progress` hears of
-    the tokens made so far every `every` seconds."""
+    """Seed, then generate the texts with one public call of the pipeline; `progress` hears of
+    the tokens made so far every `every` seconds.
+
+    The call returns the token ids (`return_tensors=True`), so that they can be counted and
+    scored; each text is then what the pipeline's own text output is, the prompt followed by
+    the decoded new tokens with special tokens skipped.
+    """
     import torch
     from transformers import StoppingCriteriaList, set_seed
 
     pipe = generator.pipeline
     call_kwargs = settings.pipeline_kwargs()
-    # As Pipeline.__call__ does for a single prompt.
-    preprocess, forward, postprocess = pipe._sanitize_parameters(**call_kwargs)
-    preprocess = {**pipe._preprocess_params, **preprocess}
-    forward = {**pipe._forward_params, **forward}
-    postprocess = {**pipe._postprocess_params, **postprocess}
     prompt = settings.initial_sentence
-
-    prompt_tokens = len(pipe.tokenizer(prompt)["input_ids"])
-    check_context(generator, settings, prompt_tokens)
-    model_inputs = pipe.preprocess(prompt, **preprocess)
-    run_kwargs = dict(forward)
+    prompt_ids = list(pipe.tokenizer(prompt)["input_ids"])
+    check_context(generator, settings, len(prompt_ids))
+    run_kwargs = dict(call_kwargs)
     if progress is not None:
         effective = settings.effective()
         total = effective.max_new_tokens or (
-            effective.max_length - prompt_tokens if effective.max_length else None
+            effective.max_length - len(prompt_ids) if effective.max_length else None
         )
         run_kwargs["stopping_criteria"] = StoppingCriteriaList(
             [progress_criteria(total, progress, every)]
@@ -199,25 +198,22 @@ def run_generation(
 
     set_seed(settings.random_seed)
     started = time.perf_counter()
-    model_outputs = pipe.forward(model_inputs, **run_kwargs)
-    records = pipe.postprocess(model_outputs, **postprocess)
+    records = pipe(prompt, return_tensors=True, **run_kwargs)
     if generator.device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
 
-    prompt_ids = model_outputs["input_ids"]
-    prompt_len = 0 if prompt_ids is None else int(prompt_ids.shape[-1])
-    sequences = model_outputs["generated_sequence"][0].tolist()
-    config = pipe.model.generation_config
-    stop = config.eos_token_id
+    sequences = [[int(t) for t in record["generated_token_ids"]] for record in records]
+    new_ids = [sequence[len(prompt_ids) :] for sequence in sequences]
+    stop = pipe.model.generation_config.eos_token_id
     stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
     return Generations(
         prompt=prompt,
-        texts=[record["generated_text"] for record in records],
-        new_token_ids=[_trim(seq[prompt_len:], stop_ids) for seq in sequences],
-        prompt_token_ids=[] if prompt_ids is None else prompt_ids[0].tolist(),
+        texts=[prompt + pipe.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids],
+        new_token_ids=[_trim(ids, stop_ids) for ids in new_ids],
+        prompt_token_ids=prompt_ids,
         generation_seconds=elapsed,
-        generation_config=_effective_generation(pipe, forward),
+        generation_config=effective_generation(pipe, call_kwargs),
     )
 
 

@@ -1,6 +1,6 @@
 """Linked repositories: the declarative list of what an installation runs.
 
-`links.yaml` (in the data folder, or where `TEXTGEN_LINKS` points) names every repository the
+`links.yaml` (in the data folder, or where the links variable points) names every repository the
 service may clone, with its branch, provider, webhook secret and git credentials (by reference,
 never by value) and optional operator limits:
 
@@ -38,30 +38,13 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.config import data_dir
+from tasks import config
+from tasks.config import links_file
 from tasks.errors import SettingsError
+from tasks.files import write_atomic
 
-LINKS_ENV = "TEXTGEN_LINKS"
-LINK_ENV = "TEXTGEN_LINK"
-"""A deployment of one link carries it here (its public part), for the flow to check."""
-
-LIMIT_ENV = {
-    "max_return_sequences": "TEXTGEN_MAX_RETURN_SEQUENCES",
-    "max_total_tokens": "TEXTGEN_MAX_TOTAL_TOKENS",
-    "max_prompt_chars": "TEXTGEN_MAX_PROMPT_CHARS",
-    "max_beams": "TEXTGEN_MAX_BEAMS",
-    "max_model_bytes": "TEXTGEN_MAX_MODEL_BYTES",
-    "allowed_models": "TEXTGEN_ALLOWED_MODELS",
-    "run_timeout": "TEXTGEN_RUN_TIMEOUT",
-}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
-
-
-def links_file() -> Path:
-    """`TEXTGEN_LINKS`, else `links.yaml` in the data folder."""
-    explicit = os.environ.get(LINKS_ENV)
-    return Path(explicit).expanduser() if explicit else data_dir() / "links.yaml"
 
 
 def resolve_ref(ref: str, what: str) -> str:
@@ -230,9 +213,9 @@ class Link(BaseModel):
     @field_validator("limits")
     @classmethod
     def _limits(cls, value: dict[str, int | str]) -> dict[str, int | str]:
-        unknown = sorted(set(value) - set(LIMIT_ENV))
+        unknown = sorted(set(value) - set(config.LIMITS))
         if unknown:
-            raise ValueError(f"unknown limit {unknown[0]!r}; allowed: {', '.join(LIMIT_ENV)}")
+            raise ValueError(f"unknown limit {unknown[0]!r}; allowed: {', '.join(config.LIMITS)}")
         for key, item in value.items():
             if key != "allowed_models" and (not isinstance(item, int) or item < 1):
                 raise ValueError(f"{key} must be a whole number of at least 1, not {item!r}")
@@ -258,8 +241,8 @@ class Link(BaseModel):
         return resolve_ref(self.credentials, f"link {self.name}: credentials")
 
     def limit_env(self) -> dict[str, str]:
-        """The link's limits as the environment variables they override."""
-        return {LIMIT_ENV[k]: str(v) for k, v in self.limits.items()}
+        """The link's limits, by the name of the operator variable each overrides."""
+        return {config.LIMITS[k].name: str(v) for k, v in self.limits.items()}
 
     def public_json(self) -> str:
         """What a deployment of this link carries for the flow: references, never values."""
@@ -334,14 +317,11 @@ def save_links(links: list[Link], path: Path | None = None) -> Path:
     document = {
         "links": [link.model_dump(exclude_defaults=True) | {"url": link.url} for link in links]
     }
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(
+    return write_atomic(
+        path,
         "# Linked repositories: see `textgen link --help`.\n"
         + yaml.safe_dump(document, sort_keys=False),
-        encoding="utf-8",
     )
-    os.replace(temporary, path)
-    return path
 
 
 def default_name(url: str) -> str:
@@ -353,14 +333,16 @@ def default_name(url: str) -> str:
 
 
 def deployment_link() -> Link | None:
-    """The link a deployment of one link carries (`TEXTGEN_LINK`), if any."""
-    raw = os.environ.get(LINK_ENV)
+    """The link a deployment of one link carries (set by `textgen team apply`), if any."""
+    raw = config.LINK.get()
     if not raw:
         return None
     try:
         return Link.model_validate_json(raw)
     except ValidationError as exc:
-        raise SettingsError(f"{LINK_ENV} is not a valid link: {exc.errors()[0]['msg']}") from None
+        raise SettingsError(
+            f"{config.LINK.name} is not a valid link: {exc.errors()[0]['msg']}"
+        ) from None
 
 
 def link_for(repo_url: str, branch: str, required: bool) -> Link | None:

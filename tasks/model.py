@@ -23,17 +23,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import config
 from tasks.bounded import show
-from tasks.config import (
-    OperatorLimits,
-    file_lock,
-    max_model_bytes,
-    model_cache_dir,
-    model_dirs,
-    requested_device,
-)
+from tasks.config import OperatorLimits, model_cache_dir, model_dirs
 from tasks.errors import ModelError, SettingsError
-from tasks.packing import enabled as packing_enabled
+from tasks.files import file_lock, write_atomic
 from tasks.packing import pack_linears
 from tasks.repo import CommitInfo
 from tasks.settings import GenerationSettings
@@ -116,9 +110,7 @@ def file_digests(paths: list[Path]) -> list[str]:
             # Forget files that are gone, so the index does not grow without bound.
             index = {k: v for k, v in index.items() if Path(k.split("|", 1)[0]).exists()}
             index.update(found)
-            tmp = index_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(index, indent=0, sort_keys=True))
-            tmp.replace(index_path)
+            write_atomic(index_path, json.dumps(index, indent=0, sort_keys=True))
     return values
 
 
@@ -130,10 +122,10 @@ def file_sha256(path: Path) -> str:
 def folder_digest(folder: Path) -> str:
     """`sha256:` over the names and contents of every file in a model folder.
 
-    Refuses folders of more than `MAX_MODEL_FILES` files or `TEXTGEN_MAX_MODEL_BYTES` bytes
+    Refuses folders of more than `MAX_MODEL_FILES` files or the operator's largest model
     before reading any content: a model folder is a few files.
     """
-    limit = max_model_bytes()
+    limit = config.MAX_MODEL_BYTES.get()
     files: list[Path] = []
     total = 0
     for path in folder.rglob("*"):
@@ -144,7 +136,7 @@ def folder_digest(folder: Path) -> str:
         if len(files) > MAX_MODEL_FILES or total > limit:
             raise ModelError(
                 f"model folder {folder} holds more than {MAX_MODEL_FILES} files or "
-                f"{limit} bytes (TEXTGEN_MAX_MODEL_BYTES); a model folder is a few files"
+                f"{limit} bytes ({config.MAX_MODEL_BYTES.name}); a model folder is a few files"
             )
     files.sort()
     digest = hashlib.sha256()
@@ -171,7 +163,7 @@ def _refused(model: str) -> SettingsError:
     dirs = ", ".join(str(d) for d in model_dirs())
     return SettingsError(
         f"model {show(model)} is not allowed: give a hub id, a path inside the repository, "
-        f"or a path under the operator's model folders ({dirs}; TEXTGEN_MODEL_DIRS)"
+        f"or a path under the operator's model folders ({dirs}; {config.MODEL_DIRS.name})"
     )
 
 
@@ -189,7 +181,7 @@ def _export_from_commit(commit: CommitInfo, rel: str, kind: str) -> Path:
     target = folder / Path(rel).name if obj.type == "blob" else folder
     if target.exists():
         return target
-    limit = max_model_bytes()
+    limit = config.MAX_MODEL_BYTES.get()
     entries: list[Any] = []
     size = 0
     for blob in [obj] if obj.type == "blob" else obj.traverse():
@@ -200,7 +192,7 @@ def _export_from_commit(commit: CommitInfo, rel: str, kind: str) -> Path:
         if len(entries) > MAX_MODEL_FILES or size > limit:
             raise SettingsError(
                 f"model {show(rel)} in the repository holds more than {MAX_MODEL_FILES} files "
-                f"or {limit} bytes (TEXTGEN_MAX_MODEL_BYTES)"
+                f"or {limit} bytes ({config.MAX_MODEL_BYTES.name})"
             )
     folder.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(folder.parent / f"{folder.name}.lock"):
@@ -225,7 +217,7 @@ def locate_model(settings: GenerationSettings, commit: CommitInfo | None = None)
 
     What a repository may name: a hub id, a path inside the repository at `commit` (copied
     out of the commit into the model cache), or a path under the operator's model folders
-    (`TEXTGEN_MODEL_DIRS`, default the model cache). Anything else is refused with the same
+    (default the model cache). Anything else is refused with the same
     message whether it exists or not, before it is looked at.
     """
     model = settings.model
@@ -340,7 +332,7 @@ def resolve_device(requested: str | None = None) -> str:
     """`auto` becomes cuda when present, then mps, else cpu; anything else is checked."""
     import torch
 
-    device = (requested or requested_device()).lower()
+    device = (requested or config.DEVICE.get()).lower()
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -349,28 +341,26 @@ def resolve_device(requested: str | None = None) -> str:
         return "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(
-            f"TEXTGEN_DEVICE={device!r} but this worker has no CUDA device; use auto or cpu"
+            f"{config.DEVICE.name}={device!r} but this worker has no CUDA device; use auto or cpu"
         )
     if device not in {"cpu", "mps"} and not device.startswith("cuda"):
         raise ModelError(
-            f"TEXTGEN_DEVICE={device!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps"
+            f"{config.DEVICE.name}={device!r} is not a device; allowed: auto, cpu, cuda, "
+            "cuda:N, mps"
         )
     return device
 
 
 _CACHE: OrderedDict[tuple[str, ...], Generator] = OrderedDict()
 
-WARM_HINT_ENV = "TEXTGEN_WARM_HINT"
-"""Where a run served by `textgen serve` notes the model it loaded (`deployments.warm`)."""
-
 
 def note_loaded(
     settings: GenerationSettings, revision: str | None, path: Path | None
 ) -> dict[str, Any] | None:
     """Write what `build_generator` needs to load this model again, for serve to keep it
-    loaded for the next run (`TEXTGEN_WARM_HINT`; nothing outside serve)."""
-    target = os.environ.get(WARM_HINT_ENV)
-    if not target:
+    loaded for the next run (the warm hint serve sets; nothing outside serve)."""
+    target = config.WARM_HINT.get()
+    if target is None:
         return None
     record = {
         "model": settings.model,
@@ -380,9 +370,7 @@ def note_loaded(
         "path": None if path is None else str(path),
     }
     try:
-        with tempfile.NamedTemporaryFile("w", dir=Path(target).parent, delete=False) as handle:
-            json.dump(record, handle, sort_keys=True)
-        os.replace(handle.name, target)
+        write_atomic(target, json.dumps(record, sort_keys=True))
     except OSError as exc:  # an optimisation: the run goes on without it
         logger.warning("Could not note the loaded model in %s: %s", target, exc)
         return None
@@ -396,13 +384,6 @@ def load_noted(record: dict[str, Any]) -> Generator:
     )
     path = record.get("path")
     return build_generator(settings, record.get("digest"), Path(path) if path else None)
-
-
-def _cache_size() -> int:
-    try:
-        return max(0, int(os.environ.get("TEXTGEN_MODEL_CACHE_SIZE", "1")))
-    except ValueError:
-        return 1
 
 
 def build_generator(
@@ -425,7 +406,7 @@ def build_generator(
         revision or "",
         settings.dtype or "",
         device,
-        str(packing_enabled()),
+        str(config.PACKED_WEIGHTS.get()),
     )
     if key in _CACHE:
         _CACHE.move_to_end(key)
@@ -478,9 +459,10 @@ def build_generator(
         load_seconds=load_seconds,
         fast_path=packing.describe(),
     )
-    if _cache_size():
+    keep = config.MODEL_CACHE_SIZE.get()
+    if keep:
         _CACHE[key] = generator
-        while len(_CACHE) > _cache_size():
+        while len(_CACHE) > keep:
             _CACHE.popitem(last=False)
     return generator
 

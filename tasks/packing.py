@@ -15,21 +15,23 @@ and the tests compare. A weight shared with the input embedding (a tied output p
 stays as it is for the embedding and gains a packed copy; untied weights are replaced, so they
 take no extra memory.
 
-`TEXTGEN_PACKED_WEIGHTS=0` (operator setting) loads models as transformers does.
+The operator setting `TEXTGEN_PACKED_WEIGHTS=0` (`tasks.config`) loads models as transformers
+does. The two oneDNN operators are private to torch (what `torch.compile` uses inside; torch has
+no public packed linear for eager mode): tests/test_internals.py fails loudly when they change.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.config import switched_off
+from tasks import config
 
 logger = logging.getLogger(__name__)
 
-ENV = "TEXTGEN_PACKED_WEIGHTS"
 _DTYPES = ("float32", "bfloat16")
 
 
@@ -49,11 +51,6 @@ class Packing:
         if self.layers:
             return f"packed-linear ({self.layers} layers)"
         return f"none ({self.skipped})" if self.skipped else "none"
-
-
-def enabled() -> bool:
-    """Whether models are packed at load (`TEXTGEN_PACKED_WEIGHTS`, default on)."""
-    return not switched_off(ENV)
 
 
 def _linear_module() -> Any:
@@ -81,23 +78,18 @@ def _linear_module() -> Any:
     return PackedLinear
 
 
-_PACKED_LINEAR: Any = None
-
-
+@functools.cache
 def packed_linear_class() -> Any:
     """The module class packed layers become (built on first use, so torch loads lazily)."""
-    global _PACKED_LINEAR
-    if _PACKED_LINEAR is None:
-        _PACKED_LINEAR = _linear_module()
-    return _PACKED_LINEAR
+    return _linear_module()
 
 
 def why_not(model: Any, device: str) -> str:
     """Why this model is not packed here; empty when it can be."""
     import torch
 
-    if not enabled():
-        return f"{ENV}=0"
+    if not config.PACKED_WEIGHTS.get():
+        return f"{config.PACKED_WEIGHTS.name}=0"
     if device != "cpu":
         return f"device {device}"
     if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):

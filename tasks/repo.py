@@ -23,10 +23,11 @@ import git
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import file_lock, repo_cache_dir, setting
+from tasks import config
+from tasks.config import repo_cache_dir
 from tasks.errors import RepositoryError, TransientRepositoryError
+from tasks.files import file_lock
 
-CREDENTIALS_ENV = "TEXTGEN_GIT_CREDENTIALS"
 ZERO_SHA = "0" * 40
 """What git reports as the old (or new) tip when a branch is created (or deleted)."""
 _FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -97,7 +98,7 @@ class RepoLocation:
             if "@" in netloc:
                 userinfo, _, hostport = netloc.rpartition("@")
                 secret, netloc = userinfo, hostport
-            secret = secret or setting(CREDENTIALS_ENV) or None
+            secret = secret or config.GIT_CREDENTIALS.get() or None
             return cls(urlunsplit((parts.scheme, netloc, parts.path, "", "")), secret)
         if parts.scheme in {"ssh", "git", "file"} or re.match(r"^[\w.-]+@[\w.-]+:", text):
             return cls(text)
@@ -302,7 +303,7 @@ def _git_error(
 def _fetch(
     repo: git.Repo, location: RepoLocation, refspec: str, ref: str, env: Mapping[str, str]
 ) -> None:
-    timeout = float(os.environ.get("TEXTGEN_GIT_TIMEOUT", "300"))
+    timeout = config.GIT_TIMEOUT.get()
     try:
         repo.git.execute(
             ["git", "fetch", "--no-tags", "--quiet", "origin", refspec],

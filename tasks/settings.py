@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from tasks import config
 from tasks.bounded import LongNumber, check_size, load_yaml, show
 from tasks.config import OperatorLimits, operator_model
 from tasks.errors import SettingsError
@@ -32,8 +33,10 @@ SETTINGS_FILE = "textgen.yaml"
 LEGACY_SCRIPT = "nlp_text_generation.py"
 LEGACY_NAMES = ("random_seed", "max_length", "num_return_sequences", "initial_sentence")
 OPERATOR_ONLY = {
-    "trust_remote_code": "TEXTGEN_TRUST_REMOTE_CODE (operator only, never from a repository)",
-    "device": "TEXTGEN_DEVICE (operator only)",
+    "trust_remote_code": (
+        f"{config.TRUST_REMOTE_CODE.name} (operator only, never from a repository)"
+    ),
+    "device": f"{config.DEVICE.name} (operator only)",
 }
 
 
@@ -78,7 +81,7 @@ class GenerationSettings(BaseModel):
     @property
     def model_choice(self) -> dict[str, str]:
         """When the operator's model replaced the settings' own: the model the settings asked
-        for and who replaced it (`TEXTGEN_MODEL` or the operator file); else empty."""
+        for and who replaced it (the operator's variable or file); else empty."""
         if self._model_set_by is None:
             return {}
         return {"model.requested": str(self._requested_model), "model.set_by": self._model_set_by}
@@ -143,29 +146,29 @@ class GenerationSettings(BaseModel):
         if self.num_beams is not None and self.num_beams > limits.max_beams:
             problems.append(
                 f"num_beams={self.num_beams} exceeds the operator limit {limits.max_beams} "
-                f"(TEXTGEN_MAX_BEAMS)"
+                f"({config.MAX_BEAMS.name})"
             )
         if self.num_return_sequences > limits.max_return_sequences:
             problems.append(
                 f"num_return_sequences={self.num_return_sequences} exceeds the operator limit "
-                f"{limits.max_return_sequences} (TEXTGEN_MAX_RETURN_SEQUENCES)"
+                f"{limits.max_return_sequences} ({config.MAX_RETURN_SEQUENCES.name})"
             )
         length = self.effective().max_length or self.max_new_tokens or 0
         if length > limits.max_total_tokens:
             key = "max_length" if self.max_length else "max_new_tokens"
             problems.append(
                 f"{key}={length} exceeds the operator limit {limits.max_total_tokens} "
-                f"(TEXTGEN_MAX_TOTAL_TOKENS)"
+                f"({config.MAX_TOTAL_TOKENS.name})"
             )
         if len(self.initial_sentence) > limits.max_prompt_chars:
             problems.append(
                 f"initial_sentence has {len(self.initial_sentence)} characters, over the operator "
-                f"limit {limits.max_prompt_chars} (TEXTGEN_MAX_PROMPT_CHARS)"
+                f"limit {limits.max_prompt_chars} ({config.MAX_PROMPT_CHARS.name})"
             )
         if limits.allowed_models and not any(fnmatch(self.model, p) for p in limits.allowed_models):
             problems.append(
                 f"model={show(self.model)} is not allowed on this worker; allowed: "
-                f"{', '.join(limits.allowed_models)} (TEXTGEN_ALLOWED_MODELS)"
+                f"{', '.join(limits.allowed_models)} ({config.ALLOWED_MODELS.name})"
             )
         if problems:
             raise SettingsError(f"{source}: " + "; ".join(problems))

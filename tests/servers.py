@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from deployments.serve import LocalPrefectServer
-from deployments.team import free_port
+from deployments.ops.prefect_server import LocalPrefectServer
+from deployments.ops.process import free_port
 from tests.conftest import GitRepo
 
 
@@ -77,7 +77,7 @@ def deliver(
 ) -> httpx.Response:
     """POST a GitHub-style delivery, signed with `secret` unless `signature` is given
     (an empty `signature` sends none)."""
-    from deployments.receiver import sign
+    from deployments.service.providers import sign
 
     body = json.dumps(payload).encode()
     headers = {

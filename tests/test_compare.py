@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from deployments.cli import main
-from deployments.compare import _delta, _word_diff, compare, render_html, render_text
+from deployments.reports.compare import _delta, _word_diff, compare, render_html, render_text
 from flows.text_generation import nlp_text_generation
 from tasks.errors import TrackingError
 from tests.conftest import GitRepo, RepoFactory, settings_yaml

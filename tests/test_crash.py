@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tasks.tracking import experiment_name
+from tasks.store import experiment_name
 from tests.conftest import GitRepo
 from tests.servers import PrefectServer, Service, free_port, start_serve, wait_for
 

@@ -15,7 +15,7 @@ from flows.text_generation import nlp_text_generation
 from tasks import model as model_module
 from tasks.errors import ModelError, SettingsError
 from tasks.generate import format_output
-from tasks.tracking import experiment_name
+from tasks.store import experiment_name
 from tests.conftest import RepoFactory, settings_yaml
 from tests.gitserver import serve_repo
 from tests.test_settings import ORIGINAL_SCRIPT

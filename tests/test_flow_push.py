@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 
 from flows.text_generation import nlp_text_generation
 from tasks import model as model_module
+from tasks.names import is_superseded
 from tasks.repo import RepoLocation, resolve_commit
-from tasks.triggers import is_superseded
 from tests.conftest import RepoFactory, settings_yaml
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

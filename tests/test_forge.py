@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from deployments.forge import ForgeError, Status, forge_for
+from deployments.service.forge import ForgeError, Status, forge_for
 from tests.forge_double import ForgeDouble, check_request
 
 TOKEN = "tok-s3cret-0123456789"

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from deployments.cli import history_rows
-from deployments.compare import compare, render_markdown
+from deployments.reports.compare import compare, render_markdown
+from deployments.reports.history import history_rows
 from flows.text_generation import nlp_text_generation
 from tasks.errors import SettingsError
 from tasks.gates import evaluate, parse_gate, parse_gates

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from deployments.hook import HookError, install
-from deployments.receiver import Outbox, Receiver, start_http
+from deployments.service.http import start_http
+from deployments.service.outbox import Outbox
+from deployments.service.receiver import Receiver
 from tasks.repo import RepoLocation
 from tests.conftest import GitRepo, RepoFactory
 

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from tasks.bounded import load_yaml, show
 from tasks.errors import SettingsError
+from tasks.globs import glob_match, matches_patterns
 from tasks.repo import RepoLocation, resolve_commit
 from tasks.settings import load_settings, parse_settings
-from tasks.triggers import glob_match, matches_patterns, parse_workflow
+from tasks.triggers import parse_workflow
 from tests.conftest import RepoFactory
 
 # Nine levels of nine aliases: 322 bytes that stand for 9**9 (387 million) values.

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from deployments.cli import main
-from deployments.receiver import Outbox, Receiver, Served, sign
+from deployments.service.outbox import Outbox
+from deployments.service.providers import sign
+from deployments.service.receiver import Receiver, Served
 from tasks.errors import SettingsError
 from tasks.links import Link, link_for, load_links, parse_links, resolve_ref, save_links
 from tests.conftest import RepoFactory, settings_yaml

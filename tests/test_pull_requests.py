@@ -12,16 +12,11 @@ from typing import Any
 
 import pytest
 
-from deployments.receiver import (
-    PULL_REQUEST_EVENT,
-    Outbox,
-    Receiver,
-    Served,
-    event_document,
-    parse_pull_request,
-    sign,
-)
+from deployments.service.outbox import Outbox, event_document
+from deployments.service.providers import parse_pull_request, sign
+from deployments.service.receiver import Receiver, Served
 from tasks.links import Link
+from tasks.names import PULL_REQUEST_EVENT
 from tasks.repo import RepoLocation
 
 DATA = Path(__file__).parent / "data" / "providers"

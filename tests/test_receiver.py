@@ -13,16 +13,12 @@ from urllib.parse import quote
 
 import pytest
 
-from deployments.receiver import (
-    Emitter,
-    Outbox,
-    Poller,
-    Receiver,
-    event_document,
-    sign,
-    start_http,
-    verify_signature,
-)
+from deployments.service.emitter import Emitter
+from deployments.service.http import start_http
+from deployments.service.outbox import Outbox, event_document
+from deployments.service.poller import Poller
+from deployments.service.providers import sign, verify_signature
+from deployments.service.receiver import Receiver
 from tasks.repo import RepoLocation
 from tests.conftest import RepoFactory
 
@@ -252,7 +248,7 @@ def test_gitea_signature_header(tmp_path: Path) -> None:
 
 def test_event_ids_are_stable_per_delivery() -> None:
     repo = RepoLocation.parse("/srv/repo.git")
-    from deployments.receiver import PushEvent
+    from deployments.service.providers import PushEvent
 
     push = PushEvent("github", "d-1", "refs/heads/main", SHA_A, None, None)
     assert (
@@ -279,7 +275,7 @@ def test_the_emitter_retries_until_the_api_takes_the_event(receiver: Receiver) -
 
     emitter = Emitter(receiver.outbox, send)
     assert emitter.drain() is False
-    assert emitter.delay > 0 and len(receiver.outbox.pending()) == 2
+    assert emitter.backoff.delay > 0 and len(receiver.outbox.pending()) == 2
     # A restart of the receiver process finds the events still there.
     reopened = Outbox(receiver.outbox.path)
     assert [d for _, d, _ in reopened.pending()] == ["d-1", "d-2"]
@@ -405,7 +401,8 @@ def test_the_receiver_refuses_to_start_without_a_secret(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from deployments.cli import main
-    from deployments.serve import ServeError, read_secret
+    from deployments.service.receiver import read_secret
+    from tasks.errors import ServeError
 
     monkeypatch.delenv("TEXTGEN_WEBHOOK_SECRET", raising=False)
     with pytest.raises(
@@ -463,7 +460,8 @@ def test_a_push_naming_thirty_thousand_paths_becomes_a_small_event(receiver: Rec
 
 
 def test_an_event_stays_small_whatever_the_paths(receiver: Receiver) -> None:
-    from deployments.receiver import MAX_EVENT_BYTES, PushEvent
+    from deployments.service.outbox import MAX_EVENT_BYTES
+    from deployments.service.providers import PushEvent
 
     push = PushEvent("github", "d", "refs/heads/main", SHA_A, SHA_B, ["x" * 400] * 400)
     event = event_document(push, receiver.repo, "main", time.time())
@@ -536,7 +534,7 @@ def test_slow_senders_are_cut_off_and_connections_are_bounded(receiver: Receiver
 def test_the_prefect_server_gets_none_of_our_secrets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from deployments.serve import LocalPrefectServer
+    from deployments.ops.prefect_server import LocalPrefectServer
 
     monkeypatch.setenv("TEXTGEN_GIT_CREDENTIALS", "user:ghp_secret")
     monkeypatch.setenv("TEXTGEN_WEBHOOK_SECRET", "hook-secret")
@@ -548,7 +546,7 @@ def test_the_prefect_server_gets_none_of_our_secrets(
 def test_a_push_missed_while_nothing_listened_is_caught_up_on_start(
     make_repo: RepoFactory, tmp_path: Path
 ) -> None:
-    from deployments.receiver import PushEvent
+    from deployments.service.providers import PushEvent
 
     repo = make_repo({"a.txt": "1"})
     location = RepoLocation.parse(str(repo.path))

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments.receiver import Outbox, PushEvent
-from deployments.serve import Watched, start_missing_runs
+from deployments.service.outbox import Outbox
+from deployments.service.providers import PushEvent
+from deployments.service.repair import Watched, start_missing_runs
 from tasks.repo import RepoLocation
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

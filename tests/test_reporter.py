@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from deployments.receiver import Outbox, PushEvent
-from deployments.reporter import Reporter
+from deployments.service.outbox import Outbox
+from deployments.service.providers import PushEvent
+from deployments.service.reporter import Reporter
 from tasks.links import Link
 from tasks.repo import RepoLocation
 from tests.forge_double import ForgeDouble
@@ -221,7 +222,7 @@ def test_a_refused_token_is_logged_once_and_given_up(
     outbox = queued(tmp_path)
     made = reporter(outbox, double, [flow_run("COMPLETED")], version(1))
     double.fail_next += [401, 403]
-    with caplog.at_level(logging.ERROR, logger="deployments.reporter"):
+    with caplog.at_level(logging.ERROR, logger="deployments.service.reporter"):
         made.check()  # pending refused: the result is still to come
         assert phases(outbox) == [("pending", 0)]
         made.check()  # the result refused too: given up, with the reason

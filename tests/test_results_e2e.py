@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tasks.tracking import experiment_name
+from tasks.store import experiment_name
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
 from tests.forge_double import ForgeDouble
 from tests.servers import PrefectServer, Service, bare_origin, deliver, start_serve, wait_for

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from tasks.tracking import experiment_name
-from tasks.triggers import is_superseded
+from tasks.names import is_superseded
+from tasks.store import experiment_name
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
 from tests.servers import (
     PrefectServer,

@@ -28,10 +28,10 @@ import yaml
 from mlflow import MlflowClient
 
 from deployments.hook import install
-from deployments.team import Team
+from deployments.ops.team import Team
 from tasks.links import Link, save_links
-from tasks.tracking import experiment_name
-from tasks.triggers import is_superseded
+from tasks.names import is_superseded
+from tasks.store import experiment_name
 from tests.conftest import GitRepo
 from tests.servers import wait_for
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from deployments.cli import parse_command
-from deployments.team import AUTOMATIONS, POOL, automations
+from deployments.ops.team import POOL
+from deployments.orchestration.automations import AUTOMATIONS, automations
 
 PROJECT = Path(__file__).resolve().parents[1]
 COMPOSE = PROJECT / "deployments" / "compose.yaml"

@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tasks.errors import SettingsError
+from tasks.globs import glob_match, matches_patterns
 from tasks.repo import RepoLocation, resolve_commit
-from tasks.triggers import (
-    changed_since,
-    decide_push,
-    glob_match,
-    load_triggers,
-    matches_patterns,
-    parse_workflow,
-)
+from tasks.triggers import changed_since, decide_push, load_triggers, parse_workflow
 from tests.conftest import RepoFactory
 
 # Examples from GitHub's "Filter pattern cheat sheet" (workflow syntax for GitHub Actions).

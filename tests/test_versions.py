@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from deployments.cli import history_rows
-from deployments.compare import resolve_reference
-from tasks.tracking import TAG_OUTCOME, TAG_VERSION, Tracker
+from deployments.reports.compare import resolve_reference
+from deployments.reports.history import history_rows
+from tasks import tags
+from tasks.recovery import recover_dead_runs
+from tasks.tracking import Tracker
 
 REPO = "https://example.com/org/versions.git"
 
@@ -25,21 +27,23 @@ REPO = "https://example.com/org/versions.git"
 WORKER = textwrap.dedent(
     """
     import os, signal, sys
-    from tasks.tracking import Tracker, _tags, TAG_COMMIT
+    from tasks import numbering, tags
+    from tasks.store import as_tags
+    from tasks.tracking import Tracker
     mode, count = sys.argv[1], int(sys.argv[2])
     tracker = Tracker.for_repo(sys.argv[3])
     for i in range(count):
         run_id = tracker.start("main", None, "manual")
-        tracker.client.log_batch(run_id, tags=_tags({TAG_COMMIT: f"{os.getpid():08x}{i:032x}"}))
+        tracker.client.log_batch(run_id, tags=as_tags({tags.COMMIT: f"{os.getpid():08x}{i:032x}"}))
         tracker.client.log_text(run_id, "text", "output.txt")
         if mode == "kill-before":
             print(run_id, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        version = tracker.allocate_version(run_id)
+        version = numbering.allocate(tracker, run_id)
         print(run_id, version, flush=True)
         if mode == "kill-after":
             os.kill(os.getpid(), signal.SIGKILL)
-        tracker.publish(run_id, version, f"{i:040x}", {})
+        numbering.publish(tracker, run_id, version, f"{i:040x}", {})
     """
 )
 
@@ -58,8 +62,8 @@ def _worker(
 
 
 def _versions(client: MlflowClient, experiment_id: str) -> list[int]:
-    runs = client.search_runs([experiment_id], f"tags.`{TAG_OUTCOME}` = 'new'", max_results=1000)
-    return sorted(int(r.data.tags[TAG_VERSION]) for r in runs)
+    runs = client.search_runs([experiment_id], f"tags.`{tags.OUTCOME}` = 'new'", max_results=1000)
+    return sorted(int(r.data.tags[tags.VERSION]) for r in runs)
 
 
 def test_concurrent_processes_get_unique_gap_free_numbers(tmp_path: Path) -> None:
@@ -85,10 +89,10 @@ def test_a_run_killed_after_allocation_is_published_not_lost(tmp_path: Path) -> 
     tracker = Tracker.for_repo(REPO, create=False)
     assert tracker.client.get_run(run_id).info.status == "RUNNING"
     # The next process to open the experiment finds the dead run and rolls it forward.
-    assert tracker.recover_dead_runs() == 1
+    assert recover_dead_runs(tracker) == 1
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags[TAG_VERSION] == "2" and "textgen.recovered" in run.data.tags
+    assert run.data.tags[tags.VERSION] == "2" and "textgen.recovered" in run.data.tags
     rows = history_rows(REPO, 10)
     assert [r["version"] for r in rows] == ["2", "1"]
     assert resolve_reference(tracker, "2").info.run_id == run_id
@@ -106,12 +110,12 @@ def test_a_run_killed_before_allocation_fails_with_its_reason_and_takes_no_numbe
     assert killed.returncode == -signal.SIGKILL
     run_id = out.strip()
     tracker = Tracker.for_repo(REPO, create=False)
-    assert tracker.recover_dead_runs() == 1
+    assert recover_dead_runs(tracker) == 1
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert "ended without finishing the run" in run.data.tags["textgen.failure"]
-    assert TAG_VERSION not in run.data.tags
-    assert tracker.recover_dead_runs() == 0  # nothing left to do
+    assert tags.VERSION not in run.data.tags
+    assert recover_dead_runs(tracker) == 0  # nothing left to do
     after = _worker("normal", 1, tmp_path)
     out, _ = after.communicate(timeout=120)
     assert out.split()[1] == "1"
@@ -121,7 +125,7 @@ def test_a_live_run_of_another_process_is_left_alone(tmp_path: Path) -> None:
     tracker = Tracker.for_repo(REPO)
     run_id = tracker.start("main", None, "manual")  # this process: alive
     try:
-        assert tracker.recover_dead_runs() == 0
+        assert recover_dead_runs(tracker) == 0
         assert tracker.client.get_run(run_id).info.status == "RUNNING"
     finally:
         tracker.client.set_terminated(run_id, "FINISHED")
@@ -222,8 +226,9 @@ def test_a_store_locked_by_another_writer_is_waited_out(tmp_path: Path) -> None:
 
     path = os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")
     holder = sqlite3.connect(path, timeout=30, check_same_thread=False)
-    holder.execute("BEGIN EXCLUSIVE")  # longer than SQLite's own five-second wait
-    release = threading.Timer(8.0, holder.rollback)
+    # Held longer than MLflow's own wait: its sessions set SQLite's busy_timeout to 20 s.
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(25.0, holder.rollback)
     release.start()
     try:
         worker = _worker("normal", 1, tmp_path)
@@ -246,7 +251,7 @@ def test_a_run_of_another_machine_ends_when_its_flow_run_has_ended(
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed, Running
 
-    from tasks.tracking import TAG_HOST, _tags
+    from tasks.store import as_tags
 
     @flow(name="elsewhere")
     def elsewhere() -> None:
@@ -262,15 +267,15 @@ def test_a_run_of_another_machine_ends_when_its_flow_run_has_ended(
         run_ids[name] = tracker.start("main", None, "push")
         tracker.client.log_batch(
             run_ids[name],
-            tags=_tags(
-                {TAG_HOST: "another-machine", "textgen.prefect.flow_run_id": str(flow_run.id)}
+            tags=as_tags(
+                {tags.WORKER_HOST: "another-machine", tags.FLOW_RUN_ID: str(flow_run.id)}
             ),
         )
-    assert tracker.recover_dead_runs() == 1
+    assert recover_dead_runs(tracker) == 1
     ended = tracker.client.get_run(run_ids["dead"])
     assert ended.info.status == "FAILED"
     assert "ended Crashed: worker gone" in ended.data.tags["textgen.failure"]
     assert tracker.client.get_run(run_ids["alive"]).info.status == "RUNNING"
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(alive.id, Crashed(message="done"), force=True)
-    assert tracker.recover_dead_runs() == 1
+    assert recover_dead_runs(tracker) == 1

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from deployments.warm import PRELOAD, WarmServers
-from tasks.model import WARM_HINT_ENV, locate_model, note_loaded
+from deployments.service.warm import PRELOAD, WarmServers
+from tasks import config
+from tasks.model import locate_model, note_loaded
 from tasks.settings import GenerationSettings
 
 
@@ -58,7 +59,7 @@ def wait_swap(servers: WarmServers, deadline: float = 120.0) -> None:
 @pytest.fixture
 def hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "model.json"
-    monkeypatch.setenv(WARM_HINT_ENV, str(path))
+    monkeypatch.setenv(config.WARM_HINT.name, str(path))
     return path
 
 
@@ -104,7 +105,7 @@ def test_a_model_that_cannot_load_keeps_the_current_server(
     hint.write_text(json.dumps({"model": str(tiny_model), "path": "/nonexistent/model"}))
     servers = WarmServers(PRELOAD, hint)
     before = servers.current
-    with caplog.at_level("WARNING", logger="deployments.warm"):
+    with caplog.at_level("WARNING", logger="deployments.service.warm"):
         wait_swap(servers)
     assert servers.current is before
     assert "Could not keep the model warm" in caplog.text
@@ -115,5 +116,5 @@ def test_a_model_that_cannot_load_keeps_the_current_server(
 def test_without_serve_a_run_notes_nothing(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(WARM_HINT_ENV, raising=False)
+    monkeypatch.delenv(config.WARM_HINT.name, raising=False)
     assert note_loaded(GenerationSettings(model=str(tiny_model)), None, None) is None

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from deployments.hook import install
-from tasks.tracking import experiment_name
+from tasks.store import experiment_name
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
 from tests.servers import PrefectServer, Service, free_port, wait_for
 

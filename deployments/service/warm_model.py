@@ -1,9 +1,9 @@
 """Imported by a fork server of `textgen serve` before it serves: load the model a run noted
-(`TEXTGEN_WARM_MODEL`) into `tasks.model`'s cache, so the runs forked from here find it loaded.
+(`tasks.config.WARM_MODEL`) into `tasks.model`'s cache, so the runs forked from here find it loaded.
 
 The model is loaded with one torch thread: no OpenMP thread pool exists at the fork, which a
 forked child could not use. Each child gets the server's thread count back right after it is
-forked. Whatever happens is written to `TEXTGEN_WARM_READY` (`ready`, or why not); an error
+forked. Whatever happens is written to the ready file serve named (`ready`, or why not); an error
 never stops the server, which then serves as the plain warm one does.
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 
 def _load() -> None:
-    from deployments.warm import MODEL_ENV, READY_ENV
+    from tasks import config
 
-    record = os.environ.get(MODEL_ENV)
-    ready = os.environ.get(READY_ENV)
+    record = config.WARM_MODEL.get()
+    ready = config.WARM_READY.get()
     if not record or not ready:
         return
     try:

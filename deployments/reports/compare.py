@@ -8,7 +8,6 @@ side by side with the changed words marked; `--html` writes it as a self-contain
 from __future__ import annotations
 
 import difflib
-import html
 import json
 import re
 import shutil
@@ -20,11 +19,15 @@ from typing import Any
 
 import git
 
-from deployments.charts import render_svg, version_points
+from deployments.reports.charts import render_svg, version_points
+from deployments.reports.render import md_piece, render
+from deployments.reports.tables import render_table
+from tasks import tags as T
+from tasks import versions
 from tasks.errors import TrackingError
 from tasks.repo import RepoLocation, is_ancestor, resolve_commit
 from tasks.settings import GenerationSettings
-from tasks.tracking import TAG_COMMIT, TAG_OUTCOME, TAG_PREVIEW, TAG_VERSION, Tracker
+from tasks.store import Experiment
 
 SETTING_KEYS = tuple(GenerationSettings.model_fields)
 
@@ -106,35 +109,24 @@ class Comparison:
         }
 
 
-def _versioned_runs(tracker: Tracker) -> list[Any]:
-    return list(
-        tracker.client.search_runs(
-            [tracker.experiment_id],
-            f"tags.`{TAG_OUTCOME}` = 'new'",
-            order_by=["attributes.start_time DESC"],
-            max_results=5000,
-        )
-    )
-
-
 def _label(run: Any) -> str:
-    version = run.data.tags.get(TAG_VERSION, "?")
-    return f"v{version} ({run.data.tags.get(TAG_COMMIT, '')[:7]})"
+    version = run.data.tags.get(T.VERSION, "?")
+    return f"v{version} ({run.data.tags.get(T.COMMIT, '')[:7]})"
 
 
-def resolve_reference(tracker: Tracker, ref: str) -> Any:
+def resolve_reference(tracker: Experiment, ref: str) -> Any:
     """The version run a reference names; a clear error with the closest matches otherwise."""
     text = ref.strip()
-    versions = _versioned_runs(tracker)
-    if not versions:
+    numbered = versions.numbered(tracker, finished=False)
+    if not numbered:
         raise TrackingError(f"repository {tracker.repo_url} has no output versions yet")
-    by_version = {r.data.tags.get(TAG_VERSION): r for r in versions}
+    by_version = {r.data.tags.get(T.VERSION): r for r in numbered}
     match = re.fullmatch(r"[vV]?(\d{1,6})", text)
     if match and (text[0] in "vV" or len(text) < 7):
         found = by_version.get(str(int(match.group(1))))
         if found is not None:
             return found
-        raise TrackingError(_unknown(text, f"no version {int(match.group(1))}", versions))
+        raise TrackingError(_unknown(text, f"no version {int(match.group(1))}", numbered))
     lowered = text.lower()
     if re.fullmatch(r"[0-9a-f]{32}", lowered):
         try:
@@ -143,16 +135,14 @@ def resolve_reference(tracker: Tracker, ref: str) -> Any:
             run = None
         if run is not None and run.info.experiment_id == tracker.experiment_id:
             tags = run.data.tags
-            if tags.get(TAG_OUTCOME) in {"new", "preview"}:
+            if tags.get(T.OUTCOME) in {T.NEW, T.PREVIEW}:
                 return run
-            if tags.get(TAG_OUTCOME) == "reused":
-                return tracker.client.get_run(tags["textgen.reused_run_id"])
-            reason = (
-                tags.get("textgen.skip_reason") or tags.get("textgen.failure") or run.info.status
-            )
-            raise TrackingError(f"run {lowered} made no output ({tags.get(TAG_OUTCOME)}: {reason})")
+            if tags.get(T.OUTCOME) == T.REUSED:
+                return tracker.client.get_run(tags[T.REUSED_RUN_ID])
+            reason = tags.get(T.SKIP_REASON) or tags.get(T.FAILURE) or run.info.status
+            raise TrackingError(f"run {lowered} made no output ({tags.get(T.OUTCOME)}: {reason})")
     if re.fullmatch(r"[0-9a-f]{4,40}", lowered):
-        hits = [r for r in versions if r.data.tags.get(TAG_COMMIT, "").startswith(lowered)]
+        hits = [r for r in numbered if r.data.tags.get(T.COMMIT, "").startswith(lowered)]
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
@@ -161,17 +151,17 @@ def resolve_reference(tracker: Tracker, ref: str) -> Any:
                 f"reference {text!r} is ambiguous: commit {lowered} has {len(hits)} versions "
                 f"(different settings): {listed}; name the version instead"
             )
-        raise TrackingError(_unknown(text, "no version of a commit starting with it", versions))
+        raise TrackingError(_unknown(text, "no version of a commit starting with it", numbered))
     raise TrackingError(
-        _unknown(text, "not a version (3, v3), a commit SHA or an MLflow run id", versions)
+        _unknown(text, "not a version (3, v3), a commit SHA or an MLflow run id", numbered)
     )
 
 
 def _unknown(ref: str, why: str, versions: list[Any]) -> str:
     candidates: dict[str, Any] = {}
     for run in versions:
-        candidates[f"v{run.data.tags.get(TAG_VERSION)}"] = run
-        candidates[run.data.tags.get(TAG_COMMIT, "")[:7]] = run
+        candidates[f"v{run.data.tags.get(T.VERSION)}"] = run
+        candidates[run.data.tags.get(T.COMMIT, "")[:7]] = run
         candidates[run.info.run_id] = run
     close = difflib.get_close_matches(ref.lower(), list(candidates), n=5, cutoff=0.3)
     picks = [candidates[c] for c in close] or versions[:5]
@@ -184,7 +174,7 @@ def _unknown(ref: str, why: str, versions: list[Any]) -> str:
     return f"unknown reference {ref!r}: {why}; {title}: {', '.join(seen)}"
 
 
-def _texts(tracker: Tracker, run: Any) -> list[str]:
+def _texts(tracker: Experiment, run: Any) -> list[str]:
     try:
         path = tracker.client.download_artifacts(run.info.run_id, "generations.json")
         table = json.loads(Path(path).read_text())
@@ -197,21 +187,21 @@ def _texts(tracker: Tracker, run: Any) -> list[str]:
 
 
 def _label_of(run: Any) -> str:
-    version = run.data.tags.get(TAG_VERSION)
+    version = run.data.tags.get(T.VERSION)
     if version:
         return f"v{version}"
-    if run.data.tags.get(TAG_PREVIEW):
-        return f"PR #{run.data.tags[TAG_PREVIEW]}"
+    if run.data.tags.get(T.PREVIEW_PR):
+        return f"PR #{run.data.tags[T.PREVIEW_PR]}"
     return str(run.info.run_id[:8])
 
 
-def _side(tracker: Tracker, run: Any) -> Side:
-    version = run.data.tags.get(TAG_VERSION)
+def _side(tracker: Experiment, run: Any) -> Side:
+    version = run.data.tags.get(T.VERSION)
     return Side(
         run=run,
         label=_label_of(run),
         version=int(version) if version else None,
-        sha=run.data.tags.get(TAG_COMMIT, ""),
+        sha=run.data.tags.get(T.COMMIT, ""),
         texts=_texts(tracker, run),
     )
 
@@ -230,7 +220,7 @@ def _commits(repo: str, a: Side, b: Side) -> tuple[list[str], str]:
         commit = resolve_commit(
             location, a.run.data.tags.get("mlflow.source.git.branch", "main"), a.sha
         )
-        resolve_commit(location, b.run.data.tags.get("mlflow.source.git.branch", "main"), b.sha)
+        resolve_commit(location, b.run.data.tags.get(T.BRANCH, "main"), b.sha)
     except Exception as exc:
         return [], f"commits unavailable: {exc}"
     repo_git = git.Repo(commit.mirror)
@@ -294,7 +284,7 @@ def _word_diff(left: str, right: str) -> tuple[list[tuple[str, str]], list[tuple
 
 def compare(repo_url: str, ref_a: str, ref_b: str) -> Comparison:
     """Resolve both references in the repository's experiment and gather the report."""
-    tracker = Tracker.for_repo(repo_url, create=False)
+    tracker = Experiment.for_repo(repo_url, create=False)
     a = _side(tracker, resolve_reference(tracker, ref_a))
     b = _side(tracker, resolve_reference(tracker, ref_b))
     pa, pb = a.params, b.params
@@ -346,13 +336,6 @@ def _delta(a: float | None, b: float | None) -> str:
     return f"{b - a:+.4g}{pct}"
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    ]
-
-
 def render_text(c: Comparison, width: int | None = None, color: bool = False) -> str:
     """The report for a terminal: removed words `[-like this-]`, added ones `{+like this+}`."""
     width = width or shutil.get_terminal_size((120, 40)).columns
@@ -367,21 +350,16 @@ def render_text(c: Comparison, width: int | None = None, color: bool = False) ->
         "Settings that differ:",
     ]
     if c.settings:
-        lines += _table([["setting", c.a.label, c.b.label]] + [[k, x, y] for k, x, y in c.settings])
+        lines += render_table(["setting", c.a.label, c.b.label], c.settings, indent=2)
     else:
         lines.append("  none: the same settings")
     if c.environment:
         lines += ["", "Model and environment differences:"]
-        lines += _table(
-            [["param", c.a.label, c.b.label]] + [[k, x, y] for k, x, y in c.environment]
-        )
+        lines += render_table(["param", c.a.label, c.b.label], c.environment, indent=2)
     lines += ["", f"Commits ({c.commits_note}):"]
     lines += [f"  {line}" for line in c.commits] or ["  none"]
     lines += ["", "Metrics:"]
-    lines += _table(
-        [["metric", c.a.label, c.b.label, "delta"]]
-        + [[k, _fmt(x), _fmt(y), _delta(x, y)] for k, x, y in c.metrics]
-    )
+    lines += render_table(["metric", c.a.label, c.b.label, "delta"], _metric_rows(c), indent=2)
     column = max(20, (width - 5) // 2)
     for index, (left, right) in enumerate(c.pairs, start=1):
         lines += ["", f"Output {index} of {len(c.pairs)}:"]
@@ -408,72 +386,47 @@ MARKDOWN_CHARS = 60_000
 """GitHub keeps comments up to 65,536 characters; the report stays under that."""
 
 
-def _md(text: str) -> str:
-    """Text safe inside a Markdown table cell or line: no pipes, no HTML, one line."""
-    return _md_piece(text).strip()
+def _metric_rows(c: Comparison) -> list[list[str]]:
+    return [[k, _fmt(x), _fmt(y), _delta(x, y)] for k, x, y in c.metrics]
 
 
-def _md_piece(text: str) -> str:
-    """A piece of a line, its spaces kept (collapsed), Markdown and HTML escaped."""
-    escaped = html.escape(re.sub(r"\s+", " ", text), quote=False)
-    return re.sub(r"([\\`*_~|\[\]#])", r"\\\1", escaped)
+def _texts_of(pieces: list[tuple[str, str]], dropped: str) -> str:
+    return "".join(p for k, p in pieces if k != dropped)
 
 
 def render_markdown(c: Comparison, title: str | None = None) -> str:
     """The report as Markdown for a pull request comment: settings, commits, metrics, and each
     text as a diff (`-` the first's, `+` the second's) with the changed words in bold."""
-    lines = [
-        f"### {title or f'{c.a.label} → {c.b.label}'}",
-        "",
-        f"Comparing **{c.a.label}** (commit `{c.a.sha[:7]}`) with **{c.b.label}** "
-        f"(commit `{c.b.sha[:7]}`) of `{_md(c.repo)}`.",
-        "",
-    ]
-    if c.settings:
-        lines += ["| setting | " + _md(c.a.label) + " | " + _md(c.b.label) + " |", "|---|---|---|"]
-        lines += [f"| `{k}` | {_md(x)} | {_md(y)} |" for k, x, y in c.settings]
-    else:
-        lines.append("Settings: the same.")
-    if c.environment:
-        lines += ["", "<details><summary>Model and environment differences</summary>", ""]
-        lines += ["| param | " + _md(c.a.label) + " | " + _md(c.b.label) + " |", "|---|---|---|"]
-        lines += [f"| `{k}` | {_md(x)} | {_md(y)} |" for k, x, y in c.environment]
-        lines += ["", "</details>"]
-    lines += ["", f"Commits ({_md(c.commits_note)}):", ""]
-    lines += [f"- {_md(line)}" for line in c.commits[:20]] or ["- none"]
-    lines += ["", "| metric | " + _md(c.a.label) + " | " + _md(c.b.label) + " | change |"]
-    lines.append("|---|---:|---:|---:|")
-    lines += [f"| `{k}` | {_fmt(x)} | {_fmt(y)} | {_delta(x, y)} |" for k, x, y in c.metrics]
-    changed = sum(1 for left, right in c.pairs if any(k != "same" for k, _ in left + right))
-    lines += ["", f"**Texts:** {changed} of {len(c.pairs)} differ.", ""]
-    for index, (left, right) in enumerate(c.pairs, start=1):
+    fence = "`\u200b``"  # a text cannot end the code block
+    pairs = []
+    for left, right in c.pairs:
         same = all(kind == "same" for kind, _ in left + right)
-        old = "".join(p for k, p in left if k != "ins")
-        new = "".join(p for k, p in right if k != "del")
-        lines.append(
-            f"<details{'' if same else ' open'}><summary>Output {index} of "
-            f"{len(c.pairs)}{' (identical)' if same else ''}</summary>"
+        old = " ".join(_texts_of(left, "ins").split()).replace("```", fence)
+        new = " ".join(_texts_of(right, "del").split()).replace("```", fence)
+        marked = {
+            kind: "".join(
+                f"{mark}{md_piece(p)}{mark}" if k == kind else md_piece(p) for k, p in pieces
+            )
+            for pieces, kind, mark in ((left, "del", "~~"), (right, "ins", "**"))
+        }
+        pairs.append(
+            {
+                "same": same,
+                "diff": [f"  {old}"] if same else [f"- {old}", f"+ {new}"],
+                "old": marked["del"],
+                "new": marked["ins"],
+            }
         )
-        lines += ["", "```diff"]
-        fence = "`\u200b``"  # a text cannot end the code block
-        if same:
-            lines.append("  " + " ".join(old.split()).replace("```", fence))
-        else:
-            lines.append("- " + " ".join(old.split()).replace("```", fence))
-            lines.append("+ " + " ".join(new.split()).replace("```", fence))
-        lines += ["```", ""]
-        if not same:
-            for label, pieces, kind, mark in (
-                (c.a.label, left, "del", "~~"),
-                (c.b.label, right, "ins", "**"),
-            ):
-                text = "".join(
-                    f"{mark}{_md_piece(p)}{mark}" if k == kind else _md_piece(p) for k, p in pieces
-                )
-                lines += [f"> **{_md(label)}:** {text}", ">"]
-            lines[-1] = ""
-        lines.append("</details>")
-    text = "\n".join(lines) + "\n"
+    text = render(
+        "compare.md",
+        c=c,
+        title=title or f"{c.a.label} → {c.b.label}",
+        a=c.a.label,
+        b=c.b.label,
+        metrics=_metric_rows(c),
+        changed=sum(1 for p in pairs if not p["same"]),
+        pairs=pairs,
+    )
     if len(text) > MARKDOWN_CHARS:
         text = text[: MARKDOWN_CHARS - 80] + "\n\n… (cut: the full report is `textgen compare`)\n"
     return text
@@ -497,92 +450,15 @@ def _wrap(text: str, width: int, color: bool) -> list[str]:
     return lines
 
 
-_CSS = """
-body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#1f2328}
-h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem;border-bottom:1px solid #d0d7de}
-table{border-collapse:collapse}td,th{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;
-vertical-align:top}th{background:#f6f8fa}.num{text-align:right;font-variant-numeric:tabular-nums}
-.pair{display:grid;grid-template-columns:1fr 1fr;gap:1rem;margin:.5rem 0 1.5rem}
-.pair div{border:1px solid #d0d7de;border-radius:6px;padding:.6rem;white-space:pre-wrap}
-del{background:#ffebe9;color:#82071e;text-decoration:line-through}ins{background:#dafbe1;
-color:#116329;text-decoration:none}code{font-family:ui-monospace,monospace}.same{color:#57606a}
-"""
-
-
 def render_html(c: Comparison) -> str:
     """The same report as a self-contained HTML page (no scripts, no remote assets)."""
-    e = html.escape
+    from markupsafe import Markup
 
-    def table(header: list[str], rows: list[list[str]], numeric: set[int] | None = None) -> str:
-        numeric = numeric or set()
-        head = "".join(f"<th>{e(h)}</th>" for h in header)
-        body = "".join(
-            "<tr>"
-            + "".join(
-                f'<td class="num">{e(v)}</td>' if i in numeric else f"<td>{e(v)}</td>"
-                for i, v in enumerate(row)
-            )
-            + "</tr>"
-            for row in rows
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    def runs(pieces: list[tuple[str, str]]) -> str:
-        out = []
-        for kind, piece in pieces:
-            if kind == "del":
-                out.append(f"<del>{e(piece)}</del>")
-            elif kind == "ins":
-                out.append(f"<ins>{e(piece)}</ins>")
-            else:
-                out.append(e(piece))
-        return "".join(out)
-
-    parts = [
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">',
-        f"<title>{e(c.a.label)} vs {e(c.b.label)} — textgen compare</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{e(c.a.label)} vs {e(c.b.label)}</h1>",
-        f"<p>Repository <code>{e(c.repo)}</code>: {e(c.a.label)} is commit "
-        f"<code>{e(c.a.sha[:7])}</code> ({e(c.a.started)}), {e(c.b.label)} is commit "
-        f"<code>{e(c.b.sha[:7])}</code> ({e(c.b.started)}).</p>",
-        "<h2>Settings that differ</h2>",
-        table(["setting", c.a.label, c.b.label], [list(r) for r in c.settings])
-        if c.settings
-        else "<p>None: the same settings.</p>",
-    ]
-    if c.environment:
-        parts += [
-            "<h2>Model and environment differences</h2>",
-            table(["param", c.a.label, c.b.label], [list(r) for r in c.environment]),
-        ]
-    parts += [f"<h2>Commits ({e(c.commits_note)})</h2>"]
-    parts += (
-        ["<ul>" + "".join(f"<li><code>{e(x)}</code></li>" for x in c.commits) + "</ul>"]
-        if c.commits
-        else ["<p>None.</p>"]
+    pairs = [(left, right, all(k == "same" for k, _ in left + right)) for left, right in c.pairs]
+    return render(
+        "compare.html",
+        c=c,
+        metrics=_metric_rows(c),
+        chart=Markup(c.chart),
+        pairs=pairs,
     )
-    parts += [
-        "<h2>Metrics</h2>",
-        table(
-            ["metric", c.a.label, c.b.label, "delta"],
-            [[k, _fmt(x), _fmt(y), _delta(x, y)] for k, x, y in c.metrics],
-            numeric={1, 2, 3},
-        ),
-    ]
-    if c.chart:
-        parts += [
-            "<h2>Across versions</h2>",
-            f"<p>Every version's metrics; {e(c.a.label)} and {e(c.b.label)} are marked.</p>",
-            f'<figure class="chart">{c.chart}</figure>',
-        ]
-    parts += ["<h2>Texts</h2>"]
-    for index, (left, right) in enumerate(c.pairs, start=1):
-        same = all(kind == "same" for kind, _ in left + right)
-        parts.append(f"<h3>Output {index} of {len(c.pairs)}{' (identical)' if same else ''}</h3>")
-        parts.append(
-            f'<div class="pair"><div><strong>{e(c.a.label)}</strong><br>{runs(left)}</div>'
-            f"<div><strong>{e(c.b.label)}</strong><br>{runs(right)}</div></div>"
-        )
-    parts.append("</body></html>\n")
-    return "".join(parts)

@@ -22,6 +22,8 @@ from urllib.parse import quote
 
 import httpx
 
+from tasks.bounded import shorten
+
 logger = logging.getLogger(__name__)
 
 State = Literal["pending", "success", "failure", "error"]
@@ -53,8 +55,8 @@ class Status:
     target_url: str | None = None
 
     def short(self) -> str:
-        text = " ".join(self.description.split())
-        return text if len(text) <= DESCRIPTION_CHARS else text[: DESCRIPTION_CHARS - 1] + "…"
+        """The description on one line, cut to what every provider takes."""
+        return shorten(self.description, DESCRIPTION_CHARS, one_line=True)
 
 
 class Forge:

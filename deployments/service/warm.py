@@ -8,16 +8,21 @@ point) starts runs with multiprocessing's `forkserver` instead: one single-threa
 process imports those libraries once, and each run is a fork of it. Runs stay isolated in
 processes of their own, cancellable and crash-contained as before.
 
-The model stays warm too. A run that loads a model writes which one into a hint file
-(`TEXTGEN_WARM_HINT`, set by serve). When the hint names another model than the fork server
+The model stays warm too. A run that loads a model writes which one into a hint file (serve
+sets its path in the runs' environment). When the hint names another model than the fork server
 holds, a new fork server is started that loads that model (into `tasks.model`'s cache) before
 it serves; once it is ready, later runs fork from it and find the model loaded: the same model
 and revision, same dtype and device, so the same pipeline. The old server stops when the
 last run it started has ended. The model is loaded with one torch thread, so no OpenMP
 thread pool exists at the fork, and each run gets the thread count back when it is forked.
 
-`TEXTGEN_WARM_START=0` turns this off; `TEXTGEN_WARM_MODEL_START=0` keeps the warm imports but
-loads the model in each run.
+The operator settings `WARM_START` and `WARM_MODEL_START` (`tasks.config`) turn this off, or
+keep the warm imports and load the model in each run.
+
+Prefect has no public way to choose how a served run's process starts: `run_flow_in_subprocess`
+of `prefect.runner._starter_direct` is the documented override point of its
+`DirectSubprocessStarter`, in a private module. tests/test_internals.py fails loudly when it
+changes.
 """
 
 from __future__ import annotations
@@ -38,8 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.config import switched_off
-from tasks.model import WARM_HINT_ENV
+from tasks import config
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +75,16 @@ class _ForkingMultiprocessing:
         return self._context if method == "spawn" else multiprocessing.get_context(method)
 
 
-MODEL_ENV = "TEXTGEN_WARM_MODEL"
+MODEL_ENV = config.WARM_MODEL.name
 """For a fork server: the model to load before serving, as the hint file wrote it."""
-READY_ENV = "TEXTGEN_WARM_READY"
+READY_ENV = config.WARM_READY.name
 """For a fork server: the file it writes once the model is loaded (or failed to load)."""
-MODEL_MODULE = "deployments.warm_model"
+MODEL_MODULE = "deployments.service.warm_model"
 
 
 def enabled() -> bool:
-    """Whether warm starts are on (`TEXTGEN_WARM_START`, default on)."""
-    return not switched_off("TEXTGEN_WARM_START")
+    """Whether warm starts are on (the operator's switch, default on)."""
+    return bool(config.WARM_START.get())
 
 
 class WarmServers:
@@ -192,11 +196,11 @@ def enable(preload: Sequence[str] = PRELOAD) -> bool:
     real = engine.run_flow_in_subprocess
     shim = _ForkingMultiprocessing(context)
     servers = None
-    if not switched_off("TEXTGEN_WARM_MODEL_START"):
+    if config.WARM_MODEL_START.get():
         folder = tempfile.mkdtemp(prefix="textgen-warm-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         hint = Path(folder) / "model.json"
-        os.environ[WARM_HINT_ENV] = str(hint)
+        os.environ[config.WARM_HINT.name] = str(hint)  # the runs are forked with it
         servers = WarmServers(preload, hint)
     module = multiprocessing.forkserver
 

@@ -1,0 +1,52 @@
+"""What a command shows on the console: one line for an expected failure, not its traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from tasks.errors import TextgenError
+
+
+class ExpectedErrors(logging.Filter):
+    """Keeps an expected failure (a `TextgenError`: bad settings, unreachable repository,
+    missing model) off the console: `textgen` prints its one message. Prefect's tracebacks and
+    state lines about it still reach the Prefect and MLflow records, and `--verbose` shows them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TextgenError):
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.seen.append(first[:120])
+            return False
+        if self.seen and record.levelno >= logging.INFO:
+            try:
+                text = record.getMessage()
+            except (TypeError, ValueError):  # a record whose arguments do not fit: shown
+                return True
+            if any(mark and mark in text for mark in self.seen):
+                return False
+        return True
+
+
+@contextlib.contextmanager
+def quiet_expected_errors(enabled: bool = True) -> Iterator[None]:
+    """An `ExpectedErrors` filter on every console handler (not Prefect's API handler), for
+    the length of the block."""
+    from prefect.logging.handlers import APILogHandler
+
+    quiet = ExpectedErrors()
+    handlers = [h for h in logging.getLogger().handlers if not isinstance(h, APILogHandler)]
+    for handler in handlers if enabled else []:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)

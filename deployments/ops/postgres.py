@@ -1,0 +1,161 @@
+"""PostgreSQL for the team service: Debian's package, a cluster in a folder of its own, on
+127.0.0.1, with password authentication.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tasks.errors import ServeError
+
+DB_USER = "textgen"
+DATABASES = ("prefect", "mlflow")
+
+
+def postgres_tool(name: str) -> str:
+    """A PostgreSQL program: on PATH, else from Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
+    if not candidates:
+        raise ServeError(
+            f"PostgreSQL's {name} is not installed: apt-get install postgresql (Debian's package)"
+        )
+    return candidates[-1]
+
+
+class Postgres:
+    """A PostgreSQL cluster in `folder`, listening on 127.0.0.1:`port` only.
+
+    Password authentication (scram-sha-256); the password is kept in `password_file` (mode
+    0600) and handed to clients as PGPASSWORD, never in a URL or on a command line. As root,
+    the cluster runs as Debian's `postgres` user, which must be able to reach `folder`.
+    """
+
+    def __init__(self, folder: Path, port: int, password_file: Path) -> None:
+        self.folder = folder
+        self.port = port
+        self.password_file = password_file
+
+    @property
+    def password(self) -> str:
+        """The database password, created on first use."""
+        if not self.password_file.exists():
+            self.password_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(24))
+        return self.password_file.read_text().strip()
+
+    def _as_owner(self, command: list[str]) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+    def _run(self, command: list[str], what: str) -> None:
+        result = subprocess.run(
+            self._as_owner(command), capture_output=True, text=True, timeout=180, cwd="/"
+        )
+        if result.returncode != 0:
+            raise ServeError(f"{what} failed ({result.returncode}): {result.stderr[-2000:]}")
+
+    def url(self, database: str, driver: str = "postgresql") -> str:
+        """A connection URL without the password (clients take PGPASSWORD)."""
+        return f"{driver}://{DB_USER}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        """Initialise the cluster once, start it, and create the databases it lacks."""
+        if not (self.folder / "PG_VERSION").exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            password = self.password
+            with tempfile.NamedTemporaryFile("w", delete=False, dir=self.folder) as pw:
+                pw.write(password)
+            if os.geteuid() == 0:
+                shutil.chown(self.folder, "postgres", "postgres")
+                shutil.chown(pw.name, "postgres", "postgres")
+                probe = subprocess.run(self._as_owner(["test", "-w", str(self.folder)]))
+                if probe.returncode != 0:
+                    raise ServeError(
+                        f"the postgres user cannot reach {self.folder}: choose a folder whose "
+                        f"parents it may enter (for example under /var/lib or /tmp)"
+                    )
+            try:
+                self._run(
+                    [
+                        postgres_tool("initdb"),
+                        "-D",
+                        str(self.folder / "data"),
+                        "-U",
+                        DB_USER,
+                        f"--pwfile={pw.name}",
+                        "--auth=scram-sha-256",
+                        "--encoding=UTF8",
+                        "--no-locale",
+                    ],
+                    "initdb",
+                )
+            finally:
+                os.unlink(pw.name)
+            (self.folder / "PG_VERSION").write_text("see data/\n")
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} "
+            f"-c unix_socket_directories={self.folder / 'data'} -c max_connections=200"
+        )
+        self._run(
+            [
+                postgres_tool("pg_ctl"),
+                "-D",
+                str(self.folder / "data"),
+                "-l",
+                str(self.folder / "data" / "postgres.log"),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            "pg_ctl start",
+        )
+        self._create_databases()
+
+    def _create_databases(self) -> None:
+        import psycopg2
+
+        connection = psycopg2.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=DB_USER,
+            password=self.password,
+            dbname="postgres",
+        )
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                for name in DATABASES:
+                    cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                    if cursor.fetchone() is None:
+                        cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        """Stop the cluster (fast shutdown), if it runs."""
+        if not (self.folder / "data" / "postmaster.pid").exists():
+            return
+        self._run(
+            [postgres_tool("pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop"],
+            "pg_ctl stop",
+        )
+
+    def environment(self) -> dict[str, str]:
+        """What a client needs besides the URL."""
+        return {"PGPASSWORD": self.password}

@@ -1,0 +1,149 @@
+"""The flow's Prefect deployments, declared once for every way it is served: their event
+triggers, their one-run-at-a-time concurrency, and the set-up of a work pool's deployments
+(`textgen team apply`, what `deployments/prefect.yaml` declares for `prefect deploy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from deployments.orchestration.automations import apply_automations
+from tasks import config
+from tasks.links import Link
+from tasks.names import PREVIEW_TRIGGER, PULL_REQUEST_EVENT, PUSH_EVENT
+
+logger = logging.getLogger(__name__)
+
+PROJECT = Path(__file__).resolve().parents[2]
+ENTRYPOINT = "flows/text_generation.py:nlp_text_generation"
+LINK_TAG = "textgen-link"
+
+
+def _event_trigger(
+    event: str, name: str, repo_url: str, branch: str, parameters: dict[str, str]
+) -> Any:
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name=name,
+        expect={event},
+        match={
+            "prefect.resource.id": "git.repo.*",
+            "git.repository": repo_url,
+            "git.branch": branch,
+        },
+        parameters=parameters,
+    )
+
+
+def push_trigger(repo_url: str, branch: str) -> Any:
+    """The deployment trigger: a `git.push` event for this repository and branch."""
+    return _event_trigger(
+        PUSH_EVENT,
+        f"{PUSH_EVENT} to {branch}",
+        repo_url,
+        branch,
+        {
+            "commit_sha": "{{ event.payload.after }}",
+            "before": "{{ event.payload.before }}",
+            "changed_paths": "{{ event.payload.changed_paths }}",
+            "trigger": "{{ event.payload.trigger }}",
+        },
+    )
+
+
+def preview_trigger(repo_url: str, branch: str) -> Any:
+    """The deployment trigger of previews: a `git.pull_request` event for a pull request into
+    this branch of this repository."""
+    return _event_trigger(
+        PULL_REQUEST_EVENT,
+        f"{PULL_REQUEST_EVENT} into {branch}",
+        repo_url,
+        branch,
+        {
+            "commit_sha": "{{ event.payload.after }}",
+            "trigger": PREVIEW_TRIGGER,
+            "pull_request": "{{ event.payload.pull_request }}",
+        },
+    )
+
+
+def triggers(repo_url: str, branch: str) -> list[Any]:
+    """Every trigger of a link's deployment: its pushes and its pull requests' previews."""
+    return [push_trigger(repo_url, branch), preview_trigger(repo_url, branch)]
+
+
+def one_at_a_time() -> Any:
+    """One run at a time per repository and branch; further pushes wait their turn."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+
+
+def add_to_runner(runner: Any, repo_url: str, branch: str, name: str) -> Any:
+    """Register the on-push deployment with a runner, which then runs it from this process's
+    flow object (as `flow.serve` does); returns the deployment's id."""
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.text_generation import nlp_text_generation
+
+    return runner.add_flow(
+        nlp_text_generation,
+        name=name,
+        parameters={"repo_url": repo_url, "branch": branch},
+        triggers=triggers(repo_url, branch),
+        concurrency_limit=one_at_a_time(),
+        description=f"Text generation for every push to {branch} of {repo_url}",
+        tags=["textgen", "on-push"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def apply_links(
+    links: list[Link],
+    pool: str,
+    zombie_seconds: float = 90,
+    notify_url: str | None = None,
+    mlflow_ui: str = "",
+) -> dict[str, Any]:
+    """Create or update the work pool, one deployment per link (and remove those of links
+    that were removed), and the automations. Returns each link's deployment id by name."""
+    from prefect import Flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    flow = Flow.from_source(source=str(PROJECT), entrypoint=ENTRYPOINT)
+    ids: dict[str, Any] = {}
+    for link in links:
+        ids[link.name] = flow.deploy(  # type: ignore[union-attr]
+            name=link.name,
+            work_pool_name=pool,
+            parameters={"repo_url": link.url, "branch": link.branch},
+            triggers=triggers(link.url, link.branch),
+            concurrency_limit=one_at_a_time(),
+            # The flow checks every run against its link: no parameter can make it clone another
+            # repository. References only: the worker resolves them in its own environment.
+            job_variables={"env": {config.LINK.name: link.public_json()}},
+            description=f"Text generation for every push to {link.branch} of {link.url}",
+            tags=["textgen", "on-push", LINK_TAG],
+            build=False,
+            push=False,
+            print_next_steps=False,
+        )
+    with get_client(sync_client=True) as client:
+        for deployment in client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[LINK_TAG])),
+            limit=200,
+        ):
+            if deployment.id not in ids.values():
+                client.delete_deployment(deployment.id)
+                logger.info("Removed the deployment of unlinked %s", deployment.name)
+        apply_automations(client, zombie_seconds, notify_url, mlflow_ui)
+    return ids

@@ -1,0 +1,109 @@
+"""Every Prefect API query of the service, written once, through Prefect's own client and filters.
+
+Open one client for a pass (`client()`), then ask it: the flow runs of a deployment in given
+states, a deployment by name, the runs not yet ended. (The flow's own one query, a flow run's
+state by id, is `tasks.recovery.flow_run_ended`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from tasks.names import AUTOMATIC_TRIGGERS, FLOW_NAME, MANUAL
+
+NOT_FINAL = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
+"""Flow run states that have not ended."""
+
+
+def client(api_url: str | None = None) -> Any:
+    """A synchronous client (a context manager) of `api_url`, else of the API in use."""
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+
+    if api_url:
+        return SyncPrefectClient(api_url, httpx_settings={"timeout": 10})
+    return get_client(sync_client=True)
+
+
+def flow_runs(
+    api: Any,
+    deployment_id: Any = None,
+    states: Iterable[str] = (),
+    newest_first: bool = True,
+    limit: int = 200,
+    flow_name: str | None = None,
+) -> list[Any]:
+    """Flow runs of a deployment (or of a flow), in `states` (any when empty), newest first
+    by expected start time (oldest first without `newest_first`)."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    wanted = [StateType(s) for s in states]
+    return list(
+        api.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])) if flow_name else None,
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            if deployment_id is not None
+            else None,
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=wanted))
+            )
+            if wanted
+            else None,
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC
+            if newest_first
+            else FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=limit,
+        )
+    )
+
+
+def deployment_id(api: Any, name: str) -> Any | None:
+    """The id of the deployment `nlp-text-generation/<name>`; None when there is none."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return api.read_deployment_by_name(f"{FLOW_NAME}/{name}").id
+    except ObjectNotFound:
+        return None
+
+
+def commit_of(run: Any) -> str:
+    """The commit a flow run is for (lower case; empty for a run of a branch's tip)."""
+    return str((run.parameters or {}).get("commit_sha") or "").lower()
+
+
+def automatic(run: Any) -> bool:
+    """Whether a push (or the poller) started the flow run."""
+    return (run.parameters or {}).get("trigger") in AUTOMATIC_TRIGGERS
+
+
+def active_runs(api_url: str) -> list[dict[str, Any]]:
+    """The flow runs of nlp-text-generation not yet ended, oldest first, for people."""
+    base = api_url.rstrip("/").removesuffix("/api")
+    with client(api_url) as api:
+        found = flow_runs(api, states=NOT_FINAL, newest_first=False, flow_name=FLOW_NAME)
+    rows = []
+    for run in found:
+        params = run.parameters or {}
+        state = run.state
+        rows.append(
+            {
+                "name": run.name,
+                "state": (state.name or state.type.value) if state is not None else None,
+                "repository": params.get("repo_url"),
+                "commit": str(params.get("commit_sha") or params.get("branch") or "")[:12],
+                "trigger": params.get("trigger", MANUAL),
+                "url": f"{base}/runs/flow-run/{run.id}",
+            }
+        )
+    return rows

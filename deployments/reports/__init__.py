@@ -1,0 +1,1 @@
+"""What people read: history, compare, charts and comments, as read models and their rendering."""

@@ -1,0 +1,69 @@
+"""The pull request comment of a preview: the comparison with the base branch's latest version
+(`textgen compare`'s Markdown report), the quality gates, and a link to the preview run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from deployments.reports.compare import compare, render_markdown
+from tasks import tags as T
+
+
+def gates_table(found: dict[str, str]) -> str:
+    """The gates a run's tags report, as a Markdown table (empty without gates)."""
+    raw = found.get(T.GATES_REPORT)
+    if not raw:
+        return ""
+    try:
+        results = json.loads(raw)
+    except ValueError:
+        return ""
+    lines = ["| gate | result |", "|---|---|"]
+    for item in results:
+        mark = "passed" if item.get("passed") else "**failed**"
+        if not item.get("checked", True):
+            mark = "not checked"
+        lines.append(f"| `{item.get('gate', '')}` | {mark}: {item.get('note', '')} |")
+    return "\n".join(lines) + "\n\n"
+
+
+def preview_comment(
+    repo_url: str,
+    branch: str,
+    pr: int,
+    sha: str,
+    record: Any,
+    base: Any | None,
+    url: str,
+    gated: str | None,
+) -> tuple[str, str]:
+    """The comment of pull request `pr`'s preview run `record`, compared with `base` (the
+    branch's latest version, if there is one); and a one-line summary for the status."""
+    head = f"### textgen preview of PR #{pr} at `{sha[:7]}`"
+    gates = gates_table(record.data.tags)
+    if base is None:
+        body = (
+            f"{head}\n\n{branch} has no version yet to compare with.\n\n{gates}"
+            f"[Preview run]({url})\n"
+        )
+        return body, f"no version of {branch} to compare with yet"
+    comparison = compare(repo_url, base.info.run_id, record.info.run_id)
+    changed = sum(
+        1 for left, right in comparison.pairs if any(k != "same" for k, _ in left + right)
+    )
+    summary = (
+        f"{changed} of {len(comparison.pairs)} texts differ from v{base.data.tags.get(T.VERSION)}"
+    )
+    verdict = f"**Gated:** {gated}\n\n" if gated else ""
+    report = render_markdown(
+        comparison,
+        f"PR #{pr} (`{sha[:7]}`) against {branch}'s latest version, {comparison.a.label}",
+    )
+    return f"{head}\n\n{verdict}{gates}{report}\n[Preview run]({url})\n", summary
+
+
+def failed_preview_comment(sha: str, reason: str, url: str) -> str:
+    """The comment of a preview run that failed, with its reason."""
+    quoted = "\n".join(f"> {line}" for line in reason.splitlines()[:40])
+    return f"### textgen preview of `{sha[:7]}` failed\n\n{quoted}\n\n[MLflow run]({url})\n"

@@ -1,0 +1,2 @@
+"""The push service: receiver, outbox, emitter, poller, reporter, repair loops, warm starts,
+serve."""

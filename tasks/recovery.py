@@ -1,0 +1,141 @@
+"""Runs whose process is gone: found by the worker that ran them, and ended.
+
+A run is tagged at its start with the host, pid and process start time of its worker. On the
+same machine, a pid that no longer runs (or now belongs to another process) means the run's
+process died; on another machine, the run's Prefect flow run in a final state (Crashed when its
+worker died) says so. Neither compares clocks. A dead run that had taken its number is
+published (its record was complete before the number was taken); any other ends FAILED.
+
+The flow ends the dead runs of every worker before it starts its own, so this reads one flow
+run's state from the Prefect API: the one Prefect query below `deployments/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from tasks import numbering, versions
+from tasks import tags as T
+from tasks.store import Experiment
+
+logger = logging.getLogger(__name__)
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, from /proc), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: fields follow its last ')'.
+    return stat.rpartition(")")[2].split()[19]
+
+
+def worker_tags() -> dict[str, str]:
+    """Which process on which machine runs this run: lets a later process see it is gone."""
+    pid = os.getpid()
+    return {
+        T.WORKER_HOST: socket.gethostname(),
+        T.WORKER_PID: str(pid),
+        T.WORKER_PROCESS_START: _process_start(pid) or "",
+    }
+
+
+def process_gone(found: dict[str, str]) -> str | None:
+    """Why the process that ran a run (on this machine) is gone; None if alive or elsewhere."""
+    if (
+        found.get(T.WORKER_HOST) != socket.gethostname()
+        or not found.get(T.WORKER_PID, "").isdigit()
+    ):
+        return None
+    pid = int(found[T.WORKER_PID])
+    started = _process_start(pid)
+    if started is None:
+        return f"its process {pid} on {found[T.WORKER_HOST]} ended without finishing the run"
+    if found.get(T.WORKER_PROCESS_START) and started != found[T.WORKER_PROCESS_START]:
+        return f"its process {pid} on {found[T.WORKER_HOST]} ended (the pid now belongs to another)"
+    return None
+
+
+def flow_run_ended(found: dict[str, str]) -> str | None:
+    """Why a run is over, by its Prefect flow run (on any machine): the flow run reached a final
+    state while the MLflow run was never ended.
+
+    None while the flow run is not final, when the run has no flow run, or when the Prefect API
+    cannot be asked (logged): the next look decides.
+    """
+    flow_run_id = found.get(T.FLOW_RUN_ID)
+    if not flow_run_id:
+        return None
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(UUID(flow_run_id))
+    except ObjectNotFound:
+        return f"its Prefect flow run {flow_run_id} no longer exists"
+    except Exception as exc:  # an API that cannot be asked now: the next look decides
+        logger.warning(
+            "Cannot read flow run %s; its MLflow run stays RUNNING: %s", flow_run_id, exc
+        )
+        return None
+    state = flow_run.state
+    if state is None or not state.is_final():
+        return None
+    message = f": {state.message}" if state.message else ""
+    return f"its Prefect flow run {flow_run.name} ended {state.name}{message}"
+
+
+def recover(experiment: Experiment, run: Any, reason: str) -> str:
+    """End a run whose process is gone: roll it forward to its version when it holds one, else
+    mark it FAILED with `reason`. Returns `published` or `failed`."""
+    run_id = run.info.run_id
+    held = numbering.allocated(experiment, run_id)
+    if held is not None:
+        numbering.publish(
+            experiment,
+            run_id,
+            int(held.version),
+            run.data.tags.get(T.COMMIT, ""),
+            {T.RECOVERED: f"published after its process ended: {reason}"},
+        )
+        logger.warning("Run %s held version %s when %s; published it", run_id, held.version, reason)
+        return "published"
+    numbering.end_failed(experiment, run_id, reason, reason + "\n")
+    logger.warning("Run %s was left RUNNING: %s; marked it FAILED", run_id, reason)
+    return "failed"
+
+
+def recover_dead_runs(experiment: Experiment) -> int:
+    """End every RUNNING run of the experiment whose process is gone, and publish numbers taken
+    by runs that ended before publishing them. Returns how many runs were ended or published."""
+    ended = 0
+    for run in versions.running(experiment):
+        reason = process_gone(run.data.tags)
+        if reason is None and run.data.tags.get(T.WORKER_HOST) != socket.gethostname():
+            reason = flow_run_ended(run.data.tags)
+        if reason is None:
+            continue
+        recover(experiment, run, reason)
+        ended += 1
+    # A number taken and never published (the tags were lost with the process).
+    from mlflow.exceptions import MlflowException
+
+    for mv in numbering.unpublished(experiment):
+        try:
+            run = experiment.client.get_run(mv.run_id)
+        except MlflowException:
+            continue
+        if run.info.status != "RUNNING" and run.data.tags.get(T.VERSION) != str(mv.version):
+            recover(experiment, run, "its process ended after the version number was allocated")
+            ended += 1
+        elif run.info.status == "FINISHED":
+            numbering.mark_published(experiment, mv.version)
+    return ended

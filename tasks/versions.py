@@ -1,0 +1,117 @@
+"""Reading the record back: every MLflow query for a repository's versions and runs, written once.
+
+The flow asks which version a commit already has and what the branch's latest is; the reports
+list, compare and chart versions; the service finds the MLflow run of a flow run. A git branch
+name may hold quotes, so branches are compared here, never put in a query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from tasks import tags as T
+from tasks.store import Experiment, mlflow_client, run_url
+
+NEW_VERSIONS = f"tags.`{T.OUTCOME}` = '{T.NEW}'"
+FINISHED = "attributes.status = 'FINISHED'"
+NEWEST_FIRST = ["attributes.start_time DESC"]
+
+
+def numbered(experiment: Experiment, finished: bool = True, limit: int = 5000) -> list[Any]:
+    """The runs holding numbered versions, newest first (`finished`: those ended FINISHED)."""
+    query = f"{NEW_VERSIONS} and {FINISHED}" if finished else NEW_VERSIONS
+    return experiment.search(query, NEWEST_FIRST, limit)
+
+
+def find_version(
+    experiment: Experiment, commit_sha: str, digest: str, model_revision: str | None
+) -> Any | None:
+    """The run holding an output for this commit, settings and model, if any."""
+    query = (
+        f"{NEW_VERSIONS} and tags.`{T.COMMIT}` = '{commit_sha}' "
+        f"and tags.`{T.DIGEST}` = '{digest}' and {FINISHED}"
+    )
+    for run in experiment.search(query, max_results=50):
+        if model_revision is None or run.data.tags.get(T.MODEL_REVISION) == model_revision:
+            return run
+    return None
+
+
+def latest_version(experiment: Experiment, branch: str) -> Any | None:
+    """The run of the branch's latest numbered version (the base gates compare with)."""
+    runs = experiment.search(
+        f"{NEW_VERSIONS} and {FINISHED}", [f"tags.`{T.VERSION_KEY}` DESC"], 200
+    )
+    return next((r for r in runs if r.data.tags.get(T.BRANCH) == branch), None)
+
+
+def last_handled_commit(
+    experiment: Experiment, branch: str, triggers: Collection[str]
+) -> str | None:
+    """The commit of the latest automatic run on `branch` that was not superseded.
+
+    Changes since that commit are what a new push brings, even when pushes in between were
+    superseded before they ran.
+    """
+    for run in experiment.search(FINISHED, NEWEST_FIRST, 200):
+        found = run.data.tags
+        if found.get(T.BRANCH) != branch:
+            continue
+        if found.get(T.TRIGGER) not in triggers or T.COMMIT not in found:
+            continue
+        if found.get(T.OUTCOME) == T.SKIPPED and found.get(T.SKIP_KIND) == "superseded":
+            continue
+        return str(found[T.COMMIT])
+    return None
+
+
+def of_flow_run(experiment: Experiment, flow_run_id: Any, running: bool = False) -> list[Any]:
+    """The MLflow runs a Prefect flow run made (`running`: those still RUNNING)."""
+    query = f"tags.`{T.FLOW_RUN_ID}` = '{flow_run_id}'"
+    if running:
+        query += " and attributes.status = 'RUNNING'"
+    return experiment.search(query, max_results=5)
+
+
+def running(experiment: Experiment) -> list[Any]:
+    """The runs not ended yet."""
+    return experiment.search("attributes.status = 'RUNNING'", max_results=500)
+
+
+def history(experiment: Experiment, filters: list[str], limit: int) -> list[Any]:
+    """The runs the `filters` (MLflow's syntax, joined with `and`) select, newest first."""
+    return experiment.search(" and ".join(filters), NEWEST_FIRST, limit)
+
+
+def ended_run_of(experiment: Experiment, sha: str, triggers: Collection[str]) -> bool:
+    """Whether a run of commit `sha` started by one of `triggers` has ended, whatever its
+    outcome."""
+    found = experiment.search(
+        f"tags.`{T.COMMIT}` = '{sha}' and attributes.status != 'RUNNING'", max_results=50
+    )
+    return any(run.data.tags.get(T.TRIGGER) in triggers for run in found)
+
+
+def latest_per_repository() -> list[dict[str, Any]]:
+    """The latest version of every repository in the store."""
+    client = mlflow_client()
+    versions = []
+    for experiment in client.search_experiments(max_results=1000):
+        repo = experiment.tags.get(T.EXPERIMENT_REPO)
+        if not repo:
+            continue
+        runs = Experiment(client, experiment.experiment_id, repo)
+        newest = numbered(runs, limit=1)
+        if not newest:
+            continue
+        run = newest[0]
+        versions.append(
+            {
+                "repository": repo,
+                "version": int(run.data.tags.get(T.VERSION, "0") or 0),
+                "commit": run.data.tags.get(T.COMMIT, "")[:7],
+                "url": run_url(experiment.experiment_id, run.info.run_id),
+            }
+        )
+    return versions

@@ -1,0 +1,74 @@
+"""The private hooks of the stack the project relies on, where no public API does the job. Each
+test fails loudly, naming what changed, when a new version of the library moves the hook.
+
+- Prefect: how a served run's process starts (`service.warm`), `run_flow_in_subprocess` of
+  `prefect.runner._starter_direct` (the override point of its `DirectSubprocessStarter`).
+- transformers: what generate() will use for a pipeline call (`tasks.generate`), the pipeline's
+  `_prepare_generate_kwargs` and `GenerationConfig._get_default_generation_params`.
+- torch: oneDNN's packed linear weights (`tasks.packing`).
+- uvicorn: the open connections of a server, which the receiver's deadline watches.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def test_prefects_subprocess_starter_keeps_its_override_point() -> None:
+    import prefect.flow_engine as engine
+    import prefect.runner._starter_direct as starter
+
+    assert callable(starter.run_flow_in_subprocess), (
+        "prefect.runner._starter_direct.run_flow_in_subprocess is gone: warm starts "
+        "(deployments/service/warm.py) need another way to start served runs"
+    )
+    assert callable(engine.run_flow_in_subprocess)
+    assert "multiprocessing" in vars(engine), "the flow engine no longer uses multiprocessing"
+
+
+def test_transformers_says_what_generate_will_use() -> None:
+    from transformers import GenerationConfig
+    from transformers.pipelines.text_generation import TextGenerationPipeline
+
+    defaults = GenerationConfig._get_default_generation_params()
+    assert {"do_sample", "temperature", "top_k", "top_p", "num_beams", "max_length"} <= set(
+        defaults
+    ), "GenerationConfig._get_default_generation_params changed (tasks/generate.py)"
+    prepare = TextGenerationPipeline._prepare_generate_kwargs
+    assert list(inspect.signature(prepare).parameters)[:2] == ["self", "generate_kwargs"], (
+        "TextGenerationPipeline._prepare_generate_kwargs changed (tasks/generate.py)"
+    )
+
+
+def test_the_recorded_generation_config_is_the_one_generate_uses(tiny_model: object) -> None:
+    from tasks.generate import effective_generation
+    from tasks.model import build_generator
+    from tasks.settings import GenerationSettings
+
+    settings = GenerationSettings(model=str(tiny_model), max_new_tokens=8, temperature=0.5)
+    pipe = build_generator(settings).pipeline
+    recorded = effective_generation(pipe, settings.pipeline_kwargs())
+    # The pipeline samples by default (do_sample), the call's own values win, the rest are
+    # generate()'s defaults.
+    assert recorded["do_sample"] is True and recorded["temperature"] == 0.5
+    assert recorded["max_new_tokens"] == 8 and recorded["num_beams"] == 1
+
+
+def test_torch_has_the_packed_linear_operators() -> None:
+    import torch
+
+    for name in ("_reorder_linear_weight", "_linear_pointwise"):
+        assert hasattr(torch.ops.mkldnn, name), (
+            f"torch.ops.mkldnn.{name} is gone: packed weights (tasks/packing.py) fall back to "
+            "transformers' own layers"
+        )
+
+
+def test_uvicorn_keeps_its_open_connections() -> None:
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app=lambda *a: None))
+    assert isinstance(server.server_state.connections, set), (
+        "uvicorn.Server.server_state.connections changed: the receiver's per-connection "
+        "deadline (deployments/service/http.py) watches it"
+    )
