@@ -105,17 +105,17 @@ def test_kill_everything_mid_generation_then_restart(
         assert service.process is not None
         # kill -9 of the run, the fork server, serve and the Prefect server, all at once.
         _kill_group(service.process.pid)
-        assert prefect.process is not None
+        assert prefect.child is not None and prefect.child.process is not None
         prefect.stopping.set()  # this test restarts it, not the supervisor
-        _kill_group(prefect.process.pid)
+        _kill_group(prefect.child.pid)
         with pytest.raises(ProcessLookupError):
             for _ in range(50):
                 os.kill(run_pid, 0)
                 time.sleep(0.1)
         service.process.wait(timeout=10)
-        prefect.process.wait(timeout=10)
+        prefect.child.process.wait(timeout=10)
         service.process = None
-        prefect.process = None
+        prefect.child = None
 
         # Restart both; the next push must run promptly.
         restarted = time.monotonic()
