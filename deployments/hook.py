@@ -40,11 +40,7 @@ def _git(cwd: Path, *args: str) -> str:
 def repository_identity(path: Path) -> tuple[Path, bool]:
     """The location pushes are reported for (the bare repository, or the work tree) and bareness."""
     bare = _git(path, "rev-parse", "--is-bare-repository") == "true"
-    where = (
-        _git(path, "rev-parse", "--absolute-git-dir")
-        if bare
-        else _git(path, "rev-parse", "--show-toplevel")
-    )
+    where = _git(path, "rev-parse", "--absolute-git-dir" if bare else "--show-toplevel")
     return Path(where).resolve(), bare
 
 
@@ -113,12 +109,8 @@ def install(path: Path, url: str, secret_file: Path | None, force: bool = False)
 def _updates(hook: str, stdin_text: str, cwd: Path) -> list[tuple[str, str, str]]:
     """(before, after, ref) of each updated ref, from the hook's input or the new commit."""
     if hook == "post-receive":
-        updates = []
-        for line in stdin_text.splitlines():
-            parts = line.split()
-            if len(parts) == 3:
-                updates.append((parts[0], parts[1], parts[2]))
-        return updates
+        lines = [line.split() for line in stdin_text.splitlines()]
+        return [(parts[0], parts[1], parts[2]) for parts in lines if len(parts) == 3]
     after = _git(cwd, "rev-parse", "HEAD")
     try:
         before = _git(cwd, "rev-parse", "HEAD~1")
@@ -137,54 +129,42 @@ def report(hook: str, url: str, secret_file: Path, repo: Path, stdin_text: str) 
         secret = secret_file.read_text().strip().encode()
         updates = _updates(hook, stdin_text, Path.cwd())
     except (OSError, HookError) as exc:
-        print(f"textgen: push not reported: {exc}", file=sys.stderr)
+        _say(f"push not reported: {exc}")
         return 0
     for before, after, ref in updates:
-        body = json.dumps(
-            {
-                "ref": ref,
-                "before": before,
-                "after": after,
-                "created": before == ZERO_SHA,
-                "deleted": after == ZERO_SHA,
-                "forced": False,
-                "repository": {"url": str(repo)},
-                "pusher": {"name": os.environ.get("USER", "")},
-            }
-        ).encode()
-        request = Request(
-            url,
-            data=body,
-            method="POST",
-            headers={
-                "Content-Type": "application/json",
-                "X-GitHub-Event": "push",
-                "X-GitHub-Delivery": str(uuid.uuid4()),
-                "X-Hub-Signature-256": "sha256="
-                + hmac.new(secret, body, hashlib.sha256).hexdigest(),
-                "User-Agent": "textgen-hook",
-            },
-        )
+        push = {
+            "ref": ref,
+            "before": before,
+            "after": after,
+            "created": before == ZERO_SHA,
+            "deleted": after == ZERO_SHA,
+            "forced": False,
+            "repository": {"url": str(repo)},
+            "pusher": {"name": os.environ.get("USER", "")},
+        }
+        body = json.dumps(push).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": str(uuid.uuid4()),
+            "X-Hub-Signature-256": "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest(),
+            "User-Agent": "textgen-hook",
+        }
+        request = Request(url, data=body, method="POST", headers=headers)
         try:
             with urlopen(request, timeout=5) as response:
                 answer = json.loads(response.read() or b"{}")
-            status = answer.get("status", "")
-            detail = answer.get("reason", "")
-            print(
-                f"textgen: {ref} {after[:7]}: {status}{': ' + detail if detail else ''}",
-                file=sys.stderr,
-            )
+            status, detail = answer.get("status", ""), answer.get("reason", "")
+            _say(f"{ref} {after[:7]}: {status}{': ' + detail if detail else ''}")
         except HTTPError as exc:
-            print(
-                f"textgen: push not reported ({exc.code}): {exc.read().decode(errors='replace')}",
-                file=sys.stderr,
-            )
+            _say(f"push not reported ({exc.code}): {exc.read().decode(errors='replace')}")
         except (URLError, OSError, ValueError) as exc:
-            print(
-                f"textgen: push not reported: receiver at {url} unreachable ({exc})",
-                file=sys.stderr,
-            )
+            _say(f"push not reported: receiver at {url} unreachable ({exc})")
     return 0
+
+
+def _say(text: str) -> None:
+    print(f"textgen: {text}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

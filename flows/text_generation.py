@@ -17,7 +17,7 @@ from tasks import tags as T
 from tasks.errors import RepositoryError, RunTimeoutError, SettingsError
 from tasks.gates import evaluate, gate_tags, load_gates
 from tasks.generate import generate_text
-from tasks.links import Link, link_for
+from tasks.links import link_for
 from tasks.model import load_generator, local_revision, locate_model
 from tasks.names import AUTOMATIC_TRIGGERS, FLOW_NAME, MANUAL, PREVIEW_TRIGGER, SKIPPED, SUPERSEDED
 from tasks.quality import score_text
@@ -31,8 +31,7 @@ from tasks.triggers import filter_preview, filter_push
 def default_repo_url() -> str:
     """The operator's default repository, else the git checkout this project runs from (it
     links itself)."""
-    explicit = config.REPO.get()
-    if explicit:
+    if explicit := config.REPO.get():
         return explicit
     root = Path(__file__).resolve().parents[1]
     if (root / ".git").exists():
@@ -80,8 +79,7 @@ class PullRequest:
             raise SettingsError(
                 "a preview run needs pull_request: {number, ref} naming the pull request"
             )
-        number = value.get("number")
-        ref = value.get("ref")
+        number, ref = value.get("number"), value.get("ref")
         if not isinstance(number, int) or isinstance(number, bool) or not 0 < number < 10**10:
             raise SettingsError(f"pull_request.number must be a positive number, not {number!r}")
         if not isinstance(ref, str):
@@ -122,10 +120,8 @@ def _markdown(record: RunRecord, params: dict[str, Any]) -> str:
 
 
 def _record_crash(flow: Any, flow_run: Any, state: State[Any]) -> None:
-    """When the run's process died (Prefect marks it Crashed), end its MLflow run too.
-
-    Runs in the process that watched it (the runner or worker), right after the crash.
-    """
+    """When the run's process died (Prefect marks it Crashed), end its MLflow run too: in the
+    process that watched it (the runner or worker), right after the crash."""
     logger = logging.getLogger(__name__)
     try:
         repo_url = flow_run.parameters.get("repo_url") or default_repo_url()
@@ -137,12 +133,7 @@ def _record_crash(flow: Any, flow_run: Any, state: State[Any]) -> None:
         logger.warning("Could not record the crash of flow run %s: %s", flow_run.id, exc)
 
 
-@flow(
-    name=FLOW_NAME,
-    flow_run_name=_flow_run_name,
-    log_prints=False,
-    on_crashed=[_record_crash],
-)
+@flow(name=FLOW_NAME, flow_run_name=_flow_run_name, log_prints=False, on_crashed=[_record_crash])
 def nlp_text_generation(
     repo_url: str | None = None,
     branch: str = "main",
@@ -184,27 +175,22 @@ def nlp_text_generation(
         attempt,
         PullRequest.of(pull_request, trigger),
     )
-    link = _link(default_repo_url() if repo_url is None else repo_url, branch, trigger)
-    with config.overrides(_link_settings(link)):
+    repo = default_repo_url() if repo_url is None else repo_url
+    with config.overrides(_link_settings(repo, branch, trigger)):
         return _tracked(request)
 
 
-def _link(repo_url: str, branch: str, trigger: str) -> Link | None:
-    """The linked repository this run is for; runs of a deployment and pushes must be linked."""
+def _link_settings(repo_url: str, branch: str, trigger: str) -> dict[str, str]:
+    """The operator limits and git credentials of the linked repository this run is for, for the
+    length of its run; runs of a deployment and pushes must be linked."""
     from prefect.runtime import deployment
 
-    url = RepoLocation.parse(repo_url).url
     required = trigger in AUTOMATIC_TRIGGERS or trigger == PREVIEW_TRIGGER or bool(deployment.id)
-    return link_for(url, branch, required)
-
-
-def _link_settings(link: Link | None) -> dict[str, str]:
-    """The link's operator limits and git credentials, for the length of its run."""
+    link = link_for(RepoLocation.parse(repo_url).url, branch, required)
     if link is None:
         return {}
     values = link.limit_env()
-    credentials = link.git_credentials()
-    if credentials:
+    if credentials := link.git_credentials():
         values[config.GIT_CREDENTIALS.name] = credentials
     return values
 
@@ -236,19 +222,17 @@ def _tracked(request: Request) -> RunRecord:
 def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request) -> RunRecord:
     """The flow's stages for its MLflow run `run_id`: commit, filter, settings, model, output."""
     r = request
-    automatic = r.trigger in AUTOMATIC_TRIGGERS
     pr = r.pull_request
+    # Pushes, polls and previews are the runs that the workflow specs' triggers decide on.
+    filtered = r.trigger in AUTOMATIC_TRIGGERS or pr is not None
+    pull_ref, preview = (pr.ref, pr.number) if pr else (None, None)
     commit = fetch_repo_commit(
-        r.repo_url or location.url,
-        r.branch,
-        r.commit_sha,
-        refresh=automatic or pr is not None,
-        pull_ref=pr.ref if pr else None,
+        r.repo_url or location.url, r.branch, r.commit_sha, refresh=filtered, pull_ref=pull_ref
     )
     tracker.tag_commit(run_id, commit)
     if pr is not None:
         tracker.tag_preview(run_id, pr.number, pr.head_branch, pr.fork)
-    if automatic or pr is not None:
+    if filtered:
         if pr is not None:
             go, reason, kind = filter_preview(commit, r.branch, pr.ref)
         else:
@@ -268,51 +252,33 @@ def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request
     model_path = locate_model(settings, commit)
     revision = local_revision(settings, model_path)
     gates = load_gates(commit)  # a malformed gate fails the run before the model loads
-    existing = (
-        None
-        if r.force or pr is not None
-        else versions.find_version(tracker, commit.sha, settings.digest(), revision)
-    )
+    existing = None
+    if not r.force and pr is None:
+        existing = versions.find_version(tracker, commit.sha, settings.digest(), revision)
     if existing is not None:
         record = tracker.finish_reused(run_id, existing, settings)
     else:
         generator = load_generator(settings, revision, model_path)
         generations = generate_text(generator, settings)
-        quality = score_text(generator, generations)
+        scores = score_text(generator, generations)
+        metrics = output_metrics(generator, generations, scores)
+        tags = _check_gates(tracker, r.branch, gates, metrics)
         record = log_to_mlflow(
-            tracker,
-            run_id,
-            commit,
-            settings,
-            source,
-            generator,
-            generations,
-            quality,
-            _check_gates(tracker, r.branch, gates, generator, generations, quality),
-            pr.number if pr else None,
+            tracker, run_id, commit, settings, source, generator, generations, scores, tags, preview
         )
     _publish(record, settings.as_params())
     return record
 
 
 def _check_gates(
-    tracker: Tracker,
-    branch: str,
-    gates: list[Any],
-    generator: Any,
-    generations: Any,
-    quality: dict[str, float],
+    tracker: Tracker, branch: str, gates: list[Any], metrics: dict[str, float]
 ) -> dict[str, str]:
     """The repository's quality gates, checked against this run's metrics and those of the
     branch's latest version (the base); their outcome as MLflow tags (none without gates)."""
     if not gates:
         return {}
     base = versions.latest_version(tracker, branch)
-    results = evaluate(
-        gates,
-        output_metrics(generator, generations, quality),
-        dict(base.data.metrics) if base is not None else None,
-    )
+    results = evaluate(gates, metrics, dict(base.data.metrics) if base is not None else None)
     logger = get_run_logger()
     for result in results:
         logger.info("Gate %s: %s", "passed" if result.passed else "FAILED", result.line())

@@ -56,15 +56,13 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
         text = str(node.value)
-        if len(text) > MAX_NUMBER_DIGITS:
-            return LongNumber(text)
-        return super().construct_yaml_int(node)
+        too_long = len(text) > MAX_NUMBER_DIGITS
+        return LongNumber(text) if too_long else super().construct_yaml_int(node)
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> Any:
         text = str(node.value)
-        if len(text) > MAX_NUMBER_DIGITS:
-            return LongNumber(text)
-        return super().construct_yaml_float(node)
+        too_long = len(text) > MAX_NUMBER_DIGITS
+        return LongNumber(text) if too_long else super().construct_yaml_float(node)
 
 
 _BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
@@ -79,8 +77,7 @@ def _expanded_size(root: yaml.Node, budget: int) -> int:
     def size(node: yaml.Node, depth: int) -> int:
         if depth > 100:
             return budget + 1
-        known = sizes.get(id(node))
-        if known is not None:
+        if (known := sizes.get(id(node))) is not None:
             return known
         sizes[id(node)] = budget + 1  # a node that contains itself is infinite
         total = 1
@@ -109,11 +106,9 @@ def check_size(text: bytes, source: str) -> None:
 
 
 def load_yaml(text: bytes, source: str, budget: int = MAX_EXPANDED_NODES) -> Any:
-    """Parse one YAML document safely: aliases may not expand past `budget` nodes.
-
-    Raises SettingsError naming `source` for invalid YAML, non-UTF-8 text, a file over
-    `MAX_FILE_BYTES` or an alias bomb.
-    """
+    """Parse one YAML document safely: aliases may not expand past `budget` nodes. Raises
+    SettingsError naming `source` for invalid YAML, non-UTF-8 text, a file over
+    `MAX_FILE_BYTES` or an alias bomb."""
     check_size(text, source)
     try:
         decoded = text.decode("utf-8")
@@ -124,8 +119,7 @@ def load_yaml(text: bytes, source: str, budget: int = MAX_EXPANDED_NODES) -> Any
         node = loader.get_single_node()
         if node is None:
             return None
-        expanded = _expanded_size(node, budget)
-        if expanded > budget:
+        if _expanded_size(node, budget) > budget:
             raise SettingsError(
                 f"{source}: YAML aliases expand to more than {budget} values; "
                 f"write the values out, or use fewer nested aliases"

@@ -1,14 +1,12 @@
-"""Every `TEXTGEN_*` setting, declared once: typed, with its default and its help (as MLflow's
-`environment_variables.py` declares its own). Code reads a setting through its variable here,
-never `os.environ` by name; `textgen config` lists them all with where each value comes from.
+"""Every `TEXTGEN_*` setting, declared once: typed, with its default and its help. Code reads a
+setting through its variable here, never `os.environ` by name; `textgen config` lists them all.
 
-A value is read when asked for, so a changed environment is seen at once. A bad value is a
+A value is read when asked for, so a changed environment is seen at once; a bad one is a
 `SettingsError` naming the variable and what is allowed (`check()` finds them all at start-up).
-A linked repository's own limits and credentials hold for the length of its run through
-`overrides`, a `ContextVar`: they reach the run's tasks (Prefect copies the context into the
-threads it runs them in), and nothing else in the process.
-
-Nothing here runs at import time: the data folder is created by the code that writes to it.
+A linked repository's own limits and credentials hold for its run through `overrides`, a
+`ContextVar`: they reach the run's tasks (Prefect copies the context into the threads it runs
+them in), and nothing else in the process. Nothing here runs at import time: the data folder is
+created by the code that writes to it.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from typing import Any, Generic, TypeVar
 from tasks.errors import SettingsError
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 _OVERRIDES: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "textgen_overrides", default=MappingProxyType({})
@@ -44,24 +43,14 @@ class Kind(Generic[T]):
     """Never shown: `textgen config` says only whether it is set."""
 
 
-def _integer(minimum: int) -> Kind[int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum}")
-        return value
-
-    return Kind("an integer", parse, f"a whole number of at least {minimum}")
-
-
-def _number(minimum: float) -> Kind[float]:
-    def parse(text: str) -> float:
-        value = float(text)
+def _at_least(convert: Callable[[str], N], minimum: N, noun: str, allowed: str) -> Kind[N]:
+    def parse(text: str) -> N:
+        value = convert(text)
         if not value >= minimum:  # also refuses nan
             raise ValueError(f"must be at least {minimum:g}")
         return value
 
-    return Kind("a number", parse, f"a number of at least {minimum:g}")
+    return Kind(noun, parse, f"{allowed} of at least {minimum:g}")
 
 
 def _switch(text: str) -> bool:
@@ -76,10 +65,10 @@ def _switch(text: str) -> bool:
 SWITCH = Kind("a switch", _switch, "1, true, yes or on; 0, false, no or off")
 TEXT = Kind("text", str)
 SECRET = Kind("text", str, secret=True)
-INTEGER = _integer(1)
-COUNT = _integer(0)
-SECONDS = _number(0.05)
-DAYS = _number(0)
+INTEGER = _at_least(int, 1, "an integer", "a whole number")
+COUNT = _at_least(int, 0, "an integer", "a whole number")
+SECONDS = _at_least(float, 0.05, "a number", "a number")
+DAYS = _at_least(float, 0.0, "a number", "a number")
 PATH: Kind[Path | None] = Kind("a path", lambda text: Path(text).expanduser())
 PATHS = Kind(
     "a list of paths",
@@ -112,10 +101,7 @@ class Variable(Generic[T]):
 
     def raw(self) -> str | None:
         """The text given, by the running link or the environment; None (or empty) if unset."""
-        given = _OVERRIDES.get()
-        if self.name in given:
-            return given[self.name]
-        return os.environ.get(self.name)
+        return _OVERRIDES.get().get(self.name, os.environ.get(self.name))
 
     def is_set(self) -> bool:
         """Whether a value is given (an empty one counts as unset)."""
@@ -194,9 +180,7 @@ WARM_HINT = Variable("TEXTGEN_WARM_HINT", PATH, None, "set by serve: the loaded-
 WARM_MODEL = Variable("TEXTGEN_WARM_MODEL", TEXT, "", "set by serve: a fork server's model")
 WARM_READY = Variable("TEXTGEN_WARM_READY", PATH, None, "set by serve: a fork server's answer")
 
-VARIABLES: tuple[Variable[Any], ...] = tuple(
-    value for value in list(globals().values()) if isinstance(value, Variable)
-)
+VARIABLES = tuple(value for value in list(globals().values()) if isinstance(value, Variable))
 LIMITS: dict[str, Variable[Any]] = {v.limit: v for v in VARIABLES if v.limit}
 """The link limits, by their key in `links.yaml`."""
 SECRETS = frozenset(v.name for v in VARIABLES if v.secret)
@@ -251,8 +235,7 @@ def describe() -> list[dict[str, str]]:
 
 def data_dir() -> Path:
     """The embedded data folder: MLflow store and artifacts, repository mirrors, models."""
-    explicit = HOME.get()
-    if explicit is not None:
+    if (explicit := HOME.get()) is not None:
         return explicit.resolve()
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base).expanduser().resolve() / "textgen"
@@ -280,8 +263,7 @@ def links_file() -> Path:
 
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` when set, else a SQLite store in the data folder."""
-    explicit = os.environ.get("MLFLOW_TRACKING_URI")
-    if explicit:
+    if explicit := os.environ.get("MLFLOW_TRACKING_URI"):
         return explicit
     folder = data_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -294,12 +276,9 @@ def tracking_server() -> bool:
 
 
 def artifact_root() -> str | None:
-    """Where new experiments keep artifacts: the data folder for the embedded store.
-
-    `None` lets a remote tracking server choose (its `--default-artifact-root`).
-    """
-    explicit = ARTIFACT_ROOT.get()
-    if explicit:
+    """Where new experiments keep artifacts: the data folder for the embedded store; `None`
+    lets a remote tracking server choose (its `--default-artifact-root`)."""
+    if explicit := ARTIFACT_ROOT.get():
         return explicit
     if tracking_server():
         return None
@@ -333,19 +312,16 @@ class OperatorLimits:
 # ---------------------------------------------------------------------------------------------
 # This machine's durable operator settings (`textgen offline-model --use`)
 
-OPERATOR_FILE = "operator.yaml"
-
 
 def operator_file() -> Path:
     """This machine's durable operator settings (`model`), in the data folder."""
-    return data_dir() / OPERATOR_FILE
+    return data_dir() / "operator.yaml"
 
 
 def operator_model() -> tuple[str, str] | None:
     """The model this machine generates with in place of the settings' own, and who chose it:
     `TEXTGEN_MODEL`, else `model` in the operator file (`textgen offline-model --use`)."""
-    explicit = MODEL.get()
-    if explicit:
+    if explicit := MODEL.get():
         return explicit, MODEL.name
     path = operator_file()
     if not path.is_file():
@@ -371,16 +347,10 @@ def set_operator_model(model: str | None) -> Path:
     from tasks.files import write_atomic
 
     path = operator_file()
-    data: dict[str, object] = {}
-    if path.is_file():
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        data = loaded if isinstance(loaded, dict) else {}
-    if model is None:
-        data.pop("model", None)
-    else:
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    data: dict[str, object] = loaded if isinstance(loaded, dict) else {}
+    data.pop("model", None)
+    if model is not None:
         data["model"] = model
-    return write_atomic(
-        path,
-        f"# Operator settings of this machine (textgen); {MODEL.name} overrides `model`.\n"
-        + yaml.safe_dump(data, sort_keys=True),
-    )
+    header = f"# Operator settings of this machine (textgen); {MODEL.name} overrides `model`.\n"
+    return write_atomic(path, header + yaml.safe_dump(data, sort_keys=True))

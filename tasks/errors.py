@@ -1,17 +1,7 @@
-"""The project's exceptions and their exit codes: each message is written for the person reading
-it, and each code means one thing.
-
-| code | exception | meaning |
-|---|---|---|
-| 1 | `TextgenError` | any other failure the user can act on |
-| 2 | `SettingsError` | a settings file, override, operator setting or command line is invalid |
-| 3 | `RepositoryError` | a repository, branch or commit cannot be reached or resolved |
-| 4 | `ModelError` | a model cannot be found, allowed or loaded |
-| 5 | `TrackingError` | the MLflow store cannot be used, or a version reference resolved |
-| 6 | `ServeError` | a service cannot start as asked (`PortInUseError`: a port is taken) |
-| 7 | `HookError` | a git hook cannot be installed as asked |
-| 8 | `RunTimeoutError` | a run went past its deadline |
-| 9 | `WaitTimeout` | `textgen status --wait` gave up |
+"""The project's exceptions and their exit codes (`exit_code`): each message is written for the
+person reading it, and each code means one thing: 1 any other failure the user can act on,
+2 settings (or the command line), 3 repository, 4 model, 5 MLflow store, 6 service, 7 git hook,
+8 run deadline, 9 `textgen status --wait` gave up.
 """
 
 from __future__ import annotations

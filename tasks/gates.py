@@ -25,7 +25,7 @@ import json
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,12 +49,8 @@ GATE_METRICS = (
 """The recorded metrics a gate may name."""
 
 MAX_GATES = 50
-_OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge,
-    "<=": operator.le,
-    ">": operator.gt,
-    "<": operator.lt,
-}
+_OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+_RELATIVE = {"-": operator.sub, "+": operator.add, "*": operator.mul}
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _GATE = re.compile(
     rf"^\s*(?P<metric>[a-z_0-9]+)\s*(?P<op>>=|<=|>|<)\s*"
@@ -94,13 +90,8 @@ class Gate:
             return self.number
         if base is None or not math.isfinite(base):
             return None
-        if self.rel == "-":
-            return base - self.amount
-        if self.rel == "+":
-            return base + self.amount
-        if self.rel == "*":
-            return base * self.amount
-        return base
+        relative = _RELATIVE.get(self.rel or "")
+        return base if relative is None else relative(base, self.amount)
 
 
 @dataclass(frozen=True)
@@ -133,19 +124,11 @@ def parse_gate(text: Any, source: str) -> Gate:
             f"{source}: gate {show(text)} names the unknown metric {metric!r}; "
             f"allowed: {', '.join(GATE_METRICS)}"
         )
-    number = match.group("number")
-    amount = match.group("amount")
-    values = [float(v) for v in (number, amount) if v is not None]
-    if any(not math.isfinite(v) for v in values):
+    number, amount = (None if v is None else float(v) for v in match.group("number", "amount"))
+    if any(v is not None and not math.isfinite(v) for v in (number, amount)):
         raise SettingsError(f"{source}: gate {show(text)} has a value that is not finite")
-    return Gate(
-        metric=metric,
-        op=match.group("op"),
-        number=float(number) if number is not None else None,
-        rel=match.group("rel"),
-        amount=float(amount) if amount is not None else 0.0,
-        source=source,
-    )
+    amount = 0.0 if amount is None else amount
+    return Gate(metric, match.group("op"), number, match.group("rel"), amount, source)
 
 
 def parse_gates(value: Any, source: str) -> list[Gate]:
@@ -162,22 +145,15 @@ def parse_gates(value: Any, source: str) -> list[Gate]:
 
 def load_gates(commit: CommitInfo) -> list[Gate]:
     """Every gate at the commit: `textgen.yaml`'s, then each workflow spec's."""
-    from tasks.triggers import WORKFLOWS_DIR
+    from tasks.triggers import workflow_files
 
     gates: list[Gate] = []
-    where = f"at commit {commit.short_sha}"
-    text = commit.read_file("textgen.yaml")
-    if text is not None:
-        doc = load_yaml(text, f"textgen.yaml {where}")
+    for path in ["textgen.yaml", *workflow_files(commit)]:
+        text = commit.read_file(path)
+        source = f"{path} at commit {commit.short_sha}"
+        doc = None if text is None else load_yaml(text, source)
         if isinstance(doc, dict):
-            gates += parse_gates(doc.get("gates"), f"textgen.yaml {where}")
-    for path in commit.list_files(WORKFLOWS_DIR):
-        if not path.endswith((".yaml", ".yml")):
-            continue
-        spec = commit.read_file(path)
-        doc = load_yaml(spec, f"{path} {where}") if spec is not None else None
-        if isinstance(doc, dict):
-            gates += parse_gates(doc.get("gates"), f"{path} {where}")
+            gates += parse_gates(doc.get("gates"), source)
     return gates
 
 
@@ -190,43 +166,18 @@ def evaluate(
         value = metrics.get(gate.metric)
         threshold = gate.threshold(None if base is None else base.get(gate.metric))
         if value is None or not math.isfinite(value):
-            results.append(
-                GateResult(
-                    gate.text(),
-                    gate.metric,
-                    None,
-                    threshold,
-                    False,
-                    True,
-                    f"{gate.metric} was not recorded, needs {gate.op} {_fmt(threshold)}",
-                )
-            )
-            continue
-        if threshold is None:
-            results.append(
-                GateResult(
-                    gate.text(),
-                    gate.metric,
-                    value,
-                    None,
-                    True,
-                    False,
-                    f"{gate.metric} = {_fmt(value)}: not checked, no base version to compare with",
-                )
-            )
-            continue
-        passed = _OPERATORS[gate.op](value, threshold)
+            value, passed, checked = None, False, True
+            note = f"{gate.metric} was not recorded, needs {gate.op} {_fmt(threshold)}"
+        elif threshold is None:
+            passed, checked = True, False
+            note = f"{gate.metric} = {_fmt(value)}: not checked, no base version to compare with"
+        else:
+            passed, checked = _OPERATORS[gate.op](value, threshold), True
+            note = f"{gate.metric} = {_fmt(value)}, needs {gate.op} {_fmt(threshold)}"
+            if gate.relative:
+                note += f" ({gate.text()})"
         results.append(
-            GateResult(
-                gate.text(),
-                gate.metric,
-                value,
-                threshold,
-                passed,
-                True,
-                f"{gate.metric} = {_fmt(value)}, needs {gate.op} {_fmt(threshold)}"
-                + (f" ({gate.text()})" if gate.relative else ""),
-            )
+            GateResult(gate.text(), gate.metric, value, threshold, passed, checked, note)
         )
     return results
 

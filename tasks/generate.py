@@ -62,12 +62,9 @@ class Generations:
 def format_output(texts: list[str]) -> str:
     """`output.txt` exactly as the original script wrote it."""
     count = len(texts)
-    parts = []
-    for index, text in enumerate(texts, start=1):
-        parts.append(f"---\nOutput {index} of {count}\n---\n\n{text}\n")
-        if index < count:
-            parts.append("\n")
-    return "".join(parts)
+    return "\n".join(
+        f"---\nOutput {index} of {count}\n---\n\n{text}\n" for index, text in enumerate(texts, 1)
+    )
 
 
 def effective_generation(pipe: Any, call_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -77,8 +74,7 @@ def effective_generation(pipe: Any, call_kwargs: dict[str, Any]) -> dict[str, An
     transformers has no public API that says this (the merge happens inside the pipeline and
     `generate()`), so two of its private helpers answer it: the pipeline's
     `_prepare_generate_kwargs` and `GenerationConfig._get_default_generation_params`.
-    tests/test_internals.py fails loudly when either changes.
-    """
+    tests/test_internals.py fails loudly when either changes."""
     from transformers import GenerationConfig
 
     values: dict[str, Any] = dict(GenerationConfig._get_default_generation_params())
@@ -172,12 +168,9 @@ def run_generation(
     every: float = PROGRESS_SECONDS,
 ) -> Generations:
     """Seed, then generate the texts with one public call of the pipeline; `progress` hears of
-    the tokens made so far every `every` seconds.
-
-    The call returns the token ids (`return_tensors=True`), so that they can be counted and
-    scored; each text is then what the pipeline's own text output is, the prompt followed by
-    the decoded new tokens with special tokens skipped.
-    """
+    the tokens made so far every `every` seconds. The call returns the token ids
+    (`return_tensors=True`) to count and score them; each text is what the pipeline's own text
+    output is, the prompt followed by the decoded new tokens with special tokens skipped."""
     import torch
     from transformers import StoppingCriteriaList, set_seed
 
@@ -192,9 +185,8 @@ def run_generation(
         total = effective.max_new_tokens or (
             effective.max_length - len(prompt_ids) if effective.max_length else None
         )
-        run_kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [progress_criteria(total, progress, every)]
-        )
+        criteria = progress_criteria(total, progress, every)
+        run_kwargs["stopping_criteria"] = StoppingCriteriaList([criteria])
 
     set_seed(settings.random_seed)
     started = time.perf_counter()

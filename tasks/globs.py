@@ -7,7 +7,7 @@ characters, `?` makes the preceding character optional, `+` repeats it, `[...]` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -31,8 +31,7 @@ class _Atom:
     def accepts(self, c: str) -> bool:
         if self.kind == "char":
             return c == self.char
-        inside = any(lo <= c <= hi for lo, hi in self.ranges)
-        return inside != self.negated
+        return any(lo <= c <= hi for lo, hi in self.ranges) != self.negated
 
 
 def _parse_class(body: str, pattern: str) -> _Atom:
@@ -70,8 +69,7 @@ def compile_pattern(pattern: str) -> tuple[_Atom, ...]:
             f"allowed: at most {MAX_PATTERN_CHARS}"
         )
     atoms: list[_Atom] = []
-    i = 0
-    n = len(pattern)
+    i, n = 0, len(pattern)
     while i < n:
         char = pattern[i]
         if char == "\\" and i + 1 < n:
@@ -90,13 +88,9 @@ def compile_pattern(pattern: str) -> tuple[_Atom, ...]:
             atoms.append(_Atom("star"))
         elif char in "?+":
             last = atoms[-1] if atoms else None
-            if (
-                last is not None
-                and last.kind in {"char", "class"}
-                and not last.quant
-                and not (last.kind == "char" and last.char in "*?+")
-            ):
-                atoms[-1] = _Atom(last.kind, last.char, last.ranges, last.negated, char)
+            literal = last is not None and last.kind == "char" and last.char not in "*?+"
+            if last is not None and not last.quant and (literal or last.kind == "class"):
+                atoms[-1] = replace(last, quant=char)
             else:
                 atoms.append(_Atom("char", char=char))
         elif char == "[":
@@ -129,11 +123,9 @@ def _closure(atoms: tuple[_Atom, ...], states: set[tuple[int, bool]]) -> set[tup
 
 
 def glob_match(pattern: str, path: str) -> bool:
-    """Whether the pattern matches the whole path, in time linear in the path's length.
-
-    The pattern is run as a set of positions (an NFA), never by backtracking: a pattern
-    of many wildcards against a long name costs length x atoms steps, not exponential time.
-    """
+    """Whether the pattern matches the whole path, in time linear in the path's length: it is
+    run as a set of positions (an NFA), never by backtracking, so a pattern of many wildcards
+    against a long name costs length x atoms steps, not exponential time."""
     atoms = compile_pattern(pattern)
     end = len(atoms)
     states = _closure(atoms, {(0, False)})

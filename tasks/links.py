@@ -29,14 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks import config
 from tasks.config import links_file
@@ -45,6 +38,8 @@ from tasks.files import write_atomic
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
+_API_PATHS = {"github": "/api/v3", "gitea": "/api/v1", "gitlab": "/api/v4"}
+"""Where a self-hosted provider's REST API lives on its host."""
 
 
 def resolve_ref(ref: str, what: str) -> str:
@@ -134,13 +129,11 @@ class Link(BaseModel):
     @field_validator("api_url")
     @classmethod
     def _api_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not re.match(r"^https?://[^\s/@]+(/[^\s]*)?$", value):
+        if value is not None and not re.match(r"^https?://[^\s/@]+(/[^\s]*)?$", value):
             raise ValueError(
                 "must be an http(s) URL without credentials, e.g. https://api.github.com"
             )
-        return value.rstrip("/")
+        return None if value is None else value.rstrip("/")
 
     @field_validator("repository")
     @classmethod
@@ -166,30 +159,24 @@ class Link(BaseModel):
 
         from tasks.repo import RepoLocation
 
-        location = RepoLocation.parse(self.url)
-        parts = urlsplit(location.url) if "://" in location.url else None
+        url = RepoLocation.parse(self.url).url
+        parts = urlsplit(url) if "://" in url else None
         host = parts.hostname if parts is not None else None
-        if host is None and location.url.count(":") == 1 and "@" in location.url:
-            host = location.url.split("@", 1)[1].split(":", 1)[0]  # git@host:owner/name
+        if host is None and url.count(":") == 1 and "@" in url:
+            host = url.split("@", 1)[1].split(":", 1)[0]  # git@host:owner/name
         repository = self.repository
         if repository is None and host is not None:
-            path = parts.path if parts is not None else location.url.split(":", 1)[1]
+            path = parts.path if parts is not None else url.split(":", 1)[1]
             repository = re.sub(r"\.git$", "", path.strip("/")) or None
         api = self.api_url
         if api is None and host is not None:
-            web = parts is not None and parts.scheme in {"http", "https"}
-            scheme = parts.scheme if web and parts is not None else "https"
-            port = f":{parts.port}" if web and parts is not None and parts.port else ""
-            if self.provider == "github":
-                api = (
-                    "https://api.github.com"
-                    if host == "github.com"
-                    else f"{scheme}://{host}{port}/api/v3"
-                )
-            elif self.provider == "gitea":
-                api = f"{scheme}://{host}{port}/api/v1"
-            elif self.provider == "gitlab":
-                api = f"{scheme}://{host}{port}/api/v4"
+            root = f"https://{host}"
+            if parts is not None and parts.scheme in {"http", "https"}:
+                root = f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+            if self.provider == "github" and host == "github.com":
+                api = "https://api.github.com"
+            elif self.provider in _API_PATHS:
+                api = root + _API_PATHS[self.provider]
         if api is None or repository is None:
             raise ValueError(
                 f"token: cannot tell the {self.provider} API and repository from {self.url!r}; "
@@ -199,9 +186,7 @@ class Link(BaseModel):
 
     def api_token(self) -> str | None:
         """The resolved API token, or None when the link has none."""
-        if self.token is None:
-            return None
-        return resolve_ref(self.token, f"link {self.name}: token")
+        return None if self.token is None else resolve_ref(self.token, f"link {self.name}: token")
 
     @field_validator("secret", "credentials", "token")
     @classmethod
@@ -213,8 +198,7 @@ class Link(BaseModel):
     @field_validator("limits")
     @classmethod
     def _limits(cls, value: dict[str, int | str]) -> dict[str, int | str]:
-        unknown = sorted(set(value) - set(config.LIMITS))
-        if unknown:
+        if unknown := sorted(set(value) - set(config.LIMITS)):
             raise ValueError(f"unknown limit {unknown[0]!r}; allowed: {', '.join(config.LIMITS)}")
         for key, item in value.items():
             if key != "allowed_models" and (not isinstance(item, int) or item < 1):
@@ -313,15 +297,9 @@ def save_links(links: list[Link], path: Path | None = None) -> Path:
     """Write the links file atomically (only references are ever in it)."""
     path = path or links_file()
     _check_unique(links, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {
-        "links": [link.model_dump(exclude_defaults=True) | {"url": link.url} for link in links]
-    }
-    return write_atomic(
-        path,
-        "# Linked repositories: see `textgen link --help`.\n"
-        + yaml.safe_dump(document, sort_keys=False),
-    )
+    entries = [link.model_dump(exclude_defaults=True) | {"url": link.url} for link in links]
+    header = "# Linked repositories: see `textgen link --help`.\n"
+    return write_atomic(path, header + yaml.safe_dump({"links": entries}, sort_keys=False))
 
 
 def default_name(url: str) -> str:
@@ -340,18 +318,14 @@ def deployment_link() -> Link | None:
     try:
         return Link.model_validate_json(raw)
     except ValidationError as exc:
-        raise SettingsError(
-            f"{config.LINK.name} is not a valid link: {exc.errors()[0]['msg']}"
-        ) from None
+        reason = exc.errors()[0]["msg"]
+        raise SettingsError(f"{config.LINK.name} is not a valid link: {reason}") from None
 
 
 def link_for(repo_url: str, branch: str, required: bool) -> Link | None:
-    """The link that allows running `repo_url`@`branch`.
-
-    A deployment of one link runs only that link. Otherwise, with a links file, `required` runs
-    (those of a deployment, or started by a push) must be on the list. Raises SettingsError
-    naming what is linked when the repository is not.
-    """
+    """The link that allows running `repo_url`@`branch`. A deployment of one link runs only that
+    link. Otherwise, with a links file, `required` runs (those of a deployment, or started by a
+    push) must be on the list. Raises SettingsError naming what is linked when it is not."""
     from tasks.repo import normalize_repo
 
     own = deployment_link()

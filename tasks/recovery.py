@@ -1,13 +1,12 @@
 """Runs whose process is gone: found by the worker that ran them, and ended.
 
-A run is tagged at its start with the host, pid and process start time of its worker. On the
-same machine, a pid that no longer runs (or now belongs to another process) means the run's
-process died; on another machine, the run's Prefect flow run in a final state (Crashed when its
-worker died) says so. Neither compares clocks. A dead run that had taken its number is
-published (its record was complete before the number was taken); any other ends FAILED.
-
-The flow ends the dead runs of every worker before it starts its own, so this reads one flow
-run's state from the Prefect API: the one Prefect query below `deployments/`.
+A run is tagged at its start with the host, pid and process start time of its worker. On the same
+machine, a pid that no longer runs (or now belongs to another process) means the run's process
+died; on another machine, the run's Prefect flow run in a final state (Crashed when its worker
+died) says so. Neither compares clocks. A dead run that had taken its number is published (its
+record was complete before the number was taken); any other ends FAILED. The flow ends the dead
+runs of every worker before it starts its own, so this reads one flow run's state from the
+Prefect API: the one Prefect query below `deployments/`.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from tasks import numbering, versions
 from tasks import tags as T
@@ -47,32 +47,25 @@ def worker_tags() -> dict[str, str]:
 
 def process_gone(found: dict[str, str]) -> str | None:
     """Why the process that ran a run (on this machine) is gone; None if alive or elsewhere."""
-    if (
-        found.get(T.WORKER_HOST) != socket.gethostname()
-        or not found.get(T.WORKER_PID, "").isdigit()
-    ):
+    host, pid_tag = found.get(T.WORKER_HOST), found.get(T.WORKER_PID, "")
+    if host != socket.gethostname() or not pid_tag.isdigit():
         return None
-    pid = int(found[T.WORKER_PID])
+    pid = int(pid_tag)
     started = _process_start(pid)
     if started is None:
-        return f"its process {pid} on {found[T.WORKER_HOST]} ended without finishing the run"
+        return f"its process {pid} on {host} ended without finishing the run"
     if found.get(T.WORKER_PROCESS_START) and started != found[T.WORKER_PROCESS_START]:
-        return f"its process {pid} on {found[T.WORKER_HOST]} ended (the pid now belongs to another)"
+        return f"its process {pid} on {host} ended (the pid now belongs to another)"
     return None
 
 
 def flow_run_ended(found: dict[str, str]) -> str | None:
     """Why a run is over, by its Prefect flow run (on any machine): the flow run reached a final
-    state while the MLflow run was never ended.
-
-    None while the flow run is not final, when the run has no flow run, or when the Prefect API
-    cannot be asked (logged): the next look decides.
-    """
+    state while the MLflow run was never ended. None while the flow run is not final, when the run
+    has no flow run, or when the Prefect API cannot be asked (logged): the next look decides."""
     flow_run_id = found.get(T.FLOW_RUN_ID)
     if not flow_run_id:
         return None
-    from uuid import UUID
-
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -97,15 +90,10 @@ def recover(experiment: Experiment, run: Any, reason: str) -> str:
     """End a run whose process is gone: roll it forward to its version when it holds one, else
     mark it FAILED with `reason`. Returns `published` or `failed`."""
     run_id = run.info.run_id
-    held = numbering.allocated(experiment, run_id)
-    if held is not None:
-        numbering.publish(
-            experiment,
-            run_id,
-            int(held.version),
-            run.data.tags.get(T.COMMIT, ""),
-            {T.RECOVERED: f"published after its process ended: {reason}"},
-        )
+    if (held := numbering.allocated(experiment, run_id)) is not None:
+        recovered = {T.RECOVERED: f"published after its process ended: {reason}"}
+        sha = run.data.tags.get(T.COMMIT, "")
+        numbering.publish(experiment, run_id, int(held.version), sha, recovered)
         logger.warning("Run %s held version %s when %s; published it", run_id, held.version, reason)
         return "published"
     numbering.end_failed(experiment, run_id, reason, reason + "\n")
@@ -121,10 +109,9 @@ def recover_dead_runs(experiment: Experiment) -> int:
         reason = process_gone(run.data.tags)
         if reason is None and run.data.tags.get(T.WORKER_HOST) != socket.gethostname():
             reason = flow_run_ended(run.data.tags)
-        if reason is None:
-            continue
-        recover(experiment, run, reason)
-        ended += 1
+        if reason is not None:
+            recover(experiment, run, reason)
+            ended += 1
     # A number taken and never published (the tags were lost with the process).
     from mlflow.exceptions import MlflowException
 

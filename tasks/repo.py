@@ -32,21 +32,11 @@ ZERO_SHA = "0" * 40
 """What git reports as the old (or new) tip when a branch is created (or deleted)."""
 _FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHORT_SHA = re.compile(r"^[0-9a-f]{4,40}$")
-_TRANSIENT_MARKERS = (
-    "could not resolve host",
-    "failed to connect",
-    "couldn't connect to server",
-    "connection refused",
-    "connection timed out",
-    "operation timed out",
-    "timed out",
-    "network is unreachable",
-    "temporary failure",
-    "the remote end hung up unexpectedly",
-    "early eof",
-    "502",
-    "503",
-    "504",
+# What git's stderr says when the remote could not be reached: a later attempt may succeed.
+_TRANSIENT = re.compile(
+    "could not resolve host|failed to connect|couldn't connect to server|connection refused|"
+    "connection timed out|operation timed out|timed out|network is unreachable|"
+    "temporary failure|the remote end hung up unexpectedly|early eof|502|503|504"
 )
 
 
@@ -56,23 +46,12 @@ def normalize_repo(text: str) -> str:
     scp = re.match(r"^[\w.-]+@([\w.-]+):(.+)$", text)
     if scp:
         host, path = scp.groups()
-    elif "://" in text:
+    elif "://" in text and urlsplit(text).scheme != "file":
         parts = urlsplit(text)
-        if parts.scheme == "file":
-            return (
-                str(Path(parts.path).resolve())
-                .rstrip("/")
-                .removesuffix("/.git")
-                .removesuffix(".git")
-            )
         host, path = (parts.hostname or ""), parts.path
     else:
-        return (
-            str(Path(text).expanduser().resolve())
-            .rstrip("/")
-            .removesuffix("/.git")
-            .removesuffix(".git")
-        )
+        local = Path(urlsplit(text).path) if "://" in text else Path(text).expanduser()
+        return str(local.resolve()).rstrip("/").removesuffix("/.git").removesuffix(".git")
     return f"{host.lower()}/{path.strip('/')}".removesuffix(".git").lower()
 
 
@@ -93,12 +72,8 @@ class RepoLocation:
             raise RepositoryError("the repository location is empty; give a URL or a local path")
         parts = urlsplit(text)
         if parts.scheme in {"http", "https"}:
-            secret = None
-            netloc = parts.netloc
-            if "@" in netloc:
-                userinfo, _, hostport = netloc.rpartition("@")
-                secret, netloc = userinfo, hostport
-            secret = secret or config.GIT_CREDENTIALS.get() or None
+            userinfo, _, netloc = parts.netloc.rpartition("@")
+            secret = userinfo or config.GIT_CREDENTIALS.get() or None
             return cls(urlunsplit((parts.scheme, netloc, parts.path, "", "")), secret)
         if parts.scheme in {"ssh", "git", "file"} or re.match(r"^[\w.-]+@[\w.-]+:", text):
             return cls(text)
@@ -131,25 +106,18 @@ class RepoLocation:
             "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
         }
         if self.secret:
-            parts = urlsplit(self.url)
-            with_secret = urlunsplit(
-                (parts.scheme, f"{self.secret}@{parts.netloc}", parts.path, "", "")
-            )
-            env.update(
-                {
-                    "GIT_CONFIG_COUNT": "1",
-                    "GIT_CONFIG_KEY_0": f"url.{with_secret}.insteadOf",
-                    "GIT_CONFIG_VALUE_0": self.url,
-                }
-            )
+            scheme, netloc, path, _, _ = urlsplit(self.url)
+            with_secret = urlunsplit((scheme, f"{self.secret}@{netloc}", path, "", ""))
+            env["GIT_CONFIG_COUNT"] = "1"
+            env["GIT_CONFIG_KEY_0"] = f"url.{with_secret}.insteadOf"
+            env["GIT_CONFIG_VALUE_0"] = self.url
         return env
 
     def redact(self, text: str) -> str:
         """Remove the secret (and any userinfo of an http URL) from a message."""
         if self.secret:
-            text = text.replace(self.secret, "***")
             encoded = base64.b64encode(self.secret.encode()).decode()
-            text = text.replace(encoded, "***")
+            text = text.replace(self.secret, "***").replace(encoded, "***")
         return re.sub(r"(https?://)[^/\s@]+@", r"\1***@", text)
 
 
@@ -182,20 +150,16 @@ class CommitInfo:
 
     def object_type(self, path: str) -> str | None:
         """`blob`, `tree` (or another git type) for a path at this commit; None if absent."""
-        repo = git.Repo(self.mirror)
-        try:
-            return str(repo.git.cat_file("-t", f"{self.sha}:{path}")).strip()
-        except git.GitCommandError:
-            return None
+        return _object_type(self.mirror, self.sha, path)
 
     def list_files(self, folder: str) -> list[str]:
         """Paths of the files directly inside `folder` at this commit (empty if none)."""
-        repo = git.Repo(self.mirror)
+        folder = folder.rstrip("/")
         try:
-            out = repo.git.ls_tree("--name-only", "-z", f"{self.sha}:{folder.rstrip('/')}")
+            out = git.Repo(self.mirror).git.ls_tree("--name-only", "-z", f"{self.sha}:{folder}")
         except git.GitCommandError:
             return []
-        return sorted(f"{folder.rstrip('/')}/{name}" for name in out.split("\0") if name)
+        return sorted(f"{folder}/{name}" for name in out.split("\0") if name)
 
 
 SETTINGS_PATHS = ("textgen.yaml", "nlp_text_generation.py", ".gradient/")
@@ -226,9 +190,8 @@ def uncommitted_changes(path: str | os.PathLike[str], branch: str | None = None)
         status, name = entry[:2], entry[3:]
         if status[0] in "RC":
             next(entries, None)  # the rename's source path
-        if status == "??" and not name.startswith(SETTINGS_PATHS):
-            continue
-        files.append(name)
+        if status != "??" or name.startswith(SETTINGS_PATHS):
+            files.append(name)
     return sorted(set(files))
 
 
@@ -284,34 +247,22 @@ def _open_mirror(location: RepoLocation) -> git.Repo:
     return repo
 
 
-def _git_error(
-    location: RepoLocation, action: str, ref: str, exc: git.GitCommandError
-) -> Exception:
-    stderr = str(exc.stderr or exc).strip()
-    # GitPython formats it as "stderr: '<text>'".
-    stderr = re.sub(r"^stderr: '(.*)'$", r"\1", stderr, flags=re.S).strip()
-    stderr = location.redact(stderr)
-    lowered = stderr.lower()
-    message = f"{action} {ref!r} from repository {location.url} failed: {stderr}"
-    if "couldn't find remote ref" in lowered:
-        return RepositoryError(f"branch or ref {ref!r} does not exist in repository {location.url}")
-    if any(marker in lowered for marker in _TRANSIENT_MARKERS):
-        return TransientRepositoryError(message)
-    return RepositoryError(message)
-
-
 def _fetch(
     repo: git.Repo, location: RepoLocation, refspec: str, ref: str, env: Mapping[str, str]
 ) -> None:
+    command = ["git", "fetch", "--no-tags", "--quiet", "origin", refspec]
     timeout = config.GIT_TIMEOUT.get()
     try:
-        repo.git.execute(
-            ["git", "fetch", "--no-tags", "--quiet", "origin", refspec],
-            env=dict(env),
-            kill_after_timeout=timeout,
-        )
+        repo.git.execute(command, env=dict(env), kill_after_timeout=timeout)
     except git.GitCommandError as exc:
-        raise _git_error(location, "fetching", ref, exc) from None
+        # GitPython formats it as "stderr: '<text>'".
+        stderr = re.sub(r"^stderr: '(.*)'$", r"\1", str(exc.stderr or exc).strip(), flags=re.S)
+        stderr = location.redact(stderr.strip())
+        if "couldn't find remote ref" in stderr.lower():
+            message = f"branch or ref {ref!r} does not exist in repository {location.url}"
+            raise RepositoryError(message) from None
+        error = TransientRepositoryError if _TRANSIENT.search(stderr.lower()) else RepositoryError
+        raise error(f"fetching {ref!r} from repository {location.url} failed: {stderr}") from None
 
 
 def _resolve(repo: git.Repo, ref: str) -> str | None:
@@ -332,27 +283,28 @@ def changed_between(mirror: str | Path, before: str | None, after: str) -> tuple
     """Paths that differ between two commits; `before=None` compares with the first parent
     (or, for a root commit, lists every file)."""
     repo = git.Repo(mirror)
-    base = before
-    if base is None:
+    if before is None:
         parents = repo.commit(after).parents
-        base = parents[0].hexsha if parents else None
-    if base is None:
+        before = parents[0].hexsha if parents else None
+    if before is None:
         out = repo.git.ls_tree("-r", "--name-only", "-z", after)
     else:
-        out = repo.git.diff("--name-only", "--no-renames", "-z", base, after)
+        out = repo.git.diff("--name-only", "--no-renames", "-z", before, after)
     return tuple(sorted(p for p in out.split("\0") if p))
+
+
+def _object_type(mirror: str | Path, sha: str, path: str) -> str | None:
+    try:
+        return str(git.Repo(mirror).git.cat_file("-t", f"{sha}:{path}")).strip()
+    except git.GitCommandError:
+        return None
 
 
 def read_blob(mirror: Path, sha: str, path: str) -> bytes | None:
     """Bytes of `path` at commit `sha` in the mirror, or None if absent (or not a file)."""
-    repo = git.Repo(mirror)
-    try:
-        kind = repo.git.cat_file("-t", f"{sha}:{path}")
-    except git.GitCommandError:
+    if _object_type(mirror, sha, path) != "blob":
         return None
-    if kind.strip() != "blob":
-        return None
-    data = repo.git.cat_file(
+    data = git.Repo(mirror).git.cat_file(
         "blob", f"{sha}:{path}", stdout_as_string=False, strip_newline_in_stdout=False
     )
     return bytes(data)
@@ -373,8 +325,7 @@ def resolve_commit(
     `refresh` fetches the branch even when the commit is known, to learn the current tip.
     `pull_ref` (`refs/pull/N/head`, `refs/merge-requests/N/head`) is a pull request's head in
     the linked repository: it is fetched too (a fork's commits are reachable only from it), and
-    its tip recorded, so a preview of a head the pull request has moved on from is superseded.
-    """
+    its tip recorded, so a preview of a head the pull request has moved on from is superseded."""
     if pull_ref is not None and not _PULL_REF.match(pull_ref):
         raise RepositoryError(
             f"{pull_ref!r} is not a pull request's head ref; expected refs/pull/N/head or "
@@ -425,7 +376,7 @@ def resolve_commit(
                     f"commit {wanted!r} was not found in repository {location.url} "
                     f"(branch {branch!r} fetched)"
                 )
-        on_branch = _is_ancestor(repo, sha, tracking)
+        on_branch = is_ancestor(path, sha, tracking)
         tip = _resolve(repo, tracking)
         pull_tip = _resolve(repo, pull_tracking) if pull_tracking else None
     commit = repo.commit(sha)
@@ -444,16 +395,6 @@ def resolve_commit(
     )
 
 
-def _is_ancestor(repo: git.Repo, sha: str, descendant: str) -> bool:
-    if _resolve(repo, descendant) is None:
-        return False
-    try:
-        repo.git.merge_base("--is-ancestor", sha, descendant)
-    except git.GitCommandError:
-        return False
-    return True
-
-
 def merge_base(mirror: str | Path, a: str, b: str) -> str | None:
     """The best common ancestor of two commits, or None when they share none."""
     try:
@@ -470,17 +411,21 @@ def has_commit(mirror: str | Path, sha: str) -> bool:
 def is_ancestor(mirror: str | Path, ancestor: str, descendant: str) -> bool:
     """Whether `ancestor` is reachable from `descendant` in the mirror (False if one is absent)."""
     repo = git.Repo(mirror)
-    return _resolve(repo, ancestor) is not None and _is_ancestor(repo, ancestor, descendant)
+    if _resolve(repo, ancestor) is None or _resolve(repo, descendant) is None:
+        return False
+    try:
+        repo.git.merge_base("--is-ancestor", ancestor, descendant)
+    except git.GitCommandError:
+        return False
+    return True
 
 
 def _is_transient(task: object, task_run: object, state: object) -> bool:
     """Retry only failures that a later attempt can fix (an unreachable remote)."""
     try:
         state.result()  # type: ignore[attr-defined]
-    except TransientRepositoryError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return isinstance(exc, TransientRepositoryError)
     return False
 
 
@@ -498,11 +443,8 @@ def fetch_repo_commit(
     refresh: bool = False,
     pull_ref: str | None = None,
 ) -> CommitInfo:
-    """Resolve the commit to run (a short SHA too, or the tip of `branch`) in a cached mirror.
-
-    `refresh` fetches the branch even for a known commit, to learn the branch's current tip;
-    `pull_ref` fetches a pull request's head too (see `resolve_commit`).
-    """
+    """Resolve the commit to run (a short SHA too, or the tip of `branch`) in a cached mirror;
+    `refresh` and `pull_ref` as in `resolve_commit`."""
     location = RepoLocation.parse(repo_url)
     commit = resolve_commit(location, branch, commit_sha, refresh, pull_ref)
     logger = get_run_logger()

@@ -1,8 +1,6 @@
 """Waiting between attempts, written once: an exponential backoff, and a call retried with it.
-
 Prefect tasks retry through Prefect's own `retries`; this is for the loops outside a task (the
-MLflow store's first opening, a version number's allocation, the receiver's threads).
-"""
+MLflow store's first opening, a version number's allocation, the receiver's threads)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Generation settings: one pydantic model for `textgen.yaml`, read at the commit being run.
-
-A repository laid out like the original Gradient example (`nlp_text_generation.py` with the
-four settings as module-level assignments) is read too, with `ast`: the script is never run.
-"""
+"""Generation settings: one pydantic model for `textgen.yaml`, read at the commit being run. A
+repository laid out like the original Gradient example (`nlp_text_generation.py` with the four
+settings as module-level assignments) is read too, with `ast`: the script is never run."""
 
 from __future__ import annotations
 
@@ -14,14 +12,7 @@ from typing import Any, Literal
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from tasks import config
 from tasks.bounded import LongNumber, check_size, load_yaml, show
@@ -32,12 +23,10 @@ from tasks.repo import CommitInfo
 SETTINGS_FILE = "textgen.yaml"
 LEGACY_SCRIPT = "nlp_text_generation.py"
 LEGACY_NAMES = ("random_seed", "max_length", "num_return_sequences", "initial_sentence")
-OPERATOR_ONLY = {
-    "trust_remote_code": (
-        f"{config.TRUST_REMOTE_CODE.name} (operator only, never from a repository)"
-    ),
-    "device": f"{config.DEVICE.name} (operator only)",
-}
+OPERATOR_ONLY = dict(
+    trust_remote_code=f"{config.TRUST_REMOTE_CODE.name} (operator only, never from a repository)",
+    device=f"{config.DEVICE.name} (operator only)",
+)
 
 
 class GenerationSettings(BaseModel):
@@ -107,8 +96,7 @@ class GenerationSettings(BaseModel):
         if self.do_sample is False and self.num_beams is None and self.num_return_sequences > 1:
             raise ValueError(
                 "greedy decoding (do_sample: false) gives one sequence: "
-                "set num_return_sequences: 1, "
-                "do_sample: true, or num_beams >= num_return_sequences"
+                "set num_return_sequences: 1, do_sample: true, or num_beams >= num_return_sequences"
             )
         return self
 
@@ -121,17 +109,13 @@ class GenerationSettings(BaseModel):
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the pipeline call: lengths, count and the knobs that are set."""
         skip = {"model", "revision", "random_seed", "initial_sentence", "dtype"}
-        return {
-            k: v
-            for k, v in self.effective().model_dump().items()
-            if k not in skip and v is not None
-        }
+        values = self.effective().model_dump()
+        return {k: v for k, v in values.items() if k not in skip and v is not None}
 
     def as_params(self) -> dict[str, str]:
         """The settings that have a value, as MLflow parameters; unset knobs (the model's
-        defaults) are left out, and `settings.json` holds the whole set. When the operator's
-        model replaced the settings' own, `model` is the one used and `model.requested` and
-        `model.set_by` say what was asked for and who replaced it."""
+        defaults) are left out, and `settings.json` holds the whole set. With the operator's
+        model, `model` is the one used and `model_choice`'s two params say what was asked for."""
         values = {k: str(v) for k, v in self.effective().model_dump().items() if v is not None}
         return values | self.model_choice
 
@@ -188,30 +172,22 @@ def _format_validation(exc: ValidationError, raw: dict[str, Any], source: str) -
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "literal_error":
             message = f"allowed values: {error.get('ctx', {}).get('expected', '')}"
-        if key == "(settings)":
-            lines.append(message)
-        else:
-            lines.append(f"{key}={show(value)}: {message}")
+        lines.append(message if key == "(settings)" else f"{key}={show(value)}: {message}")
     return f"{source}: " + "; ".join(lines)
 
 
 def parse_settings(raw: Any, source: str) -> GenerationSettings:
     """Validate a mapping of settings; `source` names the file and commit in every message."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SettingsError(
-            f"{source}: expected a mapping of settings (key: value), got {type(raw).__name__}"
-        )
-    bad_keys = [k for k in raw if not isinstance(k, str)]
-    if bad_keys:
+    raw = _mapping({} if raw is None else raw, source)
+    if bad_keys := [k for k in raw if not isinstance(k, str)]:
         raise SettingsError(f"{source}: keys must be names, got {show(bad_keys)}")
     for key, value in raw.items():
         # pydantic would quietly turn "7" into 7 and 1.0 into 1; a settings file should not.
         field = GenerationSettings.model_fields.get(key)
         if field is None or value is None:
             continue
-        types = _annotation_types(field.annotation) - {type(None)}
+        args = getattr(field.annotation, "__args__", None)
+        types = (set(args) if args else {field.annotation}) - {type(None)}
         problem = None
         if isinstance(value, LongNumber):
             problem = f"a number of {len(value)} characters is out of range"
@@ -233,16 +209,13 @@ def parse_settings(raw: Any, source: str) -> GenerationSettings:
         raise SettingsError(_format_validation(exc, raw, source)) from None
 
 
-def _annotation_types(annotation: Any) -> set[type]:
-    args = getattr(annotation, "__args__", None)
-    return set(args) if args else {annotation}
-
-
 def parse_yaml_settings(text: bytes, source: str) -> dict[str, Any]:
     """Load a YAML settings file into a mapping, with a message naming the line on errors."""
     raw = load_yaml(text, source)
-    if raw is None:
-        return {}
+    return {} if raw is None else _mapping(raw, source)
+
+
+def _mapping(raw: Any, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise SettingsError(
             f"{source}: expected a mapping of settings (key: value), got {type(raw).__name__}"
@@ -251,11 +224,9 @@ def parse_yaml_settings(text: bytes, source: str) -> dict[str, Any]:
 
 
 def parse_legacy_script(text: bytes, source: str) -> dict[str, Any]:
-    """Read the original example's settings from its script with `ast`, without running it.
-
-    Module-level `name = <literal>` assignments of the four settings, and the literal
-    `model=` of its `pipeline(...)` call. Any other value form is refused.
-    """
+    """Read the original example's settings from its script with `ast`, without running it:
+    module-level `name = <literal>` assignments of the four settings, and the literal `model=`
+    of its `pipeline(...)` call. Any other value form is refused."""
     check_size(text, source)
     try:
         tree = ast.parse(text.decode("utf-8"), filename=source)
@@ -291,8 +262,7 @@ def parse_legacy_script(text: bytes, source: str) -> dict[str, Any]:
                         f"{source}, line {call.lineno}: pipeline(model=...) must be a literal "
                         f"string, got `{ast.unparse(keyword.value)}`"
                     ) from None
-    missing = [name for name in LEGACY_NAMES if name not in found]
-    if missing:
+    if missing := [name for name in LEGACY_NAMES if name not in found]:
         raise SettingsError(
             f"{source}: the script assigns none of {', '.join(missing)} at module level; "
             f"expected the original example's `random_seed = 42`-style settings"
@@ -307,14 +277,12 @@ def load_settings(
 ) -> tuple[GenerationSettings, str]:
     """The validated settings at `commit`, with `overrides` applied; and the file they came from."""
     where = f"at commit {commit.short_sha} of {commit.repo_url}"
-    text = commit.read_file(SETTINGS_FILE)
-    if text is not None:
+    if (text := commit.read_file(SETTINGS_FILE)) is not None:
         source = SETTINGS_FILE
         raw = parse_yaml_settings(text, f"{SETTINGS_FILE} {where}")
         raw.pop("gates", None)  # quality gates, not generation settings (tasks.gates)
     else:
-        script = commit.read_file(LEGACY_SCRIPT)
-        if script is None:
+        if (script := commit.read_file(LEGACY_SCRIPT)) is None:
             raise SettingsError(
                 f"no settings {where}: expected {SETTINGS_FILE} (or the original example's "
                 f"{LEGACY_SCRIPT}) at the repository root"
@@ -323,9 +291,8 @@ def load_settings(
         raw = parse_legacy_script(script, f"{LEGACY_SCRIPT} {where}")
     label = f"{source} {where}"
     if overrides:
-        file_raw = raw
-        parse_settings(file_raw, label)
-        raw = {**file_raw, **overrides}
+        parse_settings(raw, label)
+        raw = {**raw, **overrides}
         # An override of one length setting replaces the file's other one.
         for key, other in (("max_new_tokens", "max_length"), ("max_length", "max_new_tokens")):
             if key in overrides and other not in overrides:
@@ -347,8 +314,7 @@ def read_settings(
 ) -> tuple[GenerationSettings, str]:
     """Read and validate the settings at the commit; fail before any model is loaded."""
     settings, source = load_settings(commit, overrides)
-    choice = settings.model_choice
-    if choice:
+    if choice := settings.model_choice:
         get_run_logger().info(
             "Generating with this machine's model %s (set by %s) in place of the settings' %s",
             settings.model,

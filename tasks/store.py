@@ -1,9 +1,6 @@
-"""The MLflow store: its client, one experiment per repository, links into its UI, and the
-entities a run's record is written as.
-
-Everything goes through `MlflowClient` with an explicit run id: Prefect may run tasks in other
-threads, and MLflow's fluent API keeps its active run per thread.
-"""
+"""The MLflow store: its client, one experiment per repository, links into its UI, and the entities
+a run's record is written as. Everything goes through `MlflowClient` with an explicit run id:
+Prefect may run tasks in other threads, and MLflow's fluent API keeps its active run per thread."""
 
 from __future__ import annotations
 
@@ -29,13 +26,10 @@ STORE_WAIT_SECONDS = 120.0
 
 
 def mlflow_client() -> Any:
-    """An MlflowClient on `MLFLOW_TRACKING_URI`, or the embedded SQLite store.
-
-    A SQLite store is created (its tables migrated) by one process at a time, under a file lock
-    beside it: MLflow's migrations race when several processes open a fresh store at once. Its
-    first opening waits out a lock another writer holds (up to `STORE_WAIT_SECONDS`), as MLflow's
-    own sessions do, instead of failing.
-    """
+    """An MlflowClient on `MLFLOW_TRACKING_URI`, or the embedded SQLite store. A SQLite store is
+    created (its tables migrated) by one process at a time, under a file lock beside it: MLflow's
+    migrations race when several processes open a fresh store at once. Its first opening waits
+    out a lock another writer holds (up to `STORE_WAIT_SECONDS`), as MLflow's own sessions do."""
     from mlflow import MlflowClient
 
     uri = config.tracking_uri()
@@ -72,8 +66,7 @@ def _prepare_sqlite(uri: str) -> None:
 def ui_base_url() -> str:
     """The MLflow UI that shows this store: `TEXTGEN_MLFLOW_UI_URL` (serve sets it for its runs
     and commands), the tracking server itself, or `textgen ui`'s default address."""
-    explicit = config.MLFLOW_UI_URL.get()
-    if explicit:
+    if explicit := config.MLFLOW_UI_URL.get():
         return explicit.rstrip("/")
     uri = config.tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -102,11 +95,10 @@ def _find_experiment(client: Any, name: str, location: str = "") -> Any | None:
 
     key = normalize_repo(name)
     if "'" not in key and "\\" not in key:
+        query = f"tags.`{T.REPO_KEY}` = '{key}'"
+        oldest_first = ["creation_time ASC"]
         found = client.search_experiments(
-            view_type=ViewType.ALL,
-            filter_string=f"tags.`{T.REPO_KEY}` = '{key}'",
-            order_by=["creation_time ASC"],
-            max_results=10,
+            view_type=ViewType.ALL, filter_string=query, order_by=oldest_first, max_results=10
         )
         if found:
             return found[0]
@@ -154,43 +146,41 @@ class Experiment:
             else:
                 experiment_id = experiment.experiment_id
         except MlflowException as exc:
-            raise TrackingError(
-                f"cannot use the MLflow store {config.tracking_uri()}: {exc}"
-            ) from exc
+            store = config.tracking_uri()
+            raise TrackingError(f"cannot use the MLflow store {store}: {exc}") from exc
         return cls(client, experiment_id, location.url)
 
     def url(self, run_id: str) -> str:
         """Link to a run of this experiment."""
         return run_url(self.experiment_id, run_id)
 
+    def finish(
+        self, run_id: str, tags: dict[str, str], params: dict[str, str] | None = None
+    ) -> None:
+        """Log a run's last tags (and params) and end it FINISHED."""
+        self.client.log_batch(run_id, params=as_params(params or {}), tags=as_tags(tags))
+        self.client.set_terminated(run_id, "FINISHED")
+
     def search(
         self, query: str = "", order_by: list[str] | None = None, max_results: int = 1000
     ) -> list[Any]:
         """The experiment's runs that `query` (MLflow's filter syntax) selects."""
-        return list(
-            self.client.search_runs(
-                [self.experiment_id], query, order_by=order_by, max_results=max_results
-            )
+        runs = self.client.search_runs(
+            [self.experiment_id], query, order_by=order_by, max_results=max_results
         )
+        return list(runs)
 
 
 def _create_experiment(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     root = config.artifact_root()
+    location = f"{root}/{RepoLocation.parse(name).key}" if root else None
+    # Opens in the UI's model-training view (runs table), not GenAI's.
+    kind = "custom_model_development"
+    tags = {T.EXPERIMENT_REPO: name, T.REPO_KEY: normalize_repo(name), T.EXPERIMENT_KIND: kind}
     try:
-        return str(
-            client.create_experiment(
-                name,
-                artifact_location=f"{root}/{RepoLocation.parse(name).key}" if root else None,
-                # Opens in the UI's model-training view (runs table), not GenAI's.
-                tags={
-                    T.EXPERIMENT_REPO: name,
-                    T.REPO_KEY: normalize_repo(name),
-                    T.EXPERIMENT_KIND: "custom_model_development",
-                },
-            )
-        )
+        return str(client.create_experiment(name, artifact_location=location, tags=tags))
     except MlflowException:
         # Created meanwhile by a concurrent run.
         experiment = _find_experiment(client, name)

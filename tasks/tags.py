@@ -25,14 +25,8 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 
 # The outcome of a run
 OUTCOME = "textgen.outcome"
-RUNNING, NEW, REUSED, SKIPPED, PREVIEW, FAILED = (
-    "running",
-    "new",
-    "reused",
-    "skipped",
-    "preview",
-    "failed",
-)
+RUNNING, NEW, REUSED = "running", "new", "reused"
+SKIPPED, PREVIEW, FAILED = "skipped", "preview", "failed"
 VERSION = "textgen.version"
 VERSION_KEY = "textgen.version_key"
 """The version zero-padded, so that MLflow sorts versions as numbers."""

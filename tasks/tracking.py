@@ -1,9 +1,7 @@
-"""The MLflow record of a run: one MLflow run per flow run, ending as a numbered output version,
-a reuse of one, a skip, a preview or a failure (the outcomes of `tasks.tags`).
-
-The run is opened before anything can fail and ended whatever happens; its number is taken
-last, once the record is complete (`tasks.numbering`).
-"""
+"""The MLflow record of a run: one MLflow run per flow run, ending as a numbered output version, a
+reuse of one, a skip, a preview or a failure (the outcomes of `tasks.tags`). The run is opened
+before anything can fail and ended whatever happens; its number is taken last, once the record is
+complete (`tasks.numbering`)."""
 
 from __future__ import annotations
 
@@ -61,19 +59,17 @@ class RunRecord:
     def summary(self) -> str:
         """One line for people: what happened and where to look."""
         sha = (self.commit_sha or "")[:7]
+        run = f"MLflow run {self.run_id}"
         if self.outcome == T.NEW:
-            return f"version {self.version} (commit {sha}), MLflow run {self.run_id}: {self.url}"
+            return f"version {self.version} (commit {sha}), {run}: {self.url}"
         if self.outcome == T.REUSED:
             return (
                 f"commit {sha} with these settings is already version {self.version}; "
-                f"reused it (MLflow run {self.run_id}): {self.url}"
+                f"reused it ({run}): {self.url}"
             )
         if self.outcome == T.PREVIEW:
-            return (
-                f"preview of commit {sha} (never a numbered version), "
-                f"MLflow run {self.run_id}: {self.url}"
-            )
-        return f"{self.outcome}: {self.reason} (MLflow run {self.run_id}): {self.url}"
+            return f"preview of commit {sha} (never a numbered version), {run}: {self.url}"
+        return f"{self.outcome}: {self.reason} ({run}): {self.url}"
 
 
 def _prefect_links() -> dict[str, str]:
@@ -85,8 +81,7 @@ def _prefect_links() -> dict[str, str]:
         return {}
     links = {T.FLOW_RUN_ID: str(flow_run.id), T.FLOW_RUN_NAME: str(flow_run.name)}
     # The UI's own route, as the engine's "View at" log line uses.
-    url = url_for("flow-run", obj_id=flow_run.id)
-    if url:
+    if url := url_for("flow-run", obj_id=flow_run.id):
         links[T.FLOW_RUN_URL] = str(url)
     return links
 
@@ -122,9 +117,8 @@ class Tracker(Experiment):
             **worker_tags(),
             **_prefect_links(),
         }
-        run = self.client.create_run(
-            self.experiment_id, tags=opened, run_name=f"{trigger} {ref or branch}"
-        )
+        name = f"{trigger} {ref or branch}"
+        run = self.client.create_run(self.experiment_id, tags=opened, run_name=name)
         return str(run.info.run_id)
 
     def tag_commit(self, run_id: str, commit: CommitInfo) -> None:
@@ -153,31 +147,19 @@ class Tracker(Experiment):
         """End a run whose output already exists, pointing at that version."""
         version = int(existing.data.tags[T.VERSION])
         sha = existing.data.tags[T.COMMIT]
-        gates = {k: v for k, v in existing.data.tags.items() if k.startswith(T.GATES)}
-        self.client.log_batch(
-            run_id,
-            params=as_params(settings.as_params()),
-            tags=as_tags(
-                {
-                    T.OUTCOME: T.REUSED,
-                    T.DIGEST: settings.digest(),
-                    T.REUSED_VERSION: str(version),
-                    T.REUSED_RUN_ID: existing.info.run_id,
-                    T.RUN_NAME: f"{sha[:7]} reuses v{version}",
-                    **gates,
-                }
-            ),
-        )
-        self.client.set_terminated(run_id, "FINISHED")
+        digest = settings.digest()
+        reused = {
+            T.OUTCOME: T.REUSED,
+            T.DIGEST: digest,
+            T.REUSED_VERSION: str(version),
+            T.REUSED_RUN_ID: existing.info.run_id,
+            T.RUN_NAME: f"{sha[:7]} reuses v{version}",
+            **{k: v for k, v in existing.data.tags.items() if k.startswith(T.GATES)},
+        }
+        self.finish(run_id, reused, settings.as_params())
+        url, output_url = self.url(run_id), self.url(existing.info.run_id)
         return RunRecord(
-            T.REUSED,
-            run_id,
-            self.experiment_id,
-            version,
-            sha,
-            settings.digest(),
-            self.url(run_id),
-            output_url=self.url(existing.info.run_id),
+            T.REUSED, run_id, self.experiment_id, version, sha, digest, url, output_url=output_url
         )
 
     def finish_skipped(
@@ -190,17 +172,14 @@ class Tracker(Experiment):
             T.SKIP_REASON: reason,
             T.RUN_NAME: f"{(commit_sha or '')[:7]} {kind}".strip(),
         }
-        self.client.log_batch(run_id, tags=as_tags(skipped))
-        self.client.set_terminated(run_id, "FINISHED")
+        self.finish(run_id, skipped)
         return RunRecord(
             T.SKIPPED, run_id, self.experiment_id, None, commit_sha, None, self.url(run_id), reason
         )
 
     def fail(self, run_id: str, exc: BaseException) -> None:
         """Mark a run FAILED with its reason; never raises (the original error matters more).
-
-        `textgen.failure` and the first line of `error.txt` hold the one-line reason; the
-        traceback follows it in `error.txt`."""
+        `textgen.failure` and `error.txt`'s first line hold the reason, its traceback follows."""
         reason = one_line_reason(exc)
         detail = "".join(traceback.format_exception(exc))
         try:
@@ -208,81 +187,7 @@ class Tracker(Experiment):
         except Exception:  # the store itself may be what failed; the run's own error wins
             logger.exception("could not record the failure of MLflow run %s", run_id)
 
-    def record_generation(
-        self,
-        run_id: str,
-        commit: CommitInfo,
-        settings: GenerationSettings,
-        settings_source: str,
-        generator: Generator,
-        generations: Generations,
-        quality: dict[str, float] | None = None,
-        extra_tags: dict[str, str] | None = None,
-        preview: int | None = None,
-    ) -> RunRecord:
-        """Log the whole record of a new output and end the run FINISHED: as the next numbered
-        version, or, for `preview` (a pull request's number), as that pull request's preview,
-        which takes no number. `extra_tags` (the gates' outcome) are logged with the record."""
-        import torch
-        import transformers
-
-        digest = settings.digest()
-        params = {
-            **settings.as_params(),
-            **generator.describe(),
-            **{
-                f"generation.{k}": str(v)
-                for k, v in generations.generation_config.items()
-                if v is not None  # settings.json holds the whole config
-            },
-            "settings.source": settings_source,
-            "transformers_version": transformers.__version__,
-            "torch_version": torch.__version__,
-        }
-        self.client.log_batch(
-            run_id,
-            metrics=as_metrics(output_metrics(generator, generations, quality)),
-            params=as_params(params),
-            tags=as_tags(
-                {T.DIGEST: digest, T.MODEL_REVISION: generator.revision, **(extra_tags or {})}
-            ),
-        )
-        self.client.log_text(run_id, format_output(generations.texts), "output.txt")
-        settings_doc = {
-            "settings": settings.effective().model_dump(),
-            "source": settings_source,
-            "digest": digest,
-            "repository": commit.repo_url,
-            "branch": commit.branch,
-            "commit": commit.sha,
-            "model": generator.describe(),
-            "model_choice": settings.model_choice,
-            "generation": generations.generation_config,
-        }
-        self.client.log_dict(run_id, settings_doc, "settings.json")
-        output_digest = self._log_output_table(run_id, commit, generations)
-        if preview is not None:
-            return self._finish_preview(run_id, commit, digest, output_digest, preview)
-        version = numbering.allocate(self, run_id)
-        numbering.publish(
-            self,
-            run_id,
-            version,
-            commit.sha,
-            {T.NOTE: _note(version, commit, settings, generations), T.OUTPUT_DIGEST: output_digest},
-        )
-        return RunRecord(
-            T.NEW,
-            run_id,
-            self.experiment_id,
-            version,
-            commit.sha,
-            digest,
-            self.url(run_id),
-            output_url=self.url(run_id),
-        )
-
-    def _log_output_table(self, run_id: str, commit: CommitInfo, generations: Generations) -> str:
+    def log_output_table(self, run_id: str, commit: CommitInfo, generations: Generations) -> str:
         """The generations as a table artifact and as the run's output dataset; its digest."""
         import pandas as pd
         from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -291,14 +196,13 @@ class Tracker(Experiment):
 
         # Column order matters to MLflow's artifact evaluation view: it groups by the first
         # column and compares the second across runs.
-        table = pd.DataFrame(
-            {
-                "sequence": list(range(1, len(generations.texts) + 1)),
-                "generated_text": generations.texts,
-                "new_tokens": generations.new_tokens,
-                "prompt": [generations.prompt] * len(generations.texts),
-            }
-        )
+        columns = {
+            "sequence": list(range(1, len(generations.texts) + 1)),
+            "generated_text": generations.texts,
+            "new_tokens": generations.new_tokens,
+            "prompt": [generations.prompt] * len(generations.texts),
+        }
+        table = pd.DataFrame(columns)
         self.client.log_table(run_id, table, "generations.json")
         # The output derives from the repository at this commit: that is its source.
         source = CodeDatasetSource(tags={T.SOURCE_NAME: commit.repo_url, T.COMMIT: commit.sha})
@@ -319,11 +223,10 @@ class Tracker(Experiment):
         self.client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[context])])
         return str(dataset.digest)
 
-    def _finish_preview(
+    def finish_preview(
         self, run_id: str, commit: CommitInfo, digest: str, output_digest: str, pr: int
     ) -> RunRecord:
         """End a pull request's preview run FINISHED: recorded, tagged, never numbered."""
-        first_line = commit.message.splitlines()[0] if commit.message else ""
         preview = {
             T.OUTCOME: T.PREVIEW,
             T.PREVIEW_PR: str(pr),
@@ -331,34 +234,15 @@ class Tracker(Experiment):
             T.RUN_NAME: f"PR #{pr} preview {commit.short_sha}",
             T.NOTE: (
                 f"**Preview of pull request #{pr}** at commit `{commit.short_sha}`: "
-                f"{first_line}\n\n"
+                f"{commit.message.splitlines()[0] if commit.message else ''}\n\n"
                 "A preview is recorded for comparison and never becomes a numbered version."
             ),
         }
-        self.client.log_batch(run_id, tags=as_tags(preview))
-        self.client.set_terminated(run_id, "FINISHED")
+        self.finish(run_id, preview)
+        url = self.url(run_id)
         return RunRecord(
-            T.PREVIEW,
-            run_id,
-            self.experiment_id,
-            None,
-            commit.sha,
-            digest,
-            self.url(run_id),
-            output_url=self.url(run_id),
+            T.PREVIEW, run_id, self.experiment_id, None, commit.sha, digest, url, output_url=url
         )
-
-
-def _note(
-    version: int, commit: CommitInfo, settings: GenerationSettings, generations: Generations
-) -> str:
-    first = generations.texts[0] if generations.texts else ""
-    return (
-        f"**Version {version}** from commit `{commit.short_sha}` on `{commit.branch}`: "
-        f"{commit.message.splitlines()[0] if commit.message else ''}\n\n"
-        f"Model `{settings.model}`, seed {settings.random_seed}, "
-        f"{len(generations.texts)} sequences.\n\n> {first}"
-    )
 
 
 @task(name="log-to-mlflow", cache_policy=NO_CACHE)
@@ -374,22 +258,56 @@ def log_to_mlflow(
     extra_tags: dict[str, str] | None = None,
     preview: int | None = None,
 ) -> RunRecord:
-    """Record the output as a new numbered version (or a pull request's preview): tags,
-    params, metrics, artifacts, dataset."""
-    record = tracker.record_generation(
-        run_id,
-        commit,
-        settings,
-        settings_source,
-        generator,
-        generations,
-        quality,
-        extra_tags,
-        preview,
-    )
-    logger = get_run_logger()
+    """Record a new output (tags, params, metrics, artifacts, dataset; `extra_tags`: the gates'
+    outcome) and end the run: the next numbered version, or pull request `preview`'s preview."""
+    import torch
+    import transformers
+
+    digest = settings.digest()
+    # Only the knobs that are set: settings.json holds the whole config.
+    knobs = {k: v for k, v in generations.generation_config.items() if v is not None}
+    params = {
+        **settings.as_params(),
+        **generator.describe(),
+        **{f"generation.{k}": str(v) for k, v in knobs.items()},
+        "settings.source": settings_source,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+    metrics = as_metrics(output_metrics(generator, generations, quality))
+    tags = {T.DIGEST: digest, T.MODEL_REVISION: generator.revision, **(extra_tags or {})}
+    tracker.client.log_batch(run_id, metrics=metrics, params=as_params(params), tags=as_tags(tags))
+    tracker.client.log_text(run_id, format_output(generations.texts), "output.txt")
+    settings_doc = {
+        "settings": settings.effective().model_dump(),
+        "source": settings_source,
+        "digest": digest,
+        "repository": commit.repo_url,
+        "branch": commit.branch,
+        "commit": commit.sha,
+        "model": generator.describe(),
+        "model_choice": settings.model_choice,
+        "generation": generations.generation_config,
+    }
+    tracker.client.log_dict(run_id, settings_doc, "settings.json")
+    output_digest = tracker.log_output_table(run_id, commit, generations)
     if preview is not None:
-        logger.info("Recorded the preview of PR #%s as MLflow run %s", preview, record.run_id)
-    else:
-        logger.info("Recorded version %s as MLflow run %s", record.version, record.run_id)
-    return record
+        record = tracker.finish_preview(run_id, commit, digest, output_digest, preview)
+        get_run_logger().info("Recorded the preview of PR #%s as MLflow run %s", preview, run_id)
+        return record
+    version = numbering.allocate(tracker, run_id)
+    first = generations.texts[0] if generations.texts else ""
+    note = (
+        f"**Version {version}** from commit `{commit.short_sha}` on `{commit.branch}`: "
+        f"{commit.message.splitlines()[0] if commit.message else ''}\n\n"
+        f"Model `{settings.model}`, seed {settings.random_seed}, "
+        f"{len(generations.texts)} sequences.\n\n> {first}"
+    )
+    numbering.publish(
+        tracker, run_id, version, commit.sha, {T.NOTE: note, T.OUTPUT_DIGEST: output_digest}
+    )
+    get_run_logger().info("Recorded version %s as MLflow run %s", version, run_id)
+    url = tracker.url(run_id)
+    return RunRecord(
+        T.NEW, run_id, tracker.experiment_id, version, commit.sha, digest, url, output_url=url
+    )

@@ -28,14 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.bounded import load_yaml, show
 from tasks.errors import SettingsError
 from tasks.globs import glob_match, matches_patterns, pattern_list
-from tasks.repo import (
-    ZERO_SHA,
-    CommitInfo,
-    changed_between,
-    has_commit,
-    is_ancestor,
-    merge_base,
-)
+from tasks.repo import ZERO_SHA, CommitInfo, changed_between, has_commit, is_ancestor, merge_base
 
 WORKFLOWS_DIR = ".gradient/workflows"
 
@@ -57,14 +50,12 @@ class WorkflowTrigger:
     def decide(self, branch: str, changed: tuple[str, ...] | None) -> tuple[bool, str]:
         """Whether a push of `changed` files to `branch` runs, and why."""
         if self.branches and not any(glob_match(b, branch) for b in self.branches):
-            return (
-                False,
-                f"{self.source}: branch {branch!r} is not in branches.only {list(self.branches)}",
+            return False, (
+                f"{self.source}: branch {branch!r} is not in branches.only {list(self.branches)}"
             )
         if changed is None:
-            return (
-                True,
-                f"{self.source}: the changed files are unknown, so the path filters cannot skip",
+            return True, (
+                f"{self.source}: the changed files are unknown, so the path filters cannot skip"
             )
         if not changed:
             return False, f"{self.source}: the push changed no files"
@@ -115,28 +106,32 @@ class PullRequestTrigger:
                 f"{self.source}: base branch {base!r} matches pull_request.branches-ignore "
                 f"{list(self.branches_ignore)}"
             )
-        filters = WorkflowTrigger(self.source, (), self.paths, self.paths_ignore)
         if changed is not None and not changed:
             return False, f"{self.source}: the pull request changes no files"
+        filters = WorkflowTrigger(self.source, (), self.paths, self.paths_ignore)
         run, reason = filters.decide(base, changed)
-        return run, reason.replace("a push to", "a pull request into").replace(
-            "the push changed", "the pull request changes"
-        )
+        reason = reason.replace("a push to", "a pull request into")
+        return run, reason.replace("the push changed", "the pull request changes")
 
 
-def _pull_request_trigger(value: Any, source: str) -> PullRequestTrigger:
-    """Parse `on.github.pull_request` (null or a mapping of GitHub Actions filters)."""
-    where = f"{source}: on.github.pull_request"
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise SettingsError(f"{where} must be a mapping (or empty), got {show(value)}")
-    allowed = ("branches", "branches-ignore", "paths", "paths-ignore")
-    unknown = set(value) - set(allowed)
-    if unknown:
+def _check_keys(value: dict[Any, Any], allowed: tuple[str, ...], where: str) -> None:
+    """Refuse keys outside `allowed`, naming them and what is allowed."""
+    if unknown := set(value) - set(allowed):
         raise SettingsError(
             f"{where} has unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}"
         )
+
+
+def _pull_request(github: dict[Any, Any], source: str) -> PullRequestTrigger | None:
+    """Parse `on.github.pull_request` (absent, null or a mapping of GitHub Actions filters)."""
+    if "pull_request" not in github:
+        return None
+    where = f"{source}: on.github.pull_request"
+    value = {} if github["pull_request"] is None else github["pull_request"]
+    if not isinstance(value, dict):
+        raise SettingsError(f"{where} must be a mapping (or empty), got {show(value)}")
+    allowed = ("branches", "branches-ignore", "paths", "paths-ignore")
+    _check_keys(value, allowed, where)
     for a, b in (("branches", "branches-ignore"), ("paths", "paths-ignore")):
         if a in value and b in value:
             raise SettingsError(f"{where} has both {a} and {b}; use one of them")
@@ -144,13 +139,8 @@ def _pull_request_trigger(value: Any, source: str) -> PullRequestTrigger:
     def patterns(key: str) -> tuple[str, ...] | None:
         return tuple(pattern_list(value[key], f"{where}.{key}")) if key in value else None
 
-    return PullRequestTrigger(
-        source,
-        patterns("branches"),
-        patterns("branches-ignore"),
-        patterns("paths"),
-        patterns("paths-ignore"),
-    )
+    # The fields in the order of `allowed`.
+    return PullRequestTrigger(source, *(patterns(key) for key in allowed))
 
 
 def parse_workflow(text: bytes, source: str) -> WorkflowTrigger | None:
@@ -167,43 +157,32 @@ def parse_workflow(text: bytes, source: str) -> WorkflowTrigger | None:
         raise SettingsError(f"{source}: on.github must be a mapping, got {show(github)}")
     branches_doc = github.get("branches")
     if isinstance(branches_doc, dict):
-        unknown = set(branches_doc) - {"only"}
-        if unknown:
-            raise SettingsError(
-                f"{source}: on.github.branches has unknown keys {sorted(unknown)}; allowed: only"
-            )
+        _check_keys(branches_doc, ("only",), f"{source}: on.github.branches")
         branches = pattern_list(branches_doc.get("only"), f"{source}: on.github.branches.only")
     else:
         branches = pattern_list(branches_doc, f"{source}: on.github.branches")
-    paths = github.get("paths")
-    ignore = github.get("paths-ignore")
-    if paths is not None and ignore is not None:
+    if github.get("paths") is not None and github.get("paths-ignore") is not None:
         raise SettingsError(f"{source}: on.github has both paths and paths-ignore; use one of them")
-    unknown_keys = set(github) - {"branches", "paths", "paths-ignore", "pull_request"}
-    if unknown_keys:
-        raise SettingsError(
-            f"{source}: on.github has unknown keys {sorted(unknown_keys)}; "
-            f"allowed: branches, paths, paths-ignore, pull_request"
-        )
-    return WorkflowTrigger(
-        source=source,
-        branches=tuple(branches),
-        paths=None if paths is None else tuple(pattern_list(paths, f"{source}: on.github.paths")),
-        paths_ignore=None
-        if ignore is None
-        else tuple(pattern_list(ignore, f"{source}: on.github.paths-ignore")),
-        pull_request=_pull_request_trigger(github["pull_request"], source)
-        if "pull_request" in github
-        else None,
-    )
+    allowed = ("branches", "paths", "paths-ignore", "pull_request")
+    _check_keys(github, allowed, f"{source}: on.github")
+
+    def patterns(key: str) -> tuple[str, ...] | None:
+        value = github.get(key)
+        return None if value is None else tuple(pattern_list(value, f"{source}: on.github.{key}"))
+
+    paths, ignore = patterns("paths"), patterns("paths-ignore")
+    return WorkflowTrigger(source, tuple(branches), paths, ignore, _pull_request(github, source))
+
+
+def workflow_files(commit: CommitInfo) -> list[str]:
+    """The workflow specs at the commit: `.gradient/workflows/*.yaml` (and `*.yml`)."""
+    return [p for p in commit.list_files(WORKFLOWS_DIR) if p.endswith((".yaml", ".yml"))]
 
 
 def load_triggers(commit: CommitInfo) -> list[WorkflowTrigger]:
     """Every `on.github` trigger in `.gradient/workflows/*.yaml` at the commit."""
     triggers = []
-    for path in commit.list_files(WORKFLOWS_DIR):
-        if not path.endswith((".yaml", ".yml")):
-            continue
+    for path in workflow_files(commit):
         text = commit.read_file(path)
         if text is None:
             continue
@@ -222,13 +201,11 @@ def decide_push(
     return _any_selects([t.decide for t in triggers], branch, changed)
 
 
-def _any_selects(
-    deciders: list[Any], branch: str, changed: tuple[str, ...] | None
-) -> tuple[bool, str]:
-    """The first decider that runs it, with its reason; else every one's reason."""
+def _any_selects(rules: list[Any], ref: str, changed: tuple[str, ...] | None) -> tuple[bool, str]:
+    """The first rule (a `decide` method) that runs it, with its reason; else every one's reason."""
     reasons = []
-    for decide in deciders:
-        run, reason = decide(branch, changed)
+    for decide in rules:
+        run, reason = decide(ref, changed)
         if run:
             return True, reason
         reasons.append(reason)
@@ -246,61 +223,48 @@ def decide_preview(
 
 
 def changed_since(
-    commit: CommitInfo,
-    bases: list[str | None],
-    reported: list[str] | None,
+    commit: CommitInfo, bases: list[str | None], reported: list[str] | None
 ) -> tuple[tuple[str, ...] | None, str]:
     """The files whose content differs between a base and `commit`, from the first base the
     mirror has (the last handled commit, then the push's `before`); else the paths the push
     reported, else unknown (None: the run goes ahead). Returns them and how they were found.
 
     The diff is between the two trees, whatever their ancestry: after a force-push it holds
-    what the rewritten history changed and what it dropped, not only the new tip's own change.
-    """
+    what the rewritten history changed and what it dropped, not only the new tip's own change."""
     for base in bases:
         if base and base != ZERO_SHA and base != commit.sha and has_commit(commit.mirror, base):
-            relation = (
-                "" if is_ancestor(commit.mirror, base, commit.sha) else " (history rewritten)"
-            )
-            return (
-                changed_between(commit.mirror, base, commit.sha),
-                f"git diff {base[:7]}..{commit.short_sha}{relation}",
-            )
+            how = f"git diff {base[:7]}..{commit.short_sha}"
+            if not is_ancestor(commit.mirror, base, commit.sha):
+                how += " (history rewritten)"
+            return changed_between(commit.mirror, base, commit.sha), how
     if reported is not None:
         return tuple(sorted(set(reported))), "the push payload"
     return None, "no earlier commit to compare with"
 
 
+def _listing(changed: tuple[str, ...] | None) -> str:
+    """How many files changed, and the first ten, for the log."""
+    return "unknown" if changed is None else f"{len(changed)}: {', '.join(changed[:10])}"
+
+
 @task(name="filter-push", cache_policy=NO_CACHE)
 def filter_push(
-    commit: CommitInfo,
-    last_handled: str | None,
-    before: str | None,
-    reported: list[str] | None,
+    commit: CommitInfo, last_handled: str | None, before: str | None, reported: list[str] | None
 ) -> tuple[bool, str, str]:
-    """Whether an automatic run of `commit` goes ahead: (run, reason, kind of skip).
-
-    A commit that is no longer the branch's tip is superseded: the newer push runs instead.
-    Otherwise the workflow specs at the commit decide, on the files changed since the last
-    commit an automatic run handled (or since `before`).
-    """
+    """Whether an automatic run of `commit` goes ahead: (run, reason, kind of skip). A commit
+    that is no longer the branch's tip is superseded (the newer push runs instead); otherwise
+    the workflow specs at the commit decide, on the files changed since the last commit an
+    automatic run handled (or since `before`)."""
     logger = get_run_logger()
     tip = commit.branch_tip
     if tip and tip != commit.sha:
-        how = (
-            "moved on from it to"
-            if is_ancestor(commit.mirror, commit.sha, tip)
-            else "been rewritten to"
-        )
+        moved = is_ancestor(commit.mirror, commit.sha, tip)
+        how = "moved on from it to" if moved else "been rewritten to"
         reason = f"superseded: {commit.branch} has {how} {tip[:7]}, whose push runs instead"
         logger.info("Skipping %s: %s", commit.short_sha, reason)
         return False, reason, "superseded"
     changed, how = changed_since(commit, [last_handled, before], reported)
-    logger.info(
-        "Changed files (from %s): %s",
-        how,
-        "unknown" if changed is None else f"{len(changed)}: {', '.join(changed[:10])}",
-    )
+    logger.info("Changed files (from %s): %s", how, _listing(changed))
     run, reason = decide_push(load_triggers(commit), commit.branch, changed)
     logger.info("%s %s: %s", "Running" if run else "Skipping", commit.short_sha, reason)
     return run, reason, "filtered"
@@ -308,12 +272,10 @@ def filter_push(
 
 @task(name="filter-preview", cache_policy=NO_CACHE)
 def filter_preview(commit: CommitInfo, base: str, pull_ref: str) -> tuple[bool, str, str]:
-    """Whether a pull request's preview of `commit` goes ahead: (run, reason, kind of skip).
-
-    A head the pull request has since moved on from is superseded (its newer push previews
+    """Whether a pull request's preview of `commit` goes ahead: (run, reason, kind of skip). A
+    head the pull request has since moved on from is superseded (its newer push previews
     instead); otherwise the workflow specs at the head decide, on the files the pull request
-    changes (from the merge base with `base` to the head), as GitHub Actions does.
-    """
+    changes (from the merge base with `base` to the head), as GitHub Actions does."""
     logger = get_run_logger()
     tip = commit.pull_tip
     if tip and tip != commit.sha:
@@ -325,10 +287,7 @@ def filter_preview(commit: CommitInfo, base: str, pull_ref: str) -> tuple[bool, 
         base_sha = merge_base(commit.mirror, commit.branch_tip, commit.sha)
         if base_sha:
             changed = changed_between(commit.mirror, base_sha, commit.sha)
-    logger.info(
-        "Files the pull request changes: %s",
-        "unknown" if changed is None else f"{len(changed)}: {', '.join(changed[:10])}",
-    )
+    logger.info("Files the pull request changes: %s", _listing(changed))
     run, reason = decide_preview(load_triggers(commit), base, changed)
     logger.info("%s preview of %s: %s", "Running" if run else "Skipping", commit.short_sha, reason)
     return run, reason, "filtered"

@@ -1,9 +1,7 @@
 """Reading the record back: every MLflow query for a repository's versions and runs, written once.
-
 The flow asks which version a commit already has and what the branch's latest is; the reports
 list, compare and chart versions; the service finds the MLflow run of a flow run. A git branch
-name may hold quotes, so branches are compared here, never put in a query.
-"""
+name may hold quotes, so branches are compared here, never put in a query."""
 
 from __future__ import annotations
 
@@ -40,29 +38,22 @@ def find_version(
 
 def latest_version(experiment: Experiment, branch: str) -> Any | None:
     """The run of the branch's latest numbered version (the base gates compare with)."""
-    runs = experiment.search(
-        f"{NEW_VERSIONS} and {FINISHED}", [f"tags.`{T.VERSION_KEY}` DESC"], 200
-    )
+    highest_first = [f"tags.`{T.VERSION_KEY}` DESC"]
+    runs = experiment.search(f"{NEW_VERSIONS} and {FINISHED}", highest_first, 200)
     return next((r for r in runs if r.data.tags.get(T.BRANCH) == branch), None)
 
 
 def last_handled_commit(
     experiment: Experiment, branch: str, triggers: Collection[str]
 ) -> str | None:
-    """The commit of the latest automatic run on `branch` that was not superseded.
-
-    Changes since that commit are what a new push brings, even when pushes in between were
-    superseded before they ran.
-    """
+    """The commit of the latest automatic run on `branch` that was not superseded: changes since
+    it are what a new push brings, even when pushes in between were superseded before they ran."""
     for run in experiment.search(FINISHED, NEWEST_FIRST, 200):
         found = run.data.tags
-        if found.get(T.BRANCH) != branch:
-            continue
-        if found.get(T.TRIGGER) not in triggers or T.COMMIT not in found:
-            continue
-        if found.get(T.OUTCOME) == T.SKIPPED and found.get(T.SKIP_KIND) == "superseded":
-            continue
-        return str(found[T.COMMIT])
+        handled = found.get(T.BRANCH) == branch and found.get(T.TRIGGER) in triggers
+        superseded = found.get(T.OUTCOME) == T.SKIPPED and found.get(T.SKIP_KIND) == "superseded"
+        if handled and T.COMMIT in found and not superseded:
+            return str(found[T.COMMIT])
     return None
 
 
@@ -85,8 +76,7 @@ def history(experiment: Experiment, filters: list[str], limit: int) -> list[Any]
 
 
 def ended_run_of(experiment: Experiment, sha: str, triggers: Collection[str]) -> bool:
-    """Whether a run of commit `sha` started by one of `triggers` has ended, whatever its
-    outcome."""
+    """Whether a run of `sha` started by one of `triggers` has ended, whatever its outcome."""
     found = experiment.search(
         f"tags.`{T.COMMIT}` = '{sha}' and attributes.status != 'RUNNING'", max_results=50
     )
@@ -101,17 +91,13 @@ def latest_per_repository() -> list[dict[str, Any]]:
         repo = experiment.tags.get(T.EXPERIMENT_REPO)
         if not repo:
             continue
-        runs = Experiment(client, experiment.experiment_id, repo)
-        newest = numbered(runs, limit=1)
-        if not newest:
-            continue
-        run = newest[0]
-        versions.append(
-            {
-                "repository": repo,
-                "version": int(run.data.tags.get(T.VERSION, "0") or 0),
-                "commit": run.data.tags.get(T.COMMIT, "")[:7],
-                "url": run_url(experiment.experiment_id, run.info.run_id),
-            }
-        )
+        for run in numbered(Experiment(client, experiment.experiment_id, repo), limit=1):
+            versions.append(
+                {
+                    "repository": repo,
+                    "version": int(run.data.tags.get(T.VERSION, "0") or 0),
+                    "commit": run.data.tags.get(T.COMMIT, "")[:7],
+                    "url": run_url(experiment.experiment_id, run.info.run_id),
+                }
+            )
     return versions

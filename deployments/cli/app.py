@@ -56,42 +56,11 @@ NotifyUrl = Annotated[
         "--notify-url", help="Webhook URL notified of failed and crashed runs (a Prefect block)."
     ),
 ]
-Host = Annotated[str, typer.Option("--host", help="Receiver address.")]
-Port = Annotated[int, typer.Option("--port", help="Receiver port.")]
-Poll = Annotated[
-    float | None,
-    typer.Option(
-        "--poll",
-        metavar="SECONDS",
-        help="Also poll the remote every SECONDS, for remotes that send no webhook.",
-    ),
-]
 SecretFile = Annotated[
     str | None,
     typer.Option(
         "--secret-file",
         help=f"File holding the webhook secret (default: ${config.WEBHOOK_SECRET.name}).",
-    ),
-]
-Insecure = Annotated[
-    bool,
-    typer.Option(
-        "--insecure", help="Accept unsigned deliveries when no secret is set (local use only)."
-    ),
-]
-PrefectPort = Annotated[
-    int,
-    typer.Option(
-        "--prefect-port",
-        help="Port of the local Prefect server started when PREFECT_API_URL is unset.",
-    ),
-]
-ServedLinks = Annotated[
-    str | None,
-    typer.Option(
-        "--links",
-        help="Serve every repository of this links file (default: the links file in the data "
-        "folder, when --repo is not given and it links any).",
     ),
 ]
 
@@ -112,10 +81,8 @@ def version() -> str:
         except PackageNotFoundError:
             return "not installed"
 
-    return (
-        f"{of('nlp-text-generation')} (prefect {of('prefect')}, mlflow {of('mlflow')}, "
-        f"transformers {of('transformers')}, torch {of('torch')})"
-    )
+    stack = ", ".join(f"{n} {of(n)}" for n in ("prefect", "mlflow", "transformers", "torch"))
+    return f"{of('nlp-text-generation')} ({stack})"
 
 
 def _print_version(value: bool) -> None:
@@ -144,12 +111,9 @@ def _options(
     ctx.obj = {"verbose": verbose}
     if not ctx.resilient_parsing:  # not while completing a command line
         config.check()  # a bad TEXTGEN_* value fails here, naming it, before anything runs
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    level = logging.DEBUG if verbose else logging.INFO
+    line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=line, stream=sys.stderr, force=True)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

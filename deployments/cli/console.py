@@ -12,8 +12,7 @@ from tasks.errors import TextgenError
 class ExpectedErrors(logging.Filter):
     """Keeps an expected failure (a `TextgenError`: bad settings, unreachable repository,
     missing model) off the console: `textgen` prints its one message. Prefect's tracebacks and
-    state lines about it still reach the Prefect and MLflow records, and `--verbose` shows them.
-    """
+    state lines about it still reach the Prefect and MLflow records, and `--verbose` shows them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,8 +29,7 @@ class ExpectedErrors(logging.Filter):
                 text = record.getMessage()
             except (TypeError, ValueError):  # a record whose arguments do not fit: shown
                 return True
-            if any(mark and mark in text for mark in self.seen):
-                return False
+            return not any(mark and mark in text for mark in self.seen)
         return True
 
 

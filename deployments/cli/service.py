@@ -9,23 +9,42 @@ from typing import Annotated, Any
 
 import typer
 
-from deployments.cli.app import (
-    Branch,
-    Host,
-    Insecure,
-    Json,
-    Poll,
-    Port,
-    PrefectPort,
-    Repo,
-    SecretFile,
-    ServedLinks,
-    app,
-    export_credentials,
-    location,
-)
+from deployments.cli.app import Branch, Json, Repo, SecretFile, app, export_credentials, location
 from tasks.errors import SettingsError
 from tasks.names import DEFAULT_DEPLOYMENT, FLOW_NAME
+
+# The options serve and receive share.
+Host = Annotated[str, typer.Option("--host", help="Receiver address.")]
+Port = Annotated[int, typer.Option("--port", help="Receiver port.")]
+Poll = Annotated[
+    float | None,
+    typer.Option(
+        "--poll",
+        metavar="SECONDS",
+        help="Also poll the remote every SECONDS, for remotes that send no webhook.",
+    ),
+]
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure", help="Accept unsigned deliveries when no secret is set (local use only)."
+    ),
+]
+PrefectPort = Annotated[
+    int,
+    typer.Option(
+        "--prefect-port",
+        help="Port of the local Prefect server started when PREFECT_API_URL is unset.",
+    ),
+]
+ServedLinks = Annotated[
+    str | None,
+    typer.Option(
+        "--links",
+        help="Serve every repository of this links file (default: the links file in the data "
+        "folder, when --repo is not given and it links any).",
+    ),
+]
 
 
 def _served(
@@ -59,11 +78,10 @@ def _served(
                 f"(`textgen link add URL --name {unsigned[0]} --secret env:NAME`), or pass "
                 f"--insecure to accept its unsigned deliveries (local use only)"
             )
-        targets = [Served.of(link) for link in links]
         poll = {
             link.name: link.poll or (60.0 if link.provider == "poll" else 0.0) for link in links
         }
-        return targets, poll, {link.name: link.name for link in links}
+        return [Served.of(link) for link in links], poll, {link.name: link.name for link in links}
     secret = read_secret(secret_file, insecure)
     where = location(repo)
     export_credentials(where)
@@ -96,8 +114,7 @@ def status(
     from deployments.service.status import look, render, wait_until_idle
 
     if env:
-        api = known_api()
-        if not api:
+        if not (api := known_api()):
             raise SettingsError(
                 "no Prefect server of `textgen serve` is running here, and PREFECT_API_URL is "
                 "unset: start `textgen serve` first"
@@ -126,8 +143,7 @@ def ui(
         print(f"runs are recorded on the tracking server {uri}: open it in a browser")
         return 0
     prepare(host, port, "--port")
-    print(f"MLflow UI on http://{host}:{port} for {uri}")
-    sys.stdout.flush()
+    print(f"MLflow UI on http://{host}:{port} for {uri}", flush=True)
     os.execv(sys.executable, server_command(host, port))
     return 0  # pragma: no cover - execv does not return
 
@@ -156,16 +172,7 @@ def serve(
     from deployments.service.serve import run_service
 
     targets, intervals, names = _served(repo, branch, links, insecure, secret_file, poll, name)
-    return run_service(
-        targets,
-        host=host,
-        port=port,
-        poll=intervals,
-        names=names,
-        prefect_port=prefect_port,
-        runs=runs,
-        ui_port=ui_port,
-    )
+    return run_service(targets, host, port, intervals, names, prefect_port, runs, ui_port)
 
 
 @app.command()
@@ -196,9 +203,8 @@ def receive(
     """Run only the push receiver, for deployments served by a work pool's workers."""
     from deployments.service.serve import run_receiver
 
-    targets, intervals, names = _served(
-        repo, branch, links, insecure, secret_file, poll, DEFAULT_DEPLOYMENT
-    )
+    served = _served(repo, branch, links, insecure, secret_file, poll, DEFAULT_DEPLOYMENT)
+    targets, intervals, names = served
     if len(names) == 1 and targets[0].name == targets[0].repo.key:  # --repo
         wanted_name = deployment.split("/", 1)[-1]
         wanted = {targets[0].name: wanted_name} if wanted_name else {}

@@ -25,13 +25,8 @@ def hook_install(
     """Report pushes to a repository on this machine to the receiver."""
     from deployments.hook import install
 
-    written = install(
-        Path(path).expanduser().resolve(),
-        url,
-        Path(secret_file).expanduser() if secret_file else None,
-        force=force,
-    )
-    for item in written:
+    secret = Path(secret_file).expanduser() if secret_file else None
+    for item in install(Path(path).expanduser().resolve(), url, secret, force=force):
         print(f"installed {item}")
     return 0
 

@@ -72,8 +72,7 @@ def team_up(
     print(f"Prefect UI and API: http://127.0.0.1:{ports.prefect} ({team.prefect_api})")
     print(f"MLflow UI and tracking: {team.mlflow_uri}")
     print(f"Receiver: http://127.0.0.1:{ports.receiver}/webhooks/github (also gitea, gitlab)")
-    print(f"{workers} worker(s); logs in {folder / 'logs'}. Ctrl-C stops everything.")
-    sys.stdout.flush()
+    print(f"{workers} worker(s); logs in {folder / 'logs'}. Ctrl-C stops everything.", flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:

@@ -48,9 +48,8 @@ def run(
     warnings = []
     pending = [] if commit else uncommitted_changes(where.url, branch)
     if pending:
-        shown = ", ".join(pending[:8]) + (
-            f" and {len(pending) - 8} more" if len(pending) > 8 else ""
-        )
+        more = f" and {len(pending) - 8} more" if len(pending) > 8 else ""
+        shown = ", ".join(pending[:8]) + more
         warnings.append(
             f"uncommitted changes in {where.url} are not part of this run: {shown}. Runs read "
             f"the files committed on {branch}; commit them to run them"
@@ -110,6 +109,7 @@ def history(
     json_: Json = False,
 ) -> int:
     """List the runs and output versions of a repository."""
+    from deployments.reports.charts import history_chart
     from deployments.reports.history import history_rows
     from deployments.reports.tables import render_rows
     from tasks.bounded import shorten
@@ -117,8 +117,6 @@ def history(
     where = location(repo).url
     rows = history_rows(where, limit, since, commit, model)
     if plot:
-        from deployments.reports.charts import history_chart
-
         Path(plot).write_text(history_chart(where), encoding="utf-8")
         print(f"wrote {plot}", file=sys.stderr)
     if json_:
@@ -128,15 +126,12 @@ def history(
         print("no runs yet")
         return 0
     gates = any(row["gates"] for row in rows)  # a column only for repositories with gates
-    print(
-        render_rows(
-            [
-                {k: v for k, v in row.items() if gates or k != "gates"}
-                | {"reason": shorten(row["reason"], 72, one_line=True)}
-                for row in rows
-            ]
-        )
-    )
+    shown = [
+        {k: v for k, v in row.items() if gates or k != "gates"}
+        | {"reason": shorten(row["reason"], 72, one_line=True)}
+        for row in rows
+    ]
+    print(render_rows(shown))
     return 0
 
 
@@ -171,9 +166,8 @@ def compare(
         print(f"wrote {html}", file=sys.stderr)
     if json_:
         print(json.dumps(comparison.as_dict(), indent=2))
-        return 0
-    if markdown:
+    elif markdown:
         sys.stdout.write(render_markdown(comparison))
-        return 0
-    sys.stdout.write(render_text(comparison, color=sys.stdout.isatty() and not no_color))
+    else:
+        sys.stdout.write(render_text(comparison, color=sys.stdout.isatty() and not no_color))
     return 0

@@ -20,22 +20,10 @@ logger = logging.getLogger(__name__)
 
 def server_command(host: str, port: int) -> list[str]:
     """`mlflow server` on the store the runs are recorded in."""
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        tracking_uri(),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",  # one person's browser; each worker is a process holding MLflow
-    ]
-    root = artifact_root()
-    if root:
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri()]
+    # One worker: one person's browser; each worker is a process holding MLflow.
+    command += ["--host", host, "--port", str(port), "--workers", "1"]
+    if root := artifact_root():
         command += ["--default-artifact-root", root]
     return command
 
@@ -55,11 +43,9 @@ class MlflowUI:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
+        env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
         self.child = Child(
-            "mlflow-ui",
-            server_command(host, port),
-            {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
-            data_dir() / "mlflow-ui.log",
+            "mlflow-ui", server_command(host, port), env, data_dir() / "mlflow-ui.log"
         )
         self.stopped = threading.Event()
 

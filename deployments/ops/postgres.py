@@ -1,6 +1,5 @@
 """PostgreSQL for the team service: Debian's package, a cluster in a folder of its own, on
-127.0.0.1, with password authentication.
-"""
+127.0.0.1, with password authentication."""
 
 from __future__ import annotations
 
@@ -20,8 +19,7 @@ DATABASES = ("prefect", "mlflow")
 
 def postgres_tool(name: str) -> str:
     """A PostgreSQL program: on PATH, else from Debian's /usr/lib/postgresql/<version>/bin."""
-    found = shutil.which(name)
-    if found:
+    if found := shutil.which(name):
         return found
     candidates = sorted(
         glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
@@ -60,10 +58,9 @@ class Postgres:
     def _as_owner(self, command: list[str]) -> list[str]:
         return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
-    def _run(self, command: list[str], what: str) -> None:
-        result = subprocess.run(
-            self._as_owner(command), capture_output=True, text=True, timeout=180, cwd="/"
-        )
+    def _run(self, tool: str, args: list[str], what: str) -> None:
+        command = self._as_owner([postgres_tool(tool), *args])
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd="/")
         if result.returncode != 0:
             raise ServeError(f"{what} failed ({result.returncode}): {result.stderr[-2000:]}")
 
@@ -73,6 +70,7 @@ class Postgres:
 
     def start(self) -> None:
         """Initialise the cluster once, start it, and create the databases it lacks."""
+        data = str(self.folder / "data")
         if not (self.folder / "PG_VERSION").exists():
             self.folder.mkdir(parents=True, exist_ok=True)
             password = self.password
@@ -87,56 +85,25 @@ class Postgres:
                         f"the postgres user cannot reach {self.folder}: choose a folder whose "
                         f"parents it may enter (for example under /var/lib or /tmp)"
                     )
+            auth = [f"--pwfile={pw.name}", "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"]
             try:
-                self._run(
-                    [
-                        postgres_tool("initdb"),
-                        "-D",
-                        str(self.folder / "data"),
-                        "-U",
-                        DB_USER,
-                        f"--pwfile={pw.name}",
-                        "--auth=scram-sha-256",
-                        "--encoding=UTF8",
-                        "--no-locale",
-                    ],
-                    "initdb",
-                )
+                self._run("initdb", ["-D", data, "-U", DB_USER, *auth], "initdb")
             finally:
                 os.unlink(pw.name)
             (self.folder / "PG_VERSION").write_text("see data/\n")
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} "
-            f"-c unix_socket_directories={self.folder / 'data'} -c max_connections=200"
+            f"-c unix_socket_directories={data} -c max_connections=200"
         )
-        self._run(
-            [
-                postgres_tool("pg_ctl"),
-                "-D",
-                str(self.folder / "data"),
-                "-l",
-                str(self.folder / "data" / "postgres.log"),
-                "-o",
-                options,
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-            "pg_ctl start",
-        )
+        start = ["-D", data, "-l", f"{data}/postgres.log", "-o", options, "-w", "-t", "60", "start"]
+        self._run("pg_ctl", start, "pg_ctl start")
         self._create_databases()
 
     def _create_databases(self) -> None:
         import psycopg2
 
-        connection = psycopg2.connect(
-            host="127.0.0.1",
-            port=self.port,
-            user=DB_USER,
-            password=self.password,
-            dbname="postgres",
-        )
+        server = {"host": "127.0.0.1", "port": self.port, "user": DB_USER}
+        connection = psycopg2.connect(**server, password=self.password, dbname="postgres")
         try:
             connection.autocommit = True
             with connection.cursor() as cursor:
@@ -151,10 +118,8 @@ class Postgres:
         """Stop the cluster (fast shutdown), if it runs."""
         if not (self.folder / "data" / "postmaster.pid").exists():
             return
-        self._run(
-            [postgres_tool("pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop"],
-            "pg_ctl stop",
-        )
+        stop = ["-D", str(self.folder / "data"), "-m", "fast", "-w", "stop"]
+        self._run("pg_ctl", stop, "pg_ctl stop")
 
     def environment(self) -> dict[str, str]:
         """What a client needs besides the URL."""

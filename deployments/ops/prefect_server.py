@@ -59,10 +59,8 @@ def known_api() -> str | None:
 
 
 class LocalPrefectServer:
-    """A `prefect server start` child process on 127.0.0.1, restarted if it dies.
-
-    Its data (SQLite database, log, and `server.json` while it runs) live in `home`.
-    """
+    """A `prefect server start` child process on 127.0.0.1, restarted if it dies; its data
+    (SQLite database, log, and `server.json` while it runs) live in `home`."""
 
     def __init__(self, port: int = 4200, home: Path | None = None) -> None:
         self.home = home or prefect_home()
@@ -85,13 +83,10 @@ class LocalPrefectServer:
 
     def _spawn(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "prefect", "server", "start"]
-        self.child = Child(
-            "prefect-server",
-            [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-            self.environment(),
-            self.home / "server.log",
-        ).start()
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port)]
+        log = self.home / "server.log"
+        self.child = Child("prefect-server", command, self.environment(), log).start()
         self.pid = self.child.pid
 
     def healthy(self) -> bool:
@@ -113,11 +108,8 @@ class LocalPrefectServer:
         write_atomic(self.home / "server.json", json.dumps({"url": self.url, "pid": self.pid}))
 
     def start(self, timeout: float = 120.0, adopt: bool = False) -> None:
-        """Start the server (again, on the same port and data) and wait until it answers.
-
-        With `adopt`, a server left running by an earlier service of this data folder is used
-        instead of starting a second one.
-        """
+        """Start the server (again, on the same port and data) and wait until it answers; with
+        `adopt`, use a server an earlier service of this data folder left running instead."""
         self.stopping = threading.Event()
         if not (adopt and self._adopt()):
             self._spawn()
@@ -133,9 +125,7 @@ class LocalPrefectServer:
         logger.info("Prefect server on %s (UI: http://127.0.0.1:%d)", self.url, self.port)
 
     def _alive(self) -> bool:
-        if self.child is not None:
-            return self.child.alive()
-        return _is_prefect_server(self.pid)
+        return self.child.alive() if self.child is not None else _is_prefect_server(self.pid)
 
     def _supervise(self, stopping: threading.Event) -> None:
         while not stopping.wait(2.0):
@@ -174,8 +164,7 @@ def use_api_url(url: str | None) -> None:
 def service_api(port: int = 4200) -> Iterator[str]:
     """For a service: `PREFECT_API_URL` when set; else a supervised local server, started (or
     adopted) here and stopped with the block."""
-    explicit = os.environ.get("PREFECT_API_URL")
-    if explicit:
+    if explicit := os.environ.get("PREFECT_API_URL"):
         yield explicit
         return
     server = LocalPrefectServer(port)
@@ -193,8 +182,7 @@ def use_command_api() -> None:
     when one is up; else on a temporary server of this command, started under a lock."""
     if os.environ.get("PREFECT_API_URL"):
         return
-    url = running_local_server()
-    if url:
+    if url := running_local_server():
         use_api_url(url)
         return
     from prefect.server.api.server import SubprocessASGIServer

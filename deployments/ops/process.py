@@ -25,12 +25,7 @@ class Child:
     """A server or worker process in a session of its own, its output appended to its log."""
 
     def __init__(
-        self,
-        name: str,
-        command: list[str],
-        env: dict[str, str],
-        log: Path,
-        cwd: Path | None = None,
+        self, name: str, command: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
     ) -> None:
         self.name = name
         self.command = command

@@ -30,6 +30,7 @@ from tasks.errors import ServeError
 
 PROJECT = Path(__file__).resolve().parents[2]
 POOL = "textgen"
+PASSWORD_FILE = Path("secrets", "postgres-password")  # under the team's home
 
 
 def initialise_mlflow_store(uri: str) -> None:
@@ -52,13 +53,11 @@ class Ports:
 
 
 class Team:
-    """PostgreSQL, the Prefect and MLflow servers on it, the receiver and N workers.
-
-    With `access_log`, the Prefect server logs every request as the MLflow server does.
+    """PostgreSQL, the Prefect and MLflow servers on it, the receiver and N workers; with
+    `access_log`, the Prefect server logs every request as the MLflow server does.
 
     `home` holds every process's log and the servers' data (artifacts, the Prefect home), one
-    folder per worker (`worker-<i>`: its mirrors and model cache), and `team.json` while up.
-    """
+    folder per worker (`worker-<i>`: its mirrors and model cache), and `team.json` while up."""
 
     def __init__(
         self,
@@ -78,11 +77,8 @@ class Team:
         self.links = links
         self.worker_count = workers
         self.ports = ports or Ports()
-        self.postgres = Postgres(
-            postgres_folder or self.home / "postgres",
-            self.ports.postgres,
-            self.home / "secrets" / "postgres-password",
-        )
+        folder = postgres_folder or self.home / "postgres"
+        self.postgres = Postgres(folder, self.ports.postgres, self.home / PASSWORD_FILE)
         self.notify_url = notify_url
         self.heartbeat_seconds = heartbeat_seconds
         self.zombie_seconds = zombie_seconds
@@ -119,7 +115,9 @@ class Team:
         env = self._env(**extra, **self.postgres.environment())
         return {k: v for k, v in env.items() if k not in config.SECRETS}
 
-    def _child(self, name: str, command: list[str], env: dict[str, str]) -> Child:
+    def _child(self, name: str, env: dict[str, str], *args: str) -> Child:
+        """`python -m ARGS` as a child, its log in `home/logs`."""
+        command = [sys.executable, "-m", *args]
         return Child(name, command, env, self.home / "logs" / f"{name}.log", cwd=PROJECT)
 
     def start(self) -> None:
@@ -131,44 +129,32 @@ class Team:
             raise
 
     def _start(self) -> None:
-        py = sys.executable
         self.home.mkdir(parents=True, exist_ok=True)
         self.postgres.start()
+        prefect_env = self._server_env(
+            PREFECT_HOME=str(self.home / "prefect"),
+            PREFECT_API_DATABASE_CONNECTION_URL=self.postgres.url("prefect", "postgresql+asyncpg"),
+            PREFECT_API_URL=self.prefect_api,
+            # Its access log (one line per request) is at INFO, off by default.
+            PREFECT_SERVER_LOGGING_LEVEL="INFO" if self.access_log else "WARNING",
+        )
         prefect = self._child(
-            "prefect-server",
-            [
-                *(py, "-m", "prefect", "server", "start"),
-                *("--host", "127.0.0.1", "--port", str(self.ports.prefect)),
-            ],
-            self._server_env(
-                PREFECT_HOME=str(self.home / "prefect"),
-                PREFECT_API_DATABASE_CONNECTION_URL=self.postgres.url(
-                    "prefect", "postgresql+asyncpg"
-                ),
-                PREFECT_API_URL=self.prefect_api,
-                # Its access log (one line per request) is at INFO, off by default.
-                PREFECT_SERVER_LOGGING_LEVEL="INFO" if self.access_log else "WARNING",
-            ),
+            "prefect-server", prefect_env, "prefect", "server", "start", *_local(self.ports.prefect)
         )
         mlflow_db = self.postgres.url("mlflow", "postgresql+psycopg2")
+        create = f"from {__name__} import initialise_mlflow_store as i; i({mlflow_db!r})"
+        command = [sys.executable, "-c", create]
+        env = {**os.environ, **self.postgres.environment()}
         created = subprocess.run(
-            [py, "-c", f"from {__name__} import initialise_mlflow_store as i; i({mlflow_db!r})"],
-            env={**os.environ, **self.postgres.environment()},
-            cwd=PROJECT,
-            capture_output=True,
-            text=True,
-            timeout=300,
+            command, env=env, cwd=PROJECT, capture_output=True, text=True, timeout=300
         )
         if created.returncode != 0:
             raise ServeError(f"creating the MLflow tables failed:\n{created.stderr[-3000:]}")
+        artifacts = (self.home / "artifacts").as_uri()
+        store = ("--backend-store-uri", mlflow_db, "--artifacts-destination", artifacts)
+        listen = (*_local(self.ports.mlflow), "--workers", "2")
         mlflow = self._child(
-            "mlflow-server",
-            [
-                *(py, "-m", "mlflow", "server", "--backend-store-uri", mlflow_db),
-                *("--artifacts-destination", (self.home / "artifacts").as_uri()),
-                *("--host", "127.0.0.1", "--port", str(self.ports.mlflow), "--workers", "2"),
-            ],
-            self._server_env(),
+            "mlflow-server", self._server_env(), "mlflow", "server", *store, *listen
         )
         self.servers = {"prefect": prefect.start(), "mlflow": mlflow.start()}
         wait_until(lambda: healthy(self.prefect_api), 180, "prefect server", prefect)
@@ -194,14 +180,10 @@ class Team:
 
     def start_receiver(self) -> Child:
         """The receiver for every link, with the reaper of crashed runs."""
-        receiver = self._child(
-            "receiver",
-            [
-                *(sys.executable, "-m", "deployments.cli", "receive", "--links", str(self.links)),
-                *("--port", str(self.ports.receiver), "--reap"),
-            ],
-            self._env(**{config.HOME.name: str(self.home / "receiver")}),
-        )
+        env = self._env(**{config.HOME.name: str(self.home / "receiver")})
+        links, port = str(self.links), str(self.ports.receiver)
+        args = ("receive", "--links", links, "--port", port, "--reap")
+        receiver = self._child("receiver", env, "deployments.cli", *args)
         self.servers["receiver"] = receiver.start()
         url = f"http://127.0.0.1:{self.ports.receiver}"
         wait_until(lambda: healthy(url), 180, "receiver", receiver)
@@ -209,26 +191,18 @@ class Team:
 
     def worker_env(self, index: int) -> dict[str, str]:
         """A worker's environment: its own data folder, the servers' URLs, heartbeats."""
+        home = str(self.home / f"worker-{index}")
         return self._env(
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(self.heartbeat_seconds),
             PREFECT_WORKER_QUERY_SECONDS=self.base_env.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
-            **{
-                config.HOME.name: str(self.home / f"worker-{index}"),
-                config.MLFLOW_UI_URL.name: self.mlflow_uri,
-            },
+            **{config.HOME.name: home, config.MLFLOW_UI_URL.name: self.mlflow_uri},
         )
 
     def start_worker(self, index: int) -> Child:
         """Start process worker `index` (one flow run at a time, like one machine)."""
-        worker = self._child(
-            f"worker-{index}",
-            [
-                *(sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL),
-                *("--type", "process", "--name", f"worker-{index}", "--limit", "1"),
-            ],
-            self.worker_env(index),
-        )
-        worker.start()
+        name = f"worker-{index}"
+        args = ("start", "--pool", POOL, "--type", "process", "--name", name, "--limit", "1")
+        worker = self._child(name, self.worker_env(index), "prefect", "worker", *args).start()
         if index < len(self.workers):
             self.workers[index] = worker
         else:
@@ -269,7 +243,7 @@ def stop_recorded(home: Path) -> list[str]:
     for name, pid in order:
         if stop_pid(int(pid), _is_ours):
             stopped.append(name)
-    Postgres(Path(state["postgres"]), 0, home / "secrets" / "postgres-password").stop()
+    Postgres(Path(state["postgres"]), 0, home / PASSWORD_FILE).stop()
     stopped.append("postgres")
     state_file.unlink()
     return stopped
@@ -281,3 +255,8 @@ def _is_ours(pid: int) -> bool:
     return bool(command) and (
         sys.executable.encode() in command or b"prefect" in command or b"mlflow" in command
     )
+
+
+def _local(port: int) -> tuple[str, ...]:
+    """A server's options to listen on 127.0.0.1:`port`."""
+    return ("--host", "127.0.0.1", "--port", str(port))

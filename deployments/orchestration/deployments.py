@@ -1,7 +1,6 @@
 """The flow's Prefect deployments, declared once for every way it is served: their event
 triggers, their one-run-at-a-time concurrency, and the set-up of a work pool's deployments
-(`textgen team apply`, what `deployments/prefect.yaml` declares for `prefect deploy`).
-"""
+(`textgen team apply`, what `deployments/prefect.yaml` declares for `prefect deploy`)."""
 
 from __future__ import annotations
 
@@ -22,58 +21,32 @@ ENTRYPOINT = "flows/text_generation.py:nlp_text_generation"
 LINK_TAG = "textgen-link"
 
 
-def _event_trigger(
-    event: str, name: str, repo_url: str, branch: str, parameters: dict[str, str]
-) -> Any:
+def triggers(repo_url: str, branch: str) -> list[Any]:
+    """Every trigger of a link's deployment: a `git.push` event for this repository and branch,
+    and a `git.pull_request` event for a pull request into it (its preview)."""
     from prefect.events import DeploymentEventTrigger
 
-    return DeploymentEventTrigger(
-        name=name,
-        expect={event},
-        match={
-            "prefect.resource.id": "git.repo.*",
-            "git.repository": repo_url,
-            "git.branch": branch,
-        },
-        parameters=parameters,
-    )
+    repository = {"git.repository": repo_url, "git.branch": branch}
+    match: dict[str, Any] = {"prefect.resource.id": "git.repo.*", **repository}
+    push = {
+        "commit_sha": "{{ event.payload.after }}",
+        "before": "{{ event.payload.before }}",
+        "changed_paths": "{{ event.payload.changed_paths }}",
+        "trigger": "{{ event.payload.trigger }}",
+    }
+    preview = {
+        "commit_sha": "{{ event.payload.after }}",
+        "trigger": PREVIEW_TRIGGER,
+        "pull_request": "{{ event.payload.pull_request }}",
+    }
 
+    def on(event: str, name: str, parameters: dict[str, str]) -> Any:
+        return DeploymentEventTrigger(name=name, expect={event}, match=match, parameters=parameters)
 
-def push_trigger(repo_url: str, branch: str) -> Any:
-    """The deployment trigger: a `git.push` event for this repository and branch."""
-    return _event_trigger(
-        PUSH_EVENT,
-        f"{PUSH_EVENT} to {branch}",
-        repo_url,
-        branch,
-        {
-            "commit_sha": "{{ event.payload.after }}",
-            "before": "{{ event.payload.before }}",
-            "changed_paths": "{{ event.payload.changed_paths }}",
-            "trigger": "{{ event.payload.trigger }}",
-        },
-    )
-
-
-def preview_trigger(repo_url: str, branch: str) -> Any:
-    """The deployment trigger of previews: a `git.pull_request` event for a pull request into
-    this branch of this repository."""
-    return _event_trigger(
-        PULL_REQUEST_EVENT,
-        f"{PULL_REQUEST_EVENT} into {branch}",
-        repo_url,
-        branch,
-        {
-            "commit_sha": "{{ event.payload.after }}",
-            "trigger": PREVIEW_TRIGGER,
-            "pull_request": "{{ event.payload.pull_request }}",
-        },
-    )
-
-
-def triggers(repo_url: str, branch: str) -> list[Any]:
-    """Every trigger of a link's deployment: its pushes and its pull requests' previews."""
-    return [push_trigger(repo_url, branch), preview_trigger(repo_url, branch)]
+    return [
+        on(PUSH_EVENT, f"{PUSH_EVENT} to {branch}", push),
+        on(PULL_REQUEST_EVENT, f"{PULL_REQUEST_EVENT} into {branch}", preview),
+    ]
 
 
 def one_at_a_time() -> Any:
@@ -138,10 +111,8 @@ def apply_links(
             print_next_steps=False,
         )
     with get_client(sync_client=True) as client:
-        for deployment in client.read_deployments(
-            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[LINK_TAG])),
-            limit=200,
-        ):
+        tagged = DeploymentFilter(tags=DeploymentFilterTags(all_=[LINK_TAG]))
+        for deployment in client.read_deployments(deployment_filter=tagged, limit=200):
             if deployment.id not in ids.values():
                 client.delete_deployment(deployment.id)
                 logger.info("Removed the deployment of unlinked %s", deployment.name)

@@ -35,33 +35,23 @@ def flow_runs(
 ) -> list[Any]:
     """Flow runs of a deployment (or of a flow), in `states` (any when empty), newest first
     by expected start time (oldest first without `newest_first`)."""
-    from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterId,
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
+    from prefect.client.schemas import filters as F
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
     wanted = [StateType(s) for s in states]
+    flows = F.FlowFilter(name=F.FlowFilterName(any_=[flow_name])) if flow_name else None
+    deployments = None
+    if deployment_id is not None:
+        deployments = F.DeploymentFilter(id=F.DeploymentFilterId(any_=[deployment_id]))
+    runs = F.FlowRunFilter(state=F.FlowRunFilterState(type=F.FlowRunFilterStateType(any_=wanted)))
+    newest, oldest = FlowRunSort.EXPECTED_START_TIME_DESC, FlowRunSort.EXPECTED_START_TIME_ASC
     return list(
         api.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])) if flow_name else None,
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
-            if deployment_id is not None
-            else None,
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=wanted))
-            )
-            if wanted
-            else None,
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC
-            if newest_first
-            else FlowRunSort.EXPECTED_START_TIME_ASC,
+            flow_filter=flows,
+            deployment_filter=deployments,
+            flow_run_filter=runs if wanted else None,
+            sort=newest if newest_first else oldest,
             limit=limit,
         )
     )
@@ -96,14 +86,13 @@ def active_runs(api_url: str) -> list[dict[str, Any]]:
     for run in found:
         params = run.parameters or {}
         state = run.state
-        rows.append(
-            {
-                "name": run.name,
-                "state": (state.name or state.type.value) if state is not None else None,
-                "repository": params.get("repo_url"),
-                "commit": str(params.get("commit_sha") or params.get("branch") or "")[:12],
-                "trigger": params.get("trigger", MANUAL),
-                "url": f"{base}/runs/flow-run/{run.id}",
-            }
-        )
+        row = {
+            "name": run.name,
+            "state": (state.name or state.type.value) if state is not None else None,
+            "repository": params.get("repo_url"),
+            "commit": str(params.get("commit_sha") or params.get("branch") or "")[:12],
+            "trigger": params.get("trigger", MANUAL),
+            "url": f"{base}/runs/flow-run/{run.id}",
+        }
+        rows.append(row)
     return rows

@@ -41,9 +41,8 @@ def version_points(experiment: Experiment, limit: int = 200) -> list[Point]:
     for run in versions.numbered(experiment):
         version = run.data.tags.get(T.VERSION, "")
         if version.isdigit():
-            points.append(
-                Point(int(version), run.data.tags.get(T.COMMIT, "")[:7], dict(run.data.metrics))
-            )
+            commit = run.data.tags.get(T.COMMIT, "")[:7]
+            points.append(Point(int(version), commit, dict(run.data.metrics)))
     points.sort(key=lambda p: p.version)
     return points[-limit:]
 
@@ -110,9 +109,7 @@ def render_svg(
 ) -> str:
     """One panel per metric (those any version recorded), x = version with its commit."""
     shown = [(key, label) for key, label in metrics if any(key in p.metrics for p in points)]
-    panels = [
-        _panel(index, key, label, points, highlight) for index, (key, label) in enumerate(shown)
-    ]
+    panels = [_panel(i, key, label, points, highlight) for i, (key, label) in enumerate(shown)]
     height = 36 + max(1, len(shown)) * (PANEL_HEIGHT + 12)
     return render("chart.svg", title=title, width=PANEL_WIDTH, height=height, panels=panels)
 

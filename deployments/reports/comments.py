@@ -12,12 +12,9 @@ from tasks import tags as T
 
 def gates_table(found: dict[str, str]) -> str:
     """The gates a run's tags report, as a Markdown table (empty without gates)."""
-    raw = found.get(T.GATES_REPORT)
-    if not raw:
-        return ""
     try:
-        results = json.loads(raw)
-    except ValueError:
+        results = json.loads(found.get(T.GATES_REPORT) or "")
+    except ValueError:  # no report ("" is no JSON either), or a broken one
         return ""
     lines = ["| gate | result |", "|---|---|"]
     for item in results:
@@ -42,25 +39,16 @@ def preview_comment(
     branch's latest version, if there is one); and a one-line summary for the status."""
     head = f"### textgen preview of PR #{pr} at `{sha[:7]}`"
     gates = gates_table(record.data.tags)
+    link = f"[Preview run]({url})\n"
     if base is None:
-        body = (
-            f"{head}\n\n{branch} has no version yet to compare with.\n\n{gates}"
-            f"[Preview run]({url})\n"
-        )
+        body = f"{head}\n\n{branch} has no version yet to compare with.\n\n{gates}{link}"
         return body, f"no version of {branch} to compare with yet"
     comparison = compare(repo_url, base.info.run_id, record.info.run_id)
-    changed = sum(
-        1 for left, right in comparison.pairs if any(k != "same" for k, _ in left + right)
-    )
-    summary = (
-        f"{changed} of {len(comparison.pairs)} texts differ from v{base.data.tags.get(T.VERSION)}"
-    )
+    version = base.data.tags.get(T.VERSION)
+    summary = f"{comparison.changed} of {len(comparison.pairs)} texts differ from v{version}"
     verdict = f"**Gated:** {gated}\n\n" if gated else ""
-    report = render_markdown(
-        comparison,
-        f"PR #{pr} (`{sha[:7]}`) against {branch}'s latest version, {comparison.a.label}",
-    )
-    return f"{head}\n\n{verdict}{gates}{report}\n[Preview run]({url})\n", summary
+    title = f"PR #{pr} (`{sha[:7]}`) against {branch}'s latest version, {comparison.a.label}"
+    return f"{head}\n\n{verdict}{gates}{render_markdown(comparison, title)}\n{link}", summary
 
 
 def failed_preview_comment(sha: str, reason: str, url: str) -> str:

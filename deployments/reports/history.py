@@ -23,10 +23,8 @@ def parse_since(text: str) -> int:
     """`--since` in epoch milliseconds, from a date (2026-11-01T12:00) or an age (3d, 12h, 2w)."""
     match = re.fullmatch(r"(\d+)\s*([mhdw])", text.strip())
     if match:
-        seconds = (
-            int(match.group(1)) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
-        )
-        return int((datetime.now(UTC).timestamp() - seconds) * 1000)
+        unit = {"m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+        return int((datetime.now(UTC).timestamp() - int(match.group(1)) * unit) * 1000)
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -67,27 +65,26 @@ def history_rows(
         if outcome == T.REUSED:
             version = f"={found.get(T.REUSED_VERSION, '')}"
         model_name = run.data.params.get("model", "")
+        if model_name.startswith(("/", ".", "~")):  # a local folder: its name
+            model_name = model_name.rstrip("/").rsplit("/", 1)[-1]
         reason = found.get(T.FAILURE) or found.get(T.SKIP_REASON) or ""
         if outcome == T.PREVIEW:
             reason = reason or f"preview of PR #{found.get(T.PREVIEW_PR, '?')}, never numbered"
         gated = failed_gates(found)
         if gated:
             reason = f"gated: {gated}" + (f"; {reason}" if reason else "")
-        rows.append(
-            {
-                "version": version,
-                "commit": found.get(T.COMMIT, "")[:7],
-                "settings": found.get(T.DIGEST, "")[:12],
-                "model": model_name.rstrip("/").rsplit("/", 1)[-1]
-                if model_name.startswith(("/", ".", "~"))
-                else model_name,
-                "status": run.info.status,
-                "outcome": f"{outcome} (gated)" if gated else outcome,
-                "trigger": found.get(T.TRIGGER, ""),
-                "gates": found.get(T.GATES, ""),
-                "started": _fmt_time(run.info.start_time),
-                "run id": run.info.run_id,
-                "reason": reason,
-            }
-        )
+        row = {
+            "version": version,
+            "commit": found.get(T.COMMIT, "")[:7],
+            "settings": found.get(T.DIGEST, "")[:12],
+            "model": model_name,
+            "status": run.info.status,
+            "outcome": f"{outcome} (gated)" if gated else outcome,
+            "trigger": found.get(T.TRIGGER, ""),
+            "gates": found.get(T.GATES, ""),
+            "started": _fmt_time(run.info.start_time),
+            "run id": run.info.run_id,
+            "reason": reason,
+        }
+        rows.append(row)
     return rows

@@ -1,6 +1,5 @@
 """Reports drawn from Jinja2 templates (`reports/templates/`): the compare page, the chart, the
-pull request comment. HTML and SVG are escaped by the template engine; Markdown by its filters.
-"""
+pull request comment. HTML and SVG are escaped by the template engine; Markdown by its filters."""
 
 from __future__ import annotations
 
@@ -36,8 +35,7 @@ def _environment() -> Any:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters["md"] = md
-    environment.filters["md_piece"] = md_piece
+    environment.filters.update(md=md, md_piece=md_piece)
     return environment
 
 

@@ -82,22 +82,24 @@ class Emitter(threading.Thread):
         """Send every pending event in order; stop at the first failure. True if any was sent."""
         sent = False
         for provider, delivery, event in self.outbox.pending():
+            sha = event["payload"]["after"][:7]
             try:
                 self.send([event])
             except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
                 if _refused(exc):
-                    self.outbox.mark(provider, delivery, f"{type(exc).__name__}: {exc}", True)
+                    self.outbox.mark(provider, delivery, error, True)
                     logger.error(
                         "Prefect API refused the push event for %s (%s); it will not run. "
                         "The delivery is kept in the outbox as refused",
-                        event["payload"]["after"][:7],
+                        sha,
                         exc,
                     )
                     continue
-                self.outbox.mark(provider, delivery, f"{type(exc).__name__}: {exc}")
+                self.outbox.mark(provider, delivery, error)
                 logger.warning(
                     "Prefect API did not take the push event for %s (%s); retrying in %.1f s",
-                    event["payload"]["after"][:7],
+                    sha,
                     exc,
                     self.backoff.next(),
                 )
@@ -105,11 +107,6 @@ class Emitter(threading.Thread):
             self.outbox.mark(provider, delivery, None)
             self.backoff.reset()
             sent = True
-            logger.info(
-                "Emitted %s for %s@%s (delivery %s)",
-                event["event"],
-                event["payload"]["branch"],
-                event["payload"]["after"][:7],
-                delivery,
-            )
+            branch = event["payload"]["branch"]
+            logger.info("Emitted %s for %s@%s (delivery %s)", event["event"], branch, sha, delivery)
         return sent

@@ -1,12 +1,6 @@
-"""Provider REST clients: commit statuses and one updatable pull-request comment.
-
-- GitHub: `POST /repos/{owner}/{repo}/statuses/{sha}`; comments through the issues API
-  (`GET`/`POST /repos/{owner}/{repo}/issues/{n}/comments`,
-  `PATCH /repos/{owner}/{repo}/issues/comments/{id}`). `Authorization: Bearer <token>`.
-- Gitea: the same paths under `/api/v1`. `Authorization: token <token>`.
-- GitLab: `POST /projects/:id/statuses/:sha`; merge request notes
-  (`GET`/`POST /projects/:id/merge_requests/:iid/notes`, `PUT .../notes/:note_id`).
-  `PRIVATE-TOKEN: <token>`.
+"""Provider REST clients: commit statuses and one updatable pull-request comment, on GitHub
+(comments through the issues API), Gitea (GitHub's paths under `/api/v1`) and GitLab (merge
+request notes).
 
 The token is sent in a header and nowhere else: never in a URL, a log line or an error.
 tests/data/providers/api_contracts.json holds the parts of each provider's published API
@@ -114,16 +108,14 @@ class Forge:
 
     def set_status(self, sha: str, status: Status) -> None:
         """Set (or replace, by context) the status of a commit."""
-        body: dict[str, Any] = {
-            "state": status.state,
-            "description": status.short(),
-            "context": status.context,
-        }
+        body = {"state": status.state, "description": status.short(), "context": status.context}
         if status.target_url:
             body["target_url"] = status.target_url
         self.request("POST", f"/repos/{self.repository}/statuses/{sha}", body)
 
     # Comments
+
+    EDIT_METHOD = "PATCH"
 
     def _list_path(self, number: int) -> str:
         return f"/repos/{self.repository}/issues/{number}/comments"
@@ -133,9 +125,6 @@ class Forge:
 
     def _list_params(self, page: int) -> dict[str, int] | None:
         return {"per_page": 100, "page": page}
-
-    def _edit_method(self) -> str:
-        return "PATCH"
 
     def find_comment(self, number: int, marker: str) -> int | None:
         """The id of the pull request's comment holding `marker`, if there is one."""
@@ -161,9 +150,7 @@ class Forge:
                 if comment_id is None:
                     break
             try:
-                self.request(
-                    self._edit_method(), self._edit_path(number, comment_id), {"body": text}
-                )
+                self.request(self.EDIT_METHOD, self._edit_path(number, comment_id), {"body": text})
                 return comment_id
             except ForgeError as exc:
                 if exc.status != 404:  # deleted by someone: look for it again, or post anew
@@ -192,6 +179,7 @@ class GitLab(Forge):
     """GitLab: commit statuses and merge request notes of a project (by its full path)."""
 
     provider = "gitlab"
+    EDIT_METHOD = "PUT"
     STATES: ClassVar[dict[str, str]] = {
         "pending": "pending",
         "success": "success",
@@ -207,11 +195,8 @@ class GitLab(Forge):
         return {"PRIVATE-TOKEN": self._token, "User-Agent": "nlp-text-generation"}
 
     def set_status(self, sha: str, status: Status) -> None:
-        body: dict[str, Any] = {
-            "state": self.STATES[status.state],
-            "name": status.context,
-            "description": status.short(),
-        }
+        state = self.STATES[status.state]
+        body = {"state": state, "name": status.context, "description": status.short()}
         if status.target_url:
             body["target_url"] = status.target_url
         self.request("POST", f"/projects/{self.project}/statuses/{sha}", body)
@@ -224,9 +209,6 @@ class GitLab(Forge):
 
     def _list_params(self, page: int) -> dict[str, Any] | None:
         return {"sort": "asc", "order_by": "created_at", "per_page": 100, "page": page}
-
-    def _edit_method(self) -> str:
-        return "PUT"
 
 
 FORGES: dict[str, type[Forge]] = {"github": Forge, "gitea": Gitea, "gitlab": GitLab}

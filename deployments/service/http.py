@@ -39,20 +39,18 @@ def build_app(receiver: Receiver) -> Starlette:
         provider = request.path_params["provider"]
         length_header = request.headers.get("content-length")
         if length_header is None or not length_header.isdigit():
-            return _json(Verdict(411, {"error": "Content-Length is required"}))
+            return _error(411, "Content-Length is required")
         length = int(length_header)
         if length > receiver.max_bytes:
-            return _json(
-                Verdict(413, {"error": f"body of {length} bytes exceeds {receiver.max_bytes}"})
-            )
+            return _error(413, f"body of {length} bytes exceeds {receiver.max_bytes}")
         try:
             body = await asyncio.wait_for(request.body(), timeout=BODY_SECONDS)
         except TimeoutError:
-            return _json(Verdict(408, {"error": f"body not received within {BODY_SECONDS} s"}))
+            return _error(408, f"body not received within {BODY_SECONDS} s")
         except ClientDisconnect:
-            return _json(Verdict(400, {"error": "the sender went away before the body ended"}))
+            return _error(400, "the sender went away before the body ended")
         if len(body) > receiver.max_bytes:
-            return _json(Verdict(413, {"error": f"body exceeds {receiver.max_bytes} bytes"}))
+            return _error(413, f"body exceeds {receiver.max_bytes} bytes")
         try:
             # The outbox writes to SQLite: off the event loop.
             verdict = await run_in_threadpool(
@@ -61,12 +59,8 @@ def build_app(receiver: Receiver) -> Starlette:
         except Exception as exc:  # the receiver must never crash
             logger.exception("webhook handling failed")
             verdict = Verdict(500, {"error": f"internal error: {type(exc).__name__}"})
-        logger.info(
-            "POST %s -> %d %s",
-            request.url.path,
-            verdict.status,
-            verdict.body.get("status") or verdict.body.get("error"),
-        )
+        said = verdict.body.get("status") or verdict.body.get("error")
+        logger.info("POST %s -> %d %s", request.url.path, verdict.status, said)
         return _json(verdict)
 
     async def health(request: Request) -> JSONResponse:
@@ -74,12 +68,10 @@ def build_app(receiver: Receiver) -> Starlette:
         return _json(Verdict(200, {"status": "ok", "outbox": counts}))
 
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return _json(
-            Verdict(404, {"error": "not found; POST to /webhooks/github, gitea or gitlab"})
-        )
+        return _error(404, "not found; POST to /webhooks/github, gitea or gitlab")
 
     async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
-        return _json(Verdict(405, {"error": "use POST"}))
+        return _error(405, "use POST")
 
     return Starlette(
         routes=[
@@ -96,13 +88,15 @@ def _json(verdict: Verdict) -> JSONResponse:
     return JSONResponse(verdict.body, status_code=verdict.status)
 
 
-class HttpService:
-    """The receiver served by uvicorn in a background thread.
+def _error(status: int, error: str) -> JSONResponse:
+    return _json(Verdict(status, {"error": error}))
 
-    A webhook is one short request, so a connection still open after `connection_seconds` (a
-    body or headers sent a byte at a time) is closed, whatever state it is in: uvicorn has no
-    such deadline, so a watch over its open connections (`Server.server_state`) keeps it.
-    """
+
+class HttpService:
+    """The receiver served by uvicorn in a background thread. A webhook is one short request, so
+    a connection still open after `seconds` (a body or headers sent a byte at a time) is closed,
+    whatever its state: uvicorn has no such deadline, so a watch over its open connections
+    (`Server.server_state`) keeps it."""
 
     def __init__(self, server: uvicorn.Server, sock: socket.socket, seconds: float) -> None:
         self.server = server
@@ -152,11 +146,8 @@ def start_http(
     max_connections: int = MAX_CONNECTIONS,
     connection_seconds: float = CONNECTION_SECONDS,
 ) -> HttpService:
-    """Serve the receiver on host:port in a background thread; returns the service.
-
-    Limits, in one place: at most `max_connections` connections at once (more get 503), a
-    deadline per connection and per body, and the body size cap of the receiver.
-    """
+    """Serve the receiver on host:port in a background thread; returns the service. At most
+    `max_connections` connections at once (more get 503), each closed after `connection_seconds`."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))

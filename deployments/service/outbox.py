@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,16 +34,50 @@ MAX_EVENT_BYTES = 64 * 1024
 """Events stay far below the Prefect server's limit (PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES,
 1.5 MB by default), which it enforces by dropping the event after answering 2xx."""
 _EVENT_NAMESPACE = uuid.UUID("6f1c3a52-8d7e-4f43-9a55-2c1f0e6b7d10")
+_SCHEMA = """
+    PRAGMA journal_mode=WAL;
+    CREATE TABLE IF NOT EXISTS deliveries (
+        provider TEXT NOT NULL,
+        delivery TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        after TEXT NOT NULL,
+        status TEXT NOT NULL,
+        event TEXT,
+        received_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        sent_at REAL,
+        before_sha TEXT,
+        PRIMARY KEY (provider, delivery)
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS one_event_per_commit
+        ON deliveries (repo, ref, after) WHERE status IN ('pending', 'sent');
+    CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS reports (
+        provider TEXT NOT NULL,
+        delivery TEXT NOT NULL,
+        link TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        sha TEXT NOT NULL,
+        pr INTEGER,
+        phase TEXT NOT NULL DEFAULT 'queued',
+        result TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (provider, delivery)
+    );
+"""
 
 
 def event_document(
     push: PushEvent, repo: RepoLocation, branch: str, received_at: float
 ) -> dict[str, Any]:
     """The Prefect event for a push: stable id per delivery, repository and branch as labels.
-
-    It stays under `MAX_EVENT_BYTES`: past that, the changed paths are left out (the flow then
-    asks git what changed), since the Prefect server drops large events after accepting them.
-    """
+    Past `MAX_EVENT_BYTES` the changed paths are left out (the flow then asks git what changed):
+    the Prefect server drops large events after accepting them."""
     event = _event(push, repo, branch, received_at)
     if push.changed_paths is not None and len(json.dumps(event)) > MAX_EVENT_BYTES:
         event = _event(replace(push, changed_paths=None), repo, branch, received_at)
@@ -73,44 +108,7 @@ class Outbox:
         self._lock = threading.Lock()
         self.wake = threading.Event()
         with self._connect() as db:
-            db.executescript(
-                """
-                PRAGMA journal_mode=WAL;
-                CREATE TABLE IF NOT EXISTS deliveries (
-                    provider TEXT NOT NULL,
-                    delivery TEXT NOT NULL,
-                    repo TEXT NOT NULL,
-                    ref TEXT NOT NULL,
-                    after TEXT NOT NULL,
-                    status TEXT NOT NULL,
-                    event TEXT,
-                    received_at REAL NOT NULL,
-                    attempts INTEGER NOT NULL DEFAULT 0,
-                    last_error TEXT,
-                    sent_at REAL,
-                    before_sha TEXT,
-                    PRIMARY KEY (provider, delivery)
-                );
-                CREATE UNIQUE INDEX IF NOT EXISTS one_event_per_commit
-                    ON deliveries (repo, ref, after) WHERE status IN ('pending', 'sent');
-                CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                CREATE TABLE IF NOT EXISTS reports (
-                    provider TEXT NOT NULL,
-                    delivery TEXT NOT NULL,
-                    link TEXT NOT NULL,
-                    kind TEXT NOT NULL,
-                    sha TEXT NOT NULL,
-                    pr INTEGER,
-                    phase TEXT NOT NULL DEFAULT 'queued',
-                    result TEXT,
-                    attempts INTEGER NOT NULL DEFAULT 0,
-                    next_at REAL NOT NULL DEFAULT 0,
-                    last_error TEXT,
-                    created_at REAL NOT NULL,
-                    PRIMARY KEY (provider, delivery)
-                );
-                """
-            )
+            db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
             if "before_sha" not in columns:  # an outbox written before pushes were chained
                 db.execute("ALTER TABLE deliveries ADD COLUMN before_sha TEXT")
@@ -126,16 +124,15 @@ class Outbox:
         self, push: PushEvent, repo: RepoLocation, branch: str, report: str | None = None
     ) -> tuple[str, str | None]:
         """Store a push; returns (queued | duplicate delivery | duplicate commit, event id).
-
         `report` names the link whose provider hears how the run went: a queued push is then
-        also a row of `reports`, in the same transaction (see deployments.reporter)."""
+        also a row of `reports`, in the same transaction (see service.reporter)."""
         now = time.time()
         event = event_document(push, repo, branch, now)
+        key = (push.provider, push.delivery)
         with self._lock, self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             seen = db.execute(
-                "SELECT status FROM deliveries WHERE provider = ? AND delivery = ?",
-                (push.provider, push.delivery),
+                "SELECT status FROM deliveries WHERE provider = ? AND delivery = ?", key
             ).fetchone()
             if seen:
                 db.execute("COMMIT")
@@ -150,32 +147,16 @@ class Outbox:
                 "INSERT INTO deliveries "
                 "(provider, delivery, repo, ref, after, status, event, received_at, before_sha) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    push.provider,
-                    push.delivery,
-                    repo.url,
-                    push.ref,
-                    push.after,
-                    status,
-                    json.dumps(event),
-                    now,
-                    push.before,
-                ),
+                (*key, repo.url, push.ref, push.after, status, json.dumps(event), now, push.before),
             )
             if report is not None and not same_commit:
+                kind = "preview" if push.pull_request else "push"
+                number = (push.pull_request or {}).get("number")
                 db.execute(
                     "INSERT OR IGNORE INTO reports "
                     "(provider, delivery, link, kind, sha, pr, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        push.provider,
-                        push.delivery,
-                        report,
-                        "preview" if push.pull_request else "push",
-                        push.after,
-                        (push.pull_request or {}).get("number"),
-                        now,
-                    ),
+                    (*key, report, kind, push.after, number, now),
                 )
             db.execute("COMMIT")
         if same_commit:
@@ -197,33 +178,25 @@ class Outbox:
         """Record an attempt: sent when `error` is None, else still pending with the error;
         `refused` (the API rejected the event itself) ends it as `refused`, kept with its
         error for the operator (`/healthz` counts it), so it blocks no later push."""
+        value: str | float
         with self._lock, self._connect() as db:
             if refused:
-                db.execute(
-                    "UPDATE deliveries SET status = 'refused', attempts = attempts + 1, "
-                    "last_error = ? WHERE provider = ? AND delivery = ?",
-                    ((error or "")[:2000], provider, delivery),
-                )
+                change, value = "status = 'refused', last_error = ?", (error or "")[:2000]
             elif error is None:
-                db.execute(
-                    "UPDATE deliveries SET status = 'sent', sent_at = ?, attempts = attempts + 1, "
-                    "last_error = NULL WHERE provider = ? AND delivery = ?",
-                    (time.time(), provider, delivery),
-                )
+                change, value = "status = 'sent', sent_at = ?, last_error = NULL", time.time()
             else:
-                db.execute(
-                    "UPDATE deliveries SET attempts = attempts + 1, last_error = ? "
-                    "WHERE provider = ? AND delivery = ?",
-                    (error[:2000], provider, delivery),
-                )
+                change, value = "last_error = ?", error[:2000]
+            db.execute(
+                f"UPDATE deliveries SET {change}, attempts = attempts + 1 "
+                "WHERE provider = ? AND delivery = ?",
+                (value, provider, delivery),
+            )
 
     def latest(self, repo: RepoLocation, branch: str) -> str | None:
-        """The SHA the branch was last pushed to, by the order of the pushes, not of arrival.
-
-        Each push names the tip it replaced (`before`): a push whose SHA a later push replaced
-        is older, however late its delivery came. Among those no push replaced, the last to
-        arrive wins (a chain broken by a lost delivery, or a branch pushed back and forth).
-        """
+        """The SHA the branch was last pushed to, by the order of the pushes, not of arrival:
+        a push whose SHA a later push replaced (`before`) is older, however late it came. Among
+        those no push replaced, the last to arrive wins (a chain broken by a lost delivery, or a
+        branch pushed back and forth)."""
         with self._connect() as db:
             rows = db.execute(
                 "SELECT after, before_sha FROM deliveries WHERE repo = ? AND ref = ? "
@@ -282,9 +255,8 @@ class Outbox:
     def counts(self) -> dict[str, int]:
         """Deliveries by status."""
         with self._connect() as db:
-            return dict(
-                db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
-            )
+            rows = db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
+        return dict(rows)
 
     def get_state(self, key: str) -> str | None:
         """A small persisted value (the poller's last seen SHA)."""
@@ -370,19 +342,26 @@ def retention_seconds() -> float:
     return config.OUTBOX_RETENTION_DAYS.get() * 86400
 
 
+def _each_outbox(folder: Path, query: str) -> Iterator[list[Any]]:
+    """The rows `query` finds in each outbox in `folder` that can be read, read-only."""
+    for path in sorted(folder.glob("*.sqlite")):
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
+                rows = db.execute(query).fetchall()
+        except sqlite3.Error:
+            continue
+        yield rows
+
+
 def pushes(folder: Path) -> list[dict[str, Any]]:
     """The newest push of each repository and ref in the outboxes in `folder`, read-only: its
     commit, when it arrived, whether it was sent to Prefect, and how many wait to be sent."""
     found: list[dict[str, Any]] = []
-    for path in sorted(folder.glob("*.sqlite")):
-        try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
-                rows = db.execute(
-                    "SELECT repo, ref, after, status, received_at FROM deliveries "
-                    "WHERE status IN ('pending', 'sent') ORDER BY received_at DESC LIMIT 500"
-                ).fetchall()
-        except sqlite3.Error:
-            continue
+    newest_first = (
+        "SELECT repo, ref, after, status, received_at FROM deliveries "
+        "WHERE status IN ('pending', 'sent') ORDER BY received_at DESC LIMIT 500"
+    )
+    for rows in _each_outbox(folder, newest_first):
         newest: dict[tuple[str, str], dict[str, Any]] = {}
         for repo, ref, after, status, received in rows:
             entry = newest.setdefault(
@@ -397,14 +376,7 @@ def pushes(folder: Path) -> list[dict[str, Any]]:
 def failures(folder: Path) -> dict[str, dict[str, Any]]:
     """The repair loops' failures recorded in the outboxes in `folder`, added up by loop."""
     totals: dict[str, dict[str, Any]] = {}
-    for path in sorted(folder.glob("*.sqlite")):
-        try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
-                rows = db.execute(
-                    "SELECT key, value FROM state WHERE key LIKE 'failures:%'"
-                ).fetchall()
-        except sqlite3.Error:
-            continue
+    for rows in _each_outbox(folder, "SELECT key, value FROM state WHERE key LIKE 'failures:%'"):
         for key, value in rows:
             loop, entry = key.removeprefix("failures:"), json.loads(value)
             total = totals.setdefault(loop, {"count": 0, "last": "", "at": 0.0})

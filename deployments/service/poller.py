@@ -1,8 +1,5 @@
-"""The poller: for remotes that send no webhook, notices new commits and queues the same push.
-
-It also catches up on start: a branch that moved while nothing listened (a push the hook or the
-provider could not deliver) is queued as one push.
-"""
+"""The poller: for remotes that send no webhook, notices new commits and queues the same push;
+on start, it also catches up on a branch that moved while nothing listened."""
 
 from __future__ import annotations
 
@@ -73,8 +70,8 @@ class Poller(threading.Thread):
 
     def catch_up(self) -> str | None:
         """On start: if the branch moved while nothing was listening (a push the hook or the
-        provider could not deliver), queue its tip as a push. Only once a push was accepted
-        here before, so a first start runs nothing by itself. Returns the status, if queued."""
+        provider could not deliver), queue its tip as a push, when a push was accepted here
+        before (a first start runs nothing by itself). Returns the status, if queued."""
         last = self.outbox.latest(self.repo, self.branch)
         if last is None:
             return None

@@ -29,6 +29,9 @@ PREVIEW_ACTIONS = {
 SHA = re.compile(r"^[0-9a-f]{40}$")
 # GitHub and Gitea list at most 20 commits in a push payload; GitLab says how many there were.
 _GITHUB_COMMIT_CAP = 20
+# The fields that name a payload's repository (GitLab: project), GitHub's and Gitea's first.
+_URL_FIELDS: tuple[str, ...] = ("clone_url", "ssh_url", "html_url", "git_url", "url")
+_URL_FIELDS += ("git_http_url", "git_ssh_url", "web_url")
 
 
 @dataclass(frozen=True)
@@ -73,21 +76,13 @@ def verify_signature(secret: bytes, body: bytes, header: str | None) -> bool:
 
 
 def payload_repositories(payload: Mapping[str, Any]) -> list[str]:
+    """The URLs a payload's `repository` (GitLab: `project`) names it by."""
     names: list[str] = []
     for key in ("repository", "project"):
         info = payload.get(key)
         if not isinstance(info, dict):
             continue
-        for field_name in (
-            "clone_url",
-            "ssh_url",
-            "html_url",
-            "git_url",
-            "url",
-            "git_http_url",
-            "git_ssh_url",
-            "web_url",
-        ):
+        for field_name in _URL_FIELDS:
             value = info.get(field_name)
             if isinstance(value, str) and 0 < len(value) <= 2000:
                 names.append(value)
@@ -95,6 +90,7 @@ def payload_repositories(payload: Mapping[str, Any]) -> list[str]:
 
 
 def changed_paths(commits: Any) -> list[str] | None:
+    """The files a push's commits added, removed or changed; None unless every commit says."""
     if not isinstance(commits, list) or not commits:
         return None
     paths: set[str] = set()
@@ -112,9 +108,8 @@ def changed_paths(commits: Any) -> list[str] | None:
 def push_event(
     provider: str, delivery: str, ref: str, after: str, payload: Mapping[str, Any]
 ) -> PushEvent:
-    """The push a payload describes, its `ref` and `after` already checked: the tip it
-    replaced, whether it was forced, the files it changed (when the payload lists them all)
-    and who pushed."""
+    """The push a payload describes, its `ref` and `after` already checked: the tip it replaced,
+    whether it was forced, the files it changed (when the payload lists them all) and who pushed."""
     before = str(payload.get("before") or "").lower() or None
     forced = payload.get("forced") is True
     commits = payload.get("commits")
@@ -147,8 +142,7 @@ def authentic(secret: bytes | None, provider: str, h: Mapping[str, str], body: b
     if secret is None:
         return True  # started with --insecure, or a link without a secret
     if provider == "gitlab":
-        token = h.get("x-gitlab-token", "")
-        return hmac.compare_digest(token.encode(), secret)
+        return hmac.compare_digest(h.get("x-gitlab-token", "").encode(), secret)
     if provider == "gitea" and "x-gitea-signature" in h:
         expected = hmac.new(secret, body, hashlib.sha256).hexdigest()
         return hmac.compare_digest(expected.encode(), h["x-gitea-signature"].strip().encode())
@@ -205,31 +199,26 @@ def _text(value: Any, limit: int = 300) -> str:
 
 
 def parse_pull_request(provider: str, payload: dict[str, Any]) -> PullRequestDelivery:
-    """Read a `pull_request` (GitHub, Gitea) or `Merge Request Hook` (GitLab) payload.
-
-    A pull request from a fork counts as one unless the payload shows the head repository is
-    the base repository; its head is fetched from the linked repository's own pull request
-    ref, never from the fork's URL.
+    """Read a `pull_request` (GitHub, Gitea) or `Merge Request Hook` (GitLab) payload. A pull
+    request counts as from a fork unless the payload shows its head repository is the base one;
+    its head is fetched from the linked repository's own pull request ref, never the fork's URL.
     """
     if provider == "gitlab":
         attrs = payload.get("object_attributes")
         if not isinstance(attrs, dict):
             raise ValueError("merge request payload needs `object_attributes`")
         number = attrs.get("iid")
-        last = _dict(attrs.get("last_commit"))
-        head = str(last.get("id") or "").lower()
         source, target = attrs.get("source_project_id"), attrs.get("target_project_id")
-        user = _dict(payload.get("user"))
         pull = PullRequestDelivery(
             action=_text(attrs.get("action"), 40),
             number=number if isinstance(number, int) else -1,
-            head=head,
+            head=str(_dict(attrs.get("last_commit")).get("id") or "").lower(),
             base=_text(attrs.get("target_branch")),
             head_branch=_text(attrs.get("source_branch")),
             fork=source is None or source != target,
             ref=f"refs/merge-requests/{number}/head",
             repositories=payload_repositories(payload),
-            author=_text(user.get("username"), 200),
+            author=_text(_dict(payload.get("user")).get("username"), 200),
             new_commits="oldrev" in attrs or attrs.get("action") != "update",
         )
     else:
@@ -237,22 +226,19 @@ def parse_pull_request(provider: str, payload: dict[str, Any]) -> PullRequestDel
         if not isinstance(info, dict):
             raise ValueError("pull request payload needs `pull_request`")
         number = payload.get("number", info.get("number"))
-        head_info = _dict(info.get("head"))
-        base_info = _dict(info.get("base"))
-        head_repo = _dict(head_info.get("repo"))
-        base_repo = _dict(base_info.get("repo"))
-        head_name = head_repo.get("full_name")
-        user = _dict(info.get("user"))
+        head_info, base_info = _dict(info.get("head")), _dict(info.get("base"))
+        head_name = _dict(head_info.get("repo")).get("full_name")
+        base_name = _dict(base_info.get("repo")).get("full_name")
         pull = PullRequestDelivery(
             action=_text(payload.get("action"), 40),
             number=number if isinstance(number, int) else -1,
             head=str(head_info.get("sha") or "").lower(),
             base=_text(base_info.get("ref")),
             head_branch=_text(head_info.get("ref")),
-            fork=not head_name or head_name != base_repo.get("full_name"),
+            fork=not head_name or head_name != base_name,
             ref=f"refs/pull/{number}/head",
             repositories=payload_repositories(payload),
-            author=_text(user.get("login"), 200),
+            author=_text(_dict(info.get("user")).get("login"), 200),
         )
     if not 0 < pull.number < 10**10 or isinstance(pull.number, bool):
         raise ValueError("pull request payload needs a positive `number` (GitLab: `iid`)")

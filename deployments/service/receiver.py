@@ -49,6 +49,16 @@ class Verdict:
     push: PushEvent | None = field(default=None, repr=False)
 
 
+def _ignored(reason: str) -> Verdict:
+    """A delivery that starts no run, and why."""
+    return Verdict(202, {"status": "ignored", "reason": reason})
+
+
+def _error(status: int, error: str) -> Verdict:
+    """A delivery refused: unknown, unsigned, or not what it says it is."""
+    return Verdict(status, {"error": error})
+
+
 @dataclass(frozen=True)
 class Served:
     """A repository and branch the receiver takes pushes for, with how deliveries are checked."""
@@ -130,9 +140,7 @@ class Receiver:
     def handle(self, provider: str, headers: Mapping[str, str], body: bytes) -> Verdict:
         """The answer to one delivery; accepted pushes are stored before this returns."""
         if provider not in PROVIDERS:
-            return Verdict(
-                404, {"error": f"unknown webhook provider {provider!r}; use {', '.join(PROVIDERS)}"}
-            )
+            return _error(404, f"unknown webhook provider {provider!r}; use {', '.join(PROVIDERS)}")
         h = {k.lower(): v for k, v in headers.items()}
         # Only the links whose secret signed this body are considered further: a sender that
         # knows one link's secret cannot start runs of another.
@@ -142,73 +150,58 @@ class Receiver:
             if provider in t.providers and authentic(t.secret, provider, h, body)
         ]
         if not signed:
-            return Verdict(401, {"error": "missing or invalid signature"})
+            return _error(401, "missing or invalid signature")
         event, delivery = event_and_delivery(provider, h)
         try:
             payload = decode(h, body)
         except ValueError as exc:
-            return Verdict(400, {"error": f"body is not valid JSON: {str(exc)[:200]}"})
+            return _error(400, f"body is not valid JSON: {str(exc)[:200]}")
         except RecursionError:
-            return Verdict(400, {"error": "body is not valid JSON: nested too deeply"})
+            return _error(400, "body is not valid JSON: nested too deeply")
         if event in {"ping", "system hook"}:
             return Verdict(200, {"status": "pong"})
         if event in {"pull_request", "merge request hook"}:
             if not isinstance(payload, dict):
-                return Verdict(400, {"error": "pull request payload must be a JSON object"})
+                return _error(400, "pull request payload must be a JSON object")
             return self._pull_request(provider, delivery, payload, signed)
         if event not in {"push", "push hook", "tag push hook"}:
-            return Verdict(202, {"status": "ignored", "reason": f"event {event!r} starts no run"})
+            return _ignored(f"event {event!r} starts no run")
         if not isinstance(payload, dict):
-            return Verdict(400, {"error": "push payload must be a JSON object"})
+            return _error(400, "push payload must be a JSON object")
         ref = payload.get("ref")
         after = str(payload.get("after") or "").lower()
         if not isinstance(ref, str) or not SHA.match(after):
-            return Verdict(
-                400, {"error": "push payload needs `ref` and a 40-character `after` SHA"}
-            )
+            return _error(400, "push payload needs `ref` and a 40-character `after` SHA")
         if ref.startswith("refs/tags/") or event == "tag push hook":
-            return Verdict(202, {"status": "ignored", "reason": f"tag push {ref} starts no run"})
+            return _ignored(f"tag push {ref} starts no run")
         if payload.get("deleted") is True or after == ZERO_SHA:
-            return Verdict(
-                202, {"status": "ignored", "reason": f"branch deletion {ref} starts no run"}
-            )
+            return _ignored(f"branch deletion {ref} starts no run")
         on_branch = [t for t in signed if ref == f"refs/heads/{t.branch}"]
         if not on_branch:
             branches = ", ".join(sorted({t.branch for t in signed}))
-            return Verdict(
-                202,
-                {"status": "ignored", "reason": f"push to {ref}; this receiver serves {branches}"},
-            )
+            return _ignored(f"push to {ref}; this receiver serves {branches}")
         named = payload_repositories(payload)[:20]
         if not named:
-            return Verdict(
+            return _error(
                 400,
-                {
-                    "error": "push payload names no repository: expected `repository` (or "
-                    "`project`) as an object with clone_url, url, html_url or ssh_url"
-                },
+                "push payload names no repository: expected `repository` (or `project`) as an "
+                "object with clone_url, url, html_url or ssh_url",
             )
         keys = {normalize_repo(n) for n in named}
         target = next((t for t in on_branch if t.key in keys), None)
         if target is None:
             served = on_branch[0].repo.url if len(on_branch) == 1 else "other linked repositories"
-            return Verdict(
-                202,
-                {
-                    "status": "ignored",
-                    "reason": f"push for {named[0]}; this receiver serves {served}",
-                },
-            )
+            return _ignored(f"push for {named[0]}; this receiver serves {served}")
         push = push_event(provider, delivery or f"sha-{after}", ref, after, payload)
+        return self._accept(push, target)
+
+    def _accept(self, push: PushEvent, target: Served, **extra: Any) -> Verdict:
+        """Store an accepted push: 202 when it is queued, 200 when it is a duplicate."""
         status, event_id = self.outbox.enqueue(
             push, target.repo, target.branch, target.name if target.reports else None
         )
-        code = 202 if status == "queued" else 200
-        return Verdict(
-            code,
-            {"status": status, "event_id": event_id, "after": after, "link": target.name},
-            push,
-        )
+        body = {"status": status, "event_id": event_id, "after": push.after, "link": target.name}
+        return Verdict(202 if status == "queued" else 200, {**body, **extra}, push)
 
     def _pull_request(
         self, provider: str, delivery: str, payload: dict[str, Any], signed: list[Served]
@@ -217,41 +210,27 @@ class Receiver:
         try:
             pull = parse_pull_request(provider, payload)
         except ValueError as exc:
-            return Verdict(400, {"error": str(exc)})
+            return _error(400, str(exc))
         if pull.action not in PREVIEW_ACTIONS[provider]:
-            return Verdict(
-                202,
-                {
-                    "status": "ignored",
-                    "reason": f"pull request action {pull.action!r} runs no preview",
-                },
-            )
+            return _ignored(f"pull request action {pull.action!r} runs no preview")
         if provider == "gitlab" and pull.action == "update" and not pull.new_commits:
-            return Verdict(
-                202, {"status": "ignored", "reason": "merge request update without new commits"}
-            )
+            return _ignored("merge request update without new commits")
         keys = {normalize_repo(n) for n in pull.repositories[:20]}
         target = next((t for t in signed if t.key in keys and t.branch == pull.base), None)
         if target is None:
             served = ", ".join(sorted({f"{t.repo.url}@{t.branch}" for t in signed})[:5])
-            return Verdict(
-                202,
-                {
-                    "status": "ignored",
-                    "reason": f"pull request into {pull.base} of "
-                    f"{pull.repositories[0] if pull.repositories else 'an unnamed repository'}; "
-                    f"this receiver serves {served}",
-                },
+            named = pull.repositories[0] if pull.repositories else "an unnamed repository"
+            return _ignored(
+                f"pull request into {pull.base} of {named}; this receiver serves {served}"
             )
         if target.previews == "off" or (target.previews == "same-repo" and pull.fork):
-            why = "previews are off" if target.previews == "off" else "it comes from a fork"
-            reason = f"link {target.name}: no preview, {why}"
             if target.link is None:
-                reason = (
+                return _ignored(
                     "no preview: only linked repositories preview their pull requests "
                     "(`textgen link add`)"
                 )
-            return Verdict(202, {"status": "ignored", "reason": reason})
+            why = "previews are off" if target.previews == "off" else "it comes from a fork"
+            return _ignored(f"link {target.name}: no preview, {why}")
         push = PushEvent(
             provider=provider,
             delivery=delivery or f"pr-{pull.number}-{pull.head}",
@@ -269,20 +248,7 @@ class Receiver:
             },
             base=target.branch,
         )
-        status, event_id = self.outbox.enqueue(
-            push, target.repo, target.branch, target.name if target.reports else None
-        )
-        return Verdict(
-            202 if status == "queued" else 200,
-            {
-                "status": status,
-                "event_id": event_id,
-                "after": pull.head,
-                "link": target.name,
-                "pull_request": pull.number,
-            },
-            push,
-        )
+        return self._accept(push, target, pull_request=pull.number)
 
 
 def read_secret(secret_file: str | None, insecure: bool) -> bytes | None:

@@ -47,28 +47,18 @@ class Watched:
 
 
 def supersede_queued_runs(deployment_id: Any, newest_sha: str) -> int:
-    """Mark queued push/poll runs of a deployment Superseded by the newest push, `newest_sha`.
-
-    Runs not yet started whose commit is not `newest_sha` are Cancelled, the message starting
-    `Superseded:` and naming the newer commit, and renamed after their commit: the newest
-    push's run (queued now or soon) runs instead. Manual runs are never touched. Returns how
-    many were marked.
-    """
+    """Mark the queued push/poll runs of a deployment whose commit is not the newest push's,
+    `newest_sha`, Cancelled (`Superseded: ...`, naming it), and name them after their commit:
+    the newest push's run runs instead. Manual runs are never touched. Returns how many."""
     from prefect.states import Cancelled
 
     marked = 0
+    message = f"{SUPERSEDED}: by the newer push of {newest_sha[:7]}, which runs instead"
     with queries.client() as api:
         for run in queries.flow_runs(api, deployment_id, ["SCHEDULED"]):
             if not queries.automatic(run) or queries.commit_of(run) == newest_sha:
                 continue
-            api.set_flow_run_state(
-                run.id,
-                Cancelled(
-                    message=f"{SUPERSEDED}: by the newer push of {newest_sha[:7]}, which runs "
-                    "instead"
-                ),
-                force=True,
-            )
+            api.set_flow_run_state(run.id, Cancelled(message=message), force=True)
             # Named after its commit, as the runs that start are (a queued run has the name
             # Prefect gave it, and a superseded one never starts).
             commit = str(run.parameters.get("commit_sha") or "")
@@ -84,14 +74,11 @@ def supersede_queued_runs(deployment_id: Any, newest_sha: str) -> int:
 
 
 def recover_after_restart(deployment_id: Any, repo: RepoLocation) -> int:
-    """End the runs a killed service left behind, before its runner starts again.
-
-    A flow run of the deployment still Pending, Running or Cancelling in Prefect has no process
-    now unless one outlived the service (then its MLflow run names a live process on this
-    machine, and it is left to finish). The others are set Crashed with the reason, which
-    releases the deployment's concurrency slot, and their MLflow runs end FAILED (or are
-    published, when they had taken their version number). Returns how many were ended.
-    """
+    """End the runs a killed service left behind, before its runner starts again: a flow run
+    still Pending, Running or Cancelling has no process now, unless its MLflow run names a live
+    one on this machine (it outlived the service: left to finish). The others are set Crashed,
+    which releases the deployment's concurrency slot, and their MLflow runs end FAILED (or are
+    published, when they had taken their number). Returns how many were ended."""
     from prefect.states import Crashed
 
     experiment = Experiment.for_repo(repo)
@@ -100,18 +87,13 @@ def recover_after_restart(deployment_id: Any, repo: RepoLocation) -> int:
     with queries.client() as api:
         for run in queries.flow_runs(api, deployment_id, ["PENDING", "RUNNING", "CANCELLING"]):
             tracked = versions.of_flow_run(experiment, run.id)
-            alive = [
-                r
-                for r in tracked
-                if r.info.status == "RUNNING" and recovery.process_gone(r.data.tags) is None
-            ]
-            if alive:
+            running = [r for r in tracked if r.info.status == "RUNNING"]
+            if any(recovery.process_gone(r.data.tags) is None for r in running):
                 logger.info("Flow run %s outlived the service; leaving it to finish", run.name)
                 continue
             api.set_flow_run_state(run.id, Crashed(message=reason), force=True)
-            for r in tracked:
-                if r.info.status == "RUNNING":
-                    recovery.recover(experiment, r, reason)
+            for r in running:
+                recovery.recover(experiment, r, reason)
             logger.warning("Flow run %s was left behind: %s; marked it Crashed", run.name, reason)
             ended += 1
     return ended + recovery.recover_dead_runs(experiment)
@@ -119,9 +101,8 @@ def recover_after_restart(deployment_id: Any, repo: RepoLocation) -> int:
 
 def start_missing_runs(item: Watched, outbox: Outbox, grace: float = RUN_GRACE_SECONDS) -> int:
     """Start the runs Prefect's trigger did not: a push event the API took (2xx) whose flow run
-    never appeared. The outbox keeps each event until a run of its commit is seen, and starts
-    one itself after `grace` seconds, with the parameters the trigger would have given. Runs of
-    older pushes are then superseded as usual. Returns how many runs were started."""
+    did not appear within `grace` seconds gets one, with the parameters the trigger would have
+    given (runs of older pushes are then superseded as usual). Returns how many were started."""
     pending = outbox.without_run(item.repo, item.branch, grace)
     if not pending:
         return 0
@@ -155,10 +136,9 @@ def start_missing_runs(item: Watched, outbox: Outbox, grace: float = RUN_GRACE_S
 
 
 def retry_crashed_runs(item: Watched, newest: str | None) -> int:
-    """Start a crashed push run once more (on whichever worker takes it), when its commit is
-    still the branch's newest push; a newer push runs instead otherwise. Each crashed run is
-    retried at most once, and a retry that crashes too is not retried again. Returns how many
-    runs were started."""
+    """Start a crashed push run once more (on whichever worker takes it) when its commit is
+    still the branch's newest push, at most once per run, never a retry's retry. Returns how
+    many runs were started."""
     started = 0
     with queries.client() as api:
         for run in queries.flow_runs(api, item.deployment_id, ["CRASHED"], limit=50):
@@ -174,11 +154,9 @@ def retry_crashed_runs(item: Watched, newest: str | None) -> int:
                 parameters={**run.parameters, "attempt": 2},
                 tags=[*(t for t in run.tags if t != RETRIED_TAG), "retry"],
             )
+            why = run.state.message if run.state else ""
             logger.warning(
-                "Flow run %s of %s crashed (%s); started it once more",
-                run.name,
-                sha[:7],
-                run.state.message if run.state else "",
+                "Flow run %s of %s crashed (%s); started it once more", run.name, sha[:7], why
             )
             started += 1
     return started
@@ -230,10 +208,8 @@ class Janitor(RepairLoop):
         while not self.stopping.is_set():
             for item in self.watched:
                 where = item.repo.url
-                self.attempt(
-                    f"check {where} for missing runs",
-                    partial(start_missing_runs, item, self.outbox),
-                )
+                missing = partial(start_missing_runs, item, self.outbox)
+                self.attempt(f"check {where} for missing runs", missing)
                 self.attempt(f"supersede queued runs of {where}", partial(self.supersede, item))
             self.wake.wait(self.seconds)
             self.wake.clear()
@@ -248,10 +224,8 @@ class Janitor(RepairLoop):
 class Reaper(RepairLoop):
     """Ends what dead workers left: MLflow runs of crashed flow runs end FAILED with the reason
     (or are published, when they held their number), and crashed push runs run once more.
-
     Prefect itself marks a run whose worker died Crashed (the heartbeat automation), which frees
-    its deployment's slot; this thread does the rest, from the receiver's machine.
-    """
+    its deployment's slot; this thread does the rest, from the receiver's machine."""
 
     loop = "reaper"
 

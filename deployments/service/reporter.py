@@ -70,8 +70,7 @@ class Reporter(threading.Thread):
         seconds: float = 1.0,
         client: Any = None,
     ) -> None:
-        """`outbox`: the outbox's file; `links`: each link with its resolved token (see
-        `Served.of`)."""
+        """`outbox`: the outbox's file; `links`: each link with its resolved token (`Served.of`)."""
         super().__init__(name="textgen-reporter", daemon=True)
         self.outbox = Outbox(outbox)
         self.links = {link.name: link for link, _ in links}
@@ -121,6 +120,7 @@ class Reporter(threading.Thread):
 
     def _failed(self, row: Report, exc: ForgeError) -> None:
         attempts = row.attempts + 1
+        error = shorten(str(exc), 2000)
         if exc.permanent or attempts >= MAX_ATTEMPTS:
             logger.error(
                 "Link %s: %s did not take the result for %s (%s); giving up. Check the token's "
@@ -131,13 +131,9 @@ class Reporter(threading.Thread):
                 exc,
             )
             if row.phase == "queued":  # the pending status is a courtesy; the result is not
-                self.outbox.update_report(
-                    row, phase="pending", attempts=0, last_error=shorten(str(exc), 2000)
-                )
+                self.outbox.update_report(row, phase="pending", attempts=0, last_error=error)
             else:
-                self.outbox.update_report(
-                    row, phase="gave_up", attempts=attempts, last_error=shorten(str(exc), 2000)
-                )
+                self.outbox.update_report(row, phase="gave_up", attempts=attempts, last_error=error)
             return
         delay = self.backoff.after(attempts)
         logger.warning(
@@ -148,18 +144,15 @@ class Reporter(threading.Thread):
             delay,
         )
         self.outbox.update_report(
-            row, attempts=attempts, next_at=time.time() + delay, last_error=shorten(str(exc), 2000)
+            row, attempts=attempts, next_at=time.time() + delay, last_error=error
         )
 
     def advance(self, row: Report, runs: dict[str, list[Any]]) -> int:
         """Move one row on by one phase (or more); returns 1 if it moved."""
-        forge = self.forges[row.link]
+        forge, where = self.forges[row.link], context(row.link, row.kind)
         if row.phase == "queued":
             what = f"preview of PR #{row.pr}" if row.kind == PREVIEW_TRIGGER else "output version"
-            forge.set_status(
-                row.sha,
-                Status("pending", f"Queued: generating the {what}", context(row.link, row.kind)),
-            )
+            forge.set_status(row.sha, Status("pending", f"Queued: generating the {what}", where))
             self.outbox.update_report(row, phase="pending", attempts=0)
             return 1
         if row.phase == "pending":
@@ -177,15 +170,8 @@ class Reporter(threading.Thread):
                     return 0
             row = self.outbox.update_report(row, phase="final", result=result, attempts=0)
         result = row.result or {}
-        forge.set_status(
-            row.sha,
-            Status(
-                result["state"],
-                result["description"],
-                context(row.link, row.kind),
-                result.get("target_url"),
-            ),
-        )
+        status = Status(result["state"], result["description"], where, result.get("target_url"))
+        forge.set_status(row.sha, status)
         if row.kind == PREVIEW_TRIGGER and row.pr is not None and result.get("comment"):
             key = f"comment:{row.link}:{row.pr}"
             known = self.outbox.get_state(key)
@@ -194,13 +180,8 @@ class Reporter(threading.Thread):
             )
             self.outbox.set_state(key, str(comment_id))
         self.outbox.update_report(row, phase="done")
-        logger.info(
-            "Link %s: %s status of %s: %s",
-            row.link,
-            result["state"],
-            row.sha[:7],
-            result["description"],
-        )
+        state, description = result["state"], result["description"]
+        logger.info("Link %s: %s status of %s: %s", row.link, state, row.sha[:7], description)
         return 1
 
     # Outcomes

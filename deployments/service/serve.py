@@ -9,6 +9,7 @@ receive is the receiver alone, for deployments a work pool's workers run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from deployments.service.emitter import Emitter
 from deployments.service.http import HttpService, start_http
 from deployments.service.outbox import Outbox
 from deployments.service.poller import Poller
+from deployments.service.providers import PROVIDERS
 from deployments.service.receiver import Receiver, Served
 from deployments.service.record import forget_service, record_service
 from deployments.service.repair import Janitor, Reaper, Watched, recover_after_restart
@@ -34,8 +36,6 @@ from tasks.retry import Backoff
 from tasks.store import ui_base_url
 
 logger = logging.getLogger(__name__)
-
-PROVIDER_PATHS = ("github", "gitea", "gitlab")
 
 
 def receiver_outbox(targets: list[Served]) -> Outbox:
@@ -58,11 +58,9 @@ def start_receiver(
     reap: bool = False,
 ) -> tuple[HttpService, list[Any]]:
     """Outbox, HTTP endpoint, emitter, janitor, pollers (and the reaper), in background threads.
-
     `poll` gives the poll interval of the targets to poll, `deployments` the deployment id of
     each target (by name) whose queued runs newer pushes supersede. Returns the HTTP server and
-    the threads (each has a `stopping` event).
-    """
+    the threads (each has a `stopping` event)."""
     outbox = receiver_outbox(targets)
     receiver = Receiver.for_links(targets, outbox)
     try:
@@ -96,18 +94,13 @@ def start_receiver(
             threads.append(Poller(target.repo, target.branch, outbox, seconds))
     for thread in threads:
         thread.start()
-    address = http.server_address
     served = ", ".join(f"{t.repo.url}@{t.branch}" for t in targets[:5])
     if len(targets) > 5:
         served += f" and {len(targets) - 5} more"
     polled = sorted({s for s in (poll or {}).values() if s})
-    logger.info(
-        "Push receiver for %s on http://%s:%s/webhooks/github (also /gitea, /gitlab)%s",
-        served,
-        address[0],
-        address[1],
-        f"; polling every {polled[0]:g} s" if polled else "",
-    )
+    polling = f"; polling every {polled[0]:g} s" if polled else ""
+    url = f"http://{http.server_address[0]}:{http.server_address[1]}/webhooks/github"
+    logger.info("Push receiver for %s on %s (also /gitea, /gitlab)%s", served, url, polling)
     return http, threads
 
 
@@ -131,49 +124,25 @@ def run_service(
     ui_port: int = 5000,
 ) -> int:
     """Serve until interrupted: Prefect API (local if needed), receiver, runner, janitor, and
-    the MLflow UI on `ui_port` (0: none) for an embedded store.
-
-    Each target gets its deployment (named by `names`, else `on-push`), with one run at a time
-    per repository and branch; the runner runs at most `runs` flow runs at once.
-    """
+    the MLflow UI on `ui_port` (0: none) for an embedded store. Each target gets its deployment
+    (named by `names`, else `on-push`), with one run at a time per repository and branch; the
+    runner runs at most `runs` flow runs at once."""
     names = names or {}
-    ui = None
-    if ui_port and not config.tracking_uri().startswith(("http://", "https://")):
-        ui = MlflowUI("127.0.0.1", ui_port)
-        ui.start()  # a busy port ends serve here, with the reason
-        if not config.MLFLOW_UI_URL.is_set():
-            # The links runs record open this UI: runs are processes of their own, started
-            # with this environment.
-            os.environ[config.MLFLOW_UI_URL.name] = ui.url
-    try:
-        return _serve(targets, host, port, poll, names, prefect_port, runs)
-    finally:
-        if ui is not None:
-            ui.stop()
+    with contextlib.ExitStack() as stack:
+        if ui_port and not config.tracking_uri().startswith(("http://", "https://")):
+            ui = MlflowUI("127.0.0.1", ui_port)
+            ui.start()  # a busy port ends serve here, with the reason
+            stack.callback(ui.stop)
+            if not config.MLFLOW_UI_URL.is_set():
+                # The links runs record open this UI: runs are processes of their own, started
+                # with this environment.
+                os.environ[config.MLFLOW_UI_URL.name] = ui.url
+        from prefect.runner import Runner
 
+        from deployments.service.warm import enable as enable_warm_starts
 
-def _register(runner: Any, targets: list[Served], names: dict[str, str]) -> dict[str, Any]:
-    return {
-        t.name: add_to_runner(runner, t.repo.url, t.branch, names.get(t.name, DEFAULT_DEPLOYMENT))
-        for t in targets
-    }
-
-
-def _serve(
-    targets: list[Served],
-    host: str,
-    port: int,
-    poll: dict[str, float] | None,
-    names: dict[str, str],
-    prefect_port: int,
-    runs: int,
-) -> int:
-    from prefect.runner import Runner
-
-    from deployments.service.warm import enable as enable_warm_starts
-
-    runner_name = f"textgen-{targets[0].repo.key}" if len(targets) == 1 else "textgen-links"
-    with service_api(prefect_port) as api_url:
+        runner_name = f"textgen-{targets[0].repo.key}" if len(targets) == 1 else "textgen-links"
+        api_url = stack.enter_context(service_api(prefect_port))
         enable_warm_starts()
         http: HttpService | None = None
         threads: list[Any] = []
@@ -228,36 +197,37 @@ def _serve(
     return 0
 
 
+def _register(runner: Any, targets: list[Served], names: dict[str, str]) -> dict[str, Any]:
+    return {
+        t.name: add_to_runner(runner, t.repo.url, t.branch, names.get(t.name, DEFAULT_DEPLOYMENT))
+        for t in targets
+    }
+
+
 def _announce(
     http: HttpService, api_url: str, targets: list[Served], names: dict[str, str]
 ) -> None:
     """Record serve for `textgen status`, and say how to push or run by hand."""
     address = http.server_address
+    receivers = [f"http://{address[0]}:{address[1]}/webhooks/{p}" for p in PROVIDERS]
+    deployments = [f"{FLOW_NAME}/{names.get(t.name, DEFAULT_DEPLOYMENT)}" for t in targets]
     record_service(
         {
             "prefect_api": api_url,
             "mlflow_ui": ui_base_url(),
-            "receivers": [
-                f"http://{address[0]}:{address[1]}/webhooks/{provider}"
-                for provider in PROVIDER_PATHS
-            ],
-            "deployments": [
-                f"{FLOW_NAME}/{names.get(t.name, DEFAULT_DEPLOYMENT)}" for t in targets
-            ],
+            "receivers": receivers,
+            "deployments": deployments,
         }
     )
-    for t in targets:
-        name = names.get(t.name, DEFAULT_DEPLOYMENT)
+    for t, deployment in zip(targets, deployments, strict=True):
         logger.info(
-            "Serving %s/%s: `git push` to %s of %s, or "
-            "`PREFECT_API_URL=%s prefect deployment run '%s/%s'`",
-            FLOW_NAME,
-            name,
+            "Serving %s: `git push` to %s of %s, or "
+            "`PREFECT_API_URL=%s prefect deployment run '%s'`",
+            deployment,
             t.branch,
             t.repo.url,
             api_url,
-            FLOW_NAME,
-            name,
+            deployment,
         )
 
 
@@ -290,9 +260,8 @@ def run_receiver(
                 )
         http, threads = start_receiver(targets, host, port, poll, ids, reap=reap)
         try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+            with contextlib.suppress(KeyboardInterrupt):
+                threading.Event().wait()
         finally:
             stop_receiver(http, threads)
     return 0

@@ -141,37 +141,26 @@ def render(status: Status) -> str:
     else:
         lines.append("Prefect API: none (`textgen serve` is not running here)")
     lines.append(f"MLflow UI: {status.mlflow_ui}")
-    lines += ["", "Pushes (newest per branch):"]
-    if status.pushes:
-        table = [
-            {
-                "repository": p["repository"],
-                "branch": p["branch"],
-                "commit": p["commit"],
-                "received": p["received"],
-                "state": "handled" if p["handled"] else "queued",
-            }
-            for p in status.pushes
-        ]
-        lines.append(render_rows(table, indent=2))
-    else:
-        lines.append("  none received")
-    lines += ["", "Runs queued or running:"]
-    if status.runs:
-        lines += [
-            f"  {r['state']:<10} {r['name']}  {r['repository']}@{r['commit']}  {r['url']}"
-            for r in status.runs
-        ]
-    else:
-        lines.append("  none")
-    lines += ["", "Last version per repository:"]
-    if status.versions:
-        lines += [
-            f"  v{v['version']} ({v['commit']})  {v['repository']}  {v['url']}"
-            for v in status.versions
-        ]
-    else:
-        lines.append("  none yet")
+    table = [
+        {
+            "repository": p["repository"],
+            "branch": p["branch"],
+            "commit": p["commit"],
+            "received": p["received"],
+            "state": "handled" if p["handled"] else "queued",
+        }
+        for p in status.pushes
+    ]
+    runs = [
+        f"  {r['state']:<10} {r['name']}  {r['repository']}@{r['commit']}  {r['url']}"
+        for r in status.runs
+    ]
+    last = [
+        f"  v{v['version']} ({v['commit']})  {v['repository']}  {v['url']}" for v in status.versions
+    ]
+    lines += ["", "Pushes (newest per branch):", render_rows(table, indent=2) or "  none received"]
+    lines += ["", "Runs queued or running:", *(runs or ["  none"])]
+    lines += ["", "Last version per repository:", *(last or ["  none yet"])]
     if status.failures:
         lines += ["", "Repair loops that failed (each is tried again on its next pass):"]
         for loop, failed in sorted(status.failures.items()):

@@ -1,28 +1,21 @@
 """Warm starts for the runs `textgen serve` executes.
 
-Prefect's runner starts each served run in a fresh interpreter (multiprocessing's `spawn`),
-which then imports Prefect, MLflow, torch and transformers again: about four seconds before
-the flow does anything, on every run. Here the runner's starter (the module-level
-`run_flow_in_subprocess` that Prefect's `DirectSubprocessStarter` documents as its override
-point) starts runs with multiprocessing's `forkserver` instead: one single-threaded server
-process imports those libraries once, and each run is a fork of it. Runs stay isolated in
-processes of their own, cancellable and crash-contained as before.
+Prefect's runner starts each served run in a fresh interpreter (multiprocessing's `spawn`), which
+imports Prefect, MLflow, torch and transformers again: about four seconds on every run. Here runs
+start with `forkserver` instead: one single-threaded server process imports those libraries once,
+and each run is a fork of it, isolated in a process of its own, cancellable and crash-contained.
 
-The model stays warm too. A run that loads a model writes which one into a hint file (serve
-sets its path in the runs' environment). When the hint names another model than the fork server
-holds, a new fork server is started that loads that model (into `tasks.model`'s cache) before
-it serves; once it is ready, later runs fork from it and find the model loaded: the same model
-and revision, same dtype and device, so the same pipeline. The old server stops when the
-last run it started has ended. The model is loaded with one torch thread, so no OpenMP
-thread pool exists at the fork, and each run gets the thread count back when it is forked.
+The model stays warm too. A run that loads a model writes which one into a hint file (its path is
+in the runs' environment). When the hint names another model than the fork server holds, a new
+fork server loads it into `tasks.model`'s cache before it serves (the same model, revision, dtype
+and device: the same pipeline; see `warm_model`); once it is ready, later runs fork from it, and
+the old server stops when the last run it started has ended. The operator settings `WARM_START`
+and `WARM_MODEL_START` (`tasks.config`) turn this off, or keep the warm imports and load the
+model in each run.
 
-The operator settings `WARM_START` and `WARM_MODEL_START` (`tasks.config`) turn this off, or
-keep the warm imports and load the model in each run.
-
-Prefect has no public way to choose how a served run's process starts: `run_flow_in_subprocess`
-of `prefect.runner._starter_direct` is the documented override point of its
-`DirectSubprocessStarter`, in a private module. tests/test_internals.py fails loudly when it
-changes.
+Prefect has no public way to choose how a served run's process starts: `run_flow_in_subprocess` of
+`prefect.runner._starter_direct` is the documented override point of its `DirectSubprocessStarter`,
+in a private module. tests/test_internals.py fails loudly when it changes.
 """
 
 from __future__ import annotations
@@ -119,8 +112,7 @@ class WarmServers:
         server.set_forkserver_preload([*self.preload, MODEL_MODULE])
         ready = self.hint.with_name(f"{self.hint.name}.ready-{time.monotonic_ns()}")
         saved = {name: os.environ.get(name) for name in (MODEL_ENV, READY_ENV)}
-        os.environ[MODEL_ENV] = record
-        os.environ[READY_ENV] = str(ready)
+        os.environ.update({MODEL_ENV: record, READY_ENV: str(ready)})
         try:
             server.ensure_running()  # the server process inherits the two variables
         finally:
@@ -134,9 +126,7 @@ class WarmServers:
 
     def check(self, timeout: float = 1800.0) -> None:
         """Start a server for a newly hinted model; swap to it when ready; stop idle old ones.
-
-        Called with the starter's lock held, between run starts.
-        """
+        Called with the starter's lock held, between run starts."""
         if self.pending is not None:
             server, record, ready, started = self.pending
             if ready.exists():
@@ -153,8 +143,7 @@ class WarmServers:
                     server._stop()
             elif time.monotonic() - started > timeout:
                 logger.warning("Gave up keeping the model warm: not loaded in %.0f s", timeout)
-                self.pending = None
-                self.handled = record
+                self.pending, self.handled = None, record
                 with contextlib.suppress(OSError):  # still loading: stop it, do not wait on it
                     os.kill(server._forkserver_pid, signal.SIGKILL)
                 server._stop()
@@ -181,10 +170,8 @@ class WarmServers:
 
 
 def enable(preload: Sequence[str] = PRELOAD) -> bool:
-    """Start the fork server (importing `preload` there) and route served runs through it.
-
-    Returns False, leaving Prefect's own starter in place, where forkserver is unavailable.
-    """
+    """Start the fork server (importing `preload` there) and route served runs through it;
+    False, leaving Prefect's own starter in place, where forkserver is unavailable."""
     if not enabled() or "forkserver" not in multiprocessing.get_all_start_methods():
         return False
     import prefect.flow_engine as engine
