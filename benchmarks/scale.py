@@ -4,7 +4,7 @@ Rows, in one invocation on one machine:
 - baseline: the embedded default, `textgen serve --links` (SQLite Prefect and MLflow, one run
   at a time);
 - team, W workers: PostgreSQL-backed Prefect and MLflow servers, the receiver, and W process
-  workers, each its own process and data folder (`deployments/team.py`, as compose.yaml).
+  workers, each its own process and data folder (`deployments/ops/team.py`, as compose.yaml).
 
 Each row gets the same push schedule (seeded): `--pushes` pushes to `--repos` repositories in
 bursts of 10 over about `--seconds` seconds, through each bare repository's post-receive hook,

@@ -41,6 +41,10 @@ class TrackingError(TextgenError):
     exit_code = 5
 
 
+class NoExperimentError(TrackingError):
+    """Nothing has run for the repository yet: it has no MLflow experiment."""
+
+
 class ServeError(TextgenError):
     """A service (serve, receive, the team, the MLflow UI) cannot start as asked."""
 

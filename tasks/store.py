@@ -13,7 +13,7 @@ from typing import Any
 from tasks import config
 from tasks import tags as T
 from tasks.bounded import shorten
-from tasks.errors import TrackingError
+from tasks.errors import NoExperimentError, TrackingError
 from tasks.files import file_lock
 from tasks.repo import RepoLocation, normalize_repo, repository_identity
 from tasks.retry import Backoff, retry
@@ -133,7 +133,7 @@ class Experiment:
             experiment = _find_experiment(client, name, location.url)
             if experiment is None:
                 if not create:
-                    raise TrackingError(
+                    raise NoExperimentError(
                         f"no MLflow experiment for repository {name} in "
                         f"{config.tracking_uri()}: nothing has run for it yet"
                     )

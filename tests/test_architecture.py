@@ -196,3 +196,21 @@ def test_the_pipeline_is_called_through_its_public_api() -> None:
         "_postprocess_params",
     )
     assert [m for m in MODULES if any(p in MODULES[m].read_text() for p in private)] == []
+
+
+def test_each_exit_code_and_each_tag_means_one_thing() -> None:
+    import inspect
+
+    from tasks import errors, names, tags
+
+    codes = [
+        cls.__dict__["exit_code"]
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if "exit_code" in cls.__dict__
+    ]
+    assert sorted(codes) == list(range(1, len(codes) + 1)), "each exit code once, no gaps"
+    keys = [v for k, v in vars(tags).items() if k.isupper() and "." in v]
+    assert len(keys) == len(set(keys)), "two tag names for one MLflow tag"
+    events = [names.PUSH_EVENT, names.PULL_REQUEST_EVENT]
+    triggers = [names.MANUAL, names.PUSH, names.POLL, names.PREVIEW_TRIGGER]
+    assert len(set(events)) == 2 and len(set(triggers)) == 4

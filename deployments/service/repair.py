@@ -25,6 +25,7 @@ from typing import Any
 from deployments.orchestration import queries
 from deployments.service.outbox import Outbox
 from tasks import recovery, versions
+from tasks.errors import NoExperimentError
 from tasks.names import PUSH, SUPERSEDED
 from tasks.repo import RepoLocation
 from tasks.store import Experiment
@@ -250,5 +251,9 @@ class Reaper(RepairLoop):
 
     @staticmethod
     def end_dead_runs(item: Watched) -> None:
-        """End the MLflow runs of the repository whose process is gone."""
-        recovery.recover_dead_runs(Experiment.for_repo(item.repo, create=False))
+        """End the MLflow runs of the repository whose process is gone (none before its first)."""
+        try:
+            experiment = Experiment.for_repo(item.repo, create=False)
+        except NoExperimentError:
+            return
+        recovery.recover_dead_runs(experiment)
