@@ -3,7 +3,7 @@ set-up, the local processes, and the reports people read.
 
 The rooms, and what each may import (a one-way rule; `tests/test_architecture.py` keeps it):
 
-    cli            → service, reports, orchestration, ops, flows, tasks
+    cli            → service, reports, orchestration, ops, hook, flows, tasks
     service        → reports, orchestration, ops, flows, tasks
     reports        → tasks
     orchestration  → flows, tasks

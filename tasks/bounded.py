@@ -31,15 +31,15 @@ _repr.maxlevel = 3
 
 def show(value: Any) -> str:
     """A short repr of any value for a message: long strings and deep or wide values are cut."""
-    return shorten(_repr.repr(value), 200)
+    return shorten(_repr.repr(value), 200, mark="...")
 
 
-def shorten(text: str, limit: int, one_line: bool = False) -> str:
-    """`text` cut to at most `limit` characters, ending in `…` when cut; with `one_line`, its
+def shorten(text: str, limit: int, one_line: bool = False, mark: str = "…") -> str:
+    """`text` cut to at most `limit` characters, ending in `mark` when cut; with `one_line`, its
     runs of whitespace (newlines too) become single spaces first."""
     if one_line:
         text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - len(mark)] + mark
 
 
 class LongNumber(str):

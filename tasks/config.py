@@ -123,9 +123,14 @@ class Variable(Generic[T]):
             ) from None
 
     def source(self) -> str:
-        """Where the value comes from: `link`, `environment` or `default`."""
+        """Where the value comes from: `override` (a linked repository's, for its run, or the
+        UI serve serves), `environment` or `default`; `invalid` when it cannot be read."""
+        try:
+            self.get()
+        except SettingsError:
+            return "invalid"
         if self.name in _OVERRIDES.get():
-            return "link"
+            return "override"
         return "environment" if self.is_set() else "default"
 
 
@@ -146,13 +151,13 @@ MLFLOW_UI_URL = Variable("TEXTGEN_MLFLOW_UI_URL", TEXT, "", "the MLflow UI links
 MAX_RETURN_SEQUENCES = Variable(
     "TEXTGEN_MAX_RETURN_SEQUENCES", INTEGER, 20, "most sequences a run", "max_return_sequences"
 )
-MAX_BEAMS = Variable("TEXTGEN_MAX_BEAMS", INTEGER, 8, "the widest beam search", "max_beams")
 MAX_TOTAL_TOKENS = Variable(
     "TEXTGEN_MAX_TOTAL_TOKENS", INTEGER, 1024, "most tokens a sequence", "max_total_tokens"
 )
 MAX_PROMPT_CHARS = Variable(
     "TEXTGEN_MAX_PROMPT_CHARS", INTEGER, 4000, "longest prompt (characters)", "max_prompt_chars"
 )
+MAX_BEAMS = Variable("TEXTGEN_MAX_BEAMS", INTEGER, 8, "the widest beam search", "max_beams")
 MAX_MODEL_BYTES = Variable(
     "TEXTGEN_MAX_MODEL_BYTES", INTEGER, 64 << 30, "largest local model", "max_model_bytes"
 )
@@ -184,6 +189,13 @@ VARIABLES = tuple(value for value in list(globals().values()) if isinstance(valu
 LIMITS: dict[str, Variable[Any]] = {v.limit: v for v in VARIABLES if v.limit}
 """The link limits, by their key in `links.yaml`."""
 SECRETS = frozenset(v.name for v in VARIABLES if v.secret)
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """An environment for a server: the secrets (git credentials, webhook secret) left out."""
+    return {k: v for k, v in env.items() if k not in SECRETS}
+
+
 """What servers never get in their environment."""
 
 

@@ -6,6 +6,7 @@ pipeline's, and the token ids it generated are kept for counting and scoring.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from tasks.errors import SettingsError
 from tasks.model import Generator
 from tasks.settings import GenerationSettings
+
+logger = logging.getLogger(__name__)
 
 _RECORDED_GENERATION_KEYS = (
     "do_sample",
@@ -74,12 +77,19 @@ def effective_generation(pipe: Any, call_kwargs: dict[str, Any]) -> dict[str, An
     transformers has no public API that says this (the merge happens inside the pipeline and
     `generate()`), so two of its private helpers answer it: the pipeline's
     `_prepare_generate_kwargs` and `GenerationConfig._get_default_generation_params`.
-    tests/test_internals.py fails loudly when either changes."""
+    tests/test_internals.py fails loudly when either changes; a run on a transformers without
+    them records what it can, and says so."""
     from transformers import GenerationConfig
 
-    values: dict[str, Any] = dict(GenerationConfig._get_default_generation_params())
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    prepare = getattr(pipe, "_prepare_generate_kwargs", None)
+    if not (callable(defaults) and callable(prepare)):
+        logger.warning(
+            "This transformers does not say what generate() will use; recording the call's own"
+        )
+    values: dict[str, Any] = dict(defaults()) if callable(defaults) else {}
     values.update(pipe.model.generation_config.to_diff_dict())
-    values.update(pipe._prepare_generate_kwargs(dict(call_kwargs)))
+    values.update(prepare(dict(call_kwargs)) if callable(prepare) else call_kwargs)
     return {key: values.get(key) for key in _RECORDED_GENERATION_KEYS}
 
 
@@ -197,11 +207,14 @@ def run_generation(
 
     sequences = [[int(t) for t in record["generated_token_ids"]] for record in records]
     new_ids = [sequence[len(prompt_ids) :] for sequence in sequences]
+    # As the pipeline's text output: special tokens skipped, unless its tokenizer has a
+    # response template (chat models that parse their answer).
+    skip = not getattr(pipe.tokenizer, "response_template", None)
     stop = pipe.model.generation_config.eos_token_id
     stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
     return Generations(
         prompt=prompt,
-        texts=[prompt + pipe.tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids],
+        texts=[prompt + pipe.tokenizer.decode(ids, skip_special_tokens=skip) for ids in new_ids],
         new_token_ids=[_trim(ids, stop_ids) for ids in new_ids],
         prompt_token_ids=prompt_ids,
         generation_seconds=elapsed,

@@ -61,8 +61,8 @@ def process_gone(found: dict[str, str]) -> str | None:
 
 def flow_run_ended(found: dict[str, str]) -> str | None:
     """Why a run is over, by its Prefect flow run (on any machine): the flow run reached a final
-    state while the MLflow run was never ended. None while the flow run is not final, when the run
-    has no flow run, or when the Prefect API cannot be asked (logged): the next look decides."""
+    state while the MLflow run was never ended. None while the flow run is not final, or when the
+    run has no flow run; the API's own error when it cannot be asked."""
     flow_run_id = found.get(T.FLOW_RUN_ID)
     if not flow_run_id:
         return None
@@ -74,11 +74,6 @@ def flow_run_ended(found: dict[str, str]) -> str | None:
             flow_run = client.read_flow_run(UUID(flow_run_id))
     except ObjectNotFound:
         return f"its Prefect flow run {flow_run_id} no longer exists"
-    except Exception as exc:  # an API that cannot be asked now: the next look decides
-        logger.warning(
-            "Cannot read flow run %s; its MLflow run stays RUNNING: %s", flow_run_id, exc
-        )
-        return None
     state = flow_run.state
     if state is None or not state.is_final():
         return None
@@ -103,12 +98,20 @@ def recover(experiment: Experiment, run: Any, reason: str) -> str:
 
 def recover_dead_runs(experiment: Experiment) -> int:
     """End every RUNNING run of the experiment whose process is gone, and publish numbers taken
-    by runs that ended before publishing them. Returns how many runs were ended or published."""
+    by runs that ended before publishing them. Returns how many runs were ended or published.
+
+    When the Prefect API cannot say whether another machine's run is over, the others are still
+    checked, and its error is raised at the end: the caller's loop says it and looks again."""
     ended = 0
+    unanswered: Exception | None = None
     for run in versions.running(experiment):
         reason = process_gone(run.data.tags)
         if reason is None and run.data.tags.get(T.WORKER_HOST) != socket.gethostname():
-            reason = flow_run_ended(run.data.tags)
+            try:
+                reason = flow_run_ended(run.data.tags)
+            except Exception as exc:  # an API away now: the other runs are checked all the same
+                unanswered = unanswered or exc
+                continue
         if reason is not None:
             recover(experiment, run, reason)
             ended += 1
@@ -125,4 +128,6 @@ def recover_dead_runs(experiment: Experiment) -> int:
             ended += 1
         elif run.info.status == "FINISHED":
             numbering.mark_published(experiment, mv.version)
+    if unanswered is not None:
+        raise unanswered
     return ended

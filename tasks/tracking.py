@@ -77,12 +77,16 @@ def _prefect_links() -> dict[str, str]:
     from prefect.runtime import flow_run
     from prefect.utilities.urls import url_for
 
-    if not flow_run.id:
+    try:
+        if not flow_run.id:
+            return {}
+        links = {T.FLOW_RUN_ID: str(flow_run.id), T.FLOW_RUN_NAME: str(flow_run.name)}
+        # The UI's own route, as the engine's "View at" log line uses.
+        if url := url_for("flow-run", obj_id=flow_run.id):
+            links[T.FLOW_RUN_URL] = str(url)
+    except Exception as exc:  # the run opens before anything can fail: links are a convenience
+        logger.warning("Could not read the Prefect flow run of this run: %s", exc)
         return {}
-    links = {T.FLOW_RUN_ID: str(flow_run.id), T.FLOW_RUN_NAME: str(flow_run.name)}
-    # The UI's own route, as the engine's "View at" log line uses.
-    if url := url_for("flow-run", obj_id=flow_run.id):
-        links[T.FLOW_RUN_URL] = str(url)
     return links
 
 

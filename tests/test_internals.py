@@ -66,9 +66,13 @@ def test_torch_has_the_packed_linear_operators() -> None:
 
 def test_uvicorn_keeps_its_open_connections() -> None:
     import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     server = uvicorn.Server(uvicorn.Config(app=lambda *a: None))
     assert isinstance(server.server_state.connections, set), (
         "uvicorn.Server.server_state.connections changed: the receiver's per-connection "
         "deadline (deployments/service/http.py) watches it"
+    )
+    assert "self.transport = transport" in inspect.getsource(H11Protocol.connection_made), (
+        "uvicorn's connections no longer keep their transport: the receiver's deadline closes it"
     )

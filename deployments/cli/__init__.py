@@ -36,7 +36,7 @@ def parse_command(words: Sequence[str]) -> list[str]:
     args, parent = list(words), None
     path: list[str] = []
     while isinstance(command, TyperGroup):
-        ctx = typer.Context(command, info_name=name, parent=parent)
+        ctx = typer.Context(command, info_name=name, parent=parent, **command.context_settings)
         # The group's own options, as a command's: what is left names its subcommand (the
         # group's own parsing would set that aside where only the library reads it).
         rest = super(TyperGroup, command).parse_args(ctx, args)

@@ -10,7 +10,6 @@ fast.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
@@ -109,8 +108,11 @@ def _options(
 ) -> None:
     """Git-triggered, versioned text generation on Prefect and MLflow."""
     ctx.obj = {"verbose": verbose}
-    if not ctx.resilient_parsing:  # not while completing a command line
-        config.check()  # a bad TEXTGEN_* value fails here, naming it, before anything runs
+    # A bad TEXTGEN_* value fails here, naming it, before anything runs; not while completing a
+    # command line, showing help, or listing the settings (where it is shown as invalid).
+    helping = any(arg in ("-h", "--help") for arg in ctx.args)
+    if not (ctx.resilient_parsing or helping or ctx.invoked_subcommand == "config"):
+        config.check()
     level = logging.DEBUG if verbose else logging.INFO
     line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level, format=line, stream=sys.stderr, force=True)
@@ -130,11 +132,12 @@ def location(value: str | None) -> RepoLocation:
     return RepoLocation.parse(value if value else default_repo_url())
 
 
-def export_credentials(repo: RepoLocation) -> None:
-    """Credentials typed in a `--repo` URL, for the processes a service starts (its flow runs):
-    they get them through their environment, unless it names its own."""
+def typed_credentials(repo: RepoLocation) -> dict[str, str]:
+    """Credentials typed in a `--repo` URL, as the setting git commands read (unless the
+    environment names its own): a run's override, or a service's runs' environment."""
     if repo.secret and not config.GIT_CREDENTIALS.is_set():
-        os.environ[config.GIT_CREDENTIALS.name] = repo.secret
+        return {config.GIT_CREDENTIALS.name: repo.secret}
+    return {}
 
 
 def parse_assignments(pairs: Sequence[str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from deployments.cli.app import Branch, Links, link_app
+from deployments.service.providers import PROVIDERS
 from tasks.errors import SettingsError
 
 
@@ -132,7 +133,7 @@ def link_list(links: Links = None) -> int:
             "secret": link.secret or "",
             "credentials": link.credentials or "",
             "token": link.token or "",
-            "previews": link.previews if link.provider in {"github", "gitea", "gitlab"} else "",
+            "previews": link.previews if link.provider in PROVIDERS else "",
             "limits": ", ".join(f"{k}={v}" for k, v in link.limits.items()),
         }
         for link in found

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from deployments.cli.app import Branch, Json, Repo, SecretFile, app, export_credentials, location
+from deployments.cli.app import Branch, Json, Repo, SecretFile, app, location, typed_credentials
 from tasks.errors import SettingsError
 from tasks.names import DEFAULT_DEPLOYMENT, FLOW_NAME
 
@@ -84,7 +84,7 @@ def _served(
         return [Served.of(link) for link in links], poll, {link.name: link.name for link in links}
     secret = read_secret(secret_file, insecure)
     where = location(repo)
-    export_credentials(where)
+    os.environ.update(typed_credentials(where))  # for the runs the service starts
     target = Served(where.key, where, branch, secret)
     return [target], {target.name: poll_seconds or 0.0}, {target.name: name}
 
@@ -136,10 +136,10 @@ def ui(
 ) -> int:
     """Serve the MLflow UI on the store the runs are recorded in (serve runs one too)."""
     from deployments.ops.mlflow_ui import prepare, server_command
-    from tasks.config import tracking_uri
+    from tasks.config import tracking_server, tracking_uri
 
     uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    if tracking_server():
         print(f"runs are recorded on the tracking server {uri}: open it in a browser")
         return 0
     prepare(host, port, "--port")

@@ -10,15 +10,14 @@ from typing import Annotated
 import typer
 
 from deployments.cli.app import Json, SecretFile, app, hook_app
+from deployments.hook import DEFAULT_URL
 from tasks import config
 
 
 @hook_app.command("install")
 def hook_install(
     path: Annotated[str, typer.Argument(help="The repository (bare, or with a work tree).")],
-    url: Annotated[
-        str, typer.Option(help="The receiver's endpoint.")
-    ] = "http://127.0.0.1:8787/webhooks/github",
+    url: Annotated[str, typer.Option(help="The receiver's endpoint.")] = DEFAULT_URL,
     secret_file: SecretFile = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing hook.")] = False,
 ) -> int:

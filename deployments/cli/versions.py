@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from deployments.cli.app import Branch, Json, Repo, app, location, parse_assignments, verbose
+from deployments.cli.app import (
+    Branch,
+    Json,
+    Repo,
+    app,
+    location,
+    parse_assignments,
+    typed_credentials,
+    verbose,
+)
 from tasks import config
 from tasks import tags as T
 from tasks.names import MANUAL
@@ -60,9 +69,7 @@ def run(
     from flows.text_generation import nlp_text_generation
 
     # Credentials typed in --repo reach the run's git commands, and nothing else.
-    typed = {}
-    if where.secret and not config.GIT_CREDENTIALS.is_set():
-        typed[config.GIT_CREDENTIALS.name] = where.secret
+    typed = typed_credentials(where)
     # With --json, stdout holds the JSON alone (MLflow's client prints "View run" lines).
     stdout = contextlib.redirect_stdout(sys.stderr) if json_ else contextlib.nullcontext()
     with quiet_expected_errors(enabled=not verbose(ctx)), stdout, config.overrides(typed):
@@ -80,7 +87,7 @@ def run(
     print(record.summary())
     if record.outcome in {T.NEW, T.REUSED}:
         print(f"output.txt: {record.output_url or record.url}")
-    if not config.tracking_uri().startswith(("http://", "https://")):
+    if not config.tracking_server():
         print("the links open in the MLflow UI that `textgen serve` or `textgen ui` serves")
     return 0
 

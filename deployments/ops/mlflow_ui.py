@@ -12,6 +12,7 @@ import sys
 import threading
 
 from deployments.ops.process import Child, check_port_free, healthy, wait_until
+from tasks import config
 from tasks.config import artifact_root, data_dir, tracking_uri
 from tasks.errors import ServeError
 
@@ -43,7 +44,10 @@ class MlflowUI:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
-        env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        env = {
+            **config.without_secrets(os.environ),
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
         self.child = Child(
             "mlflow-ui", server_command(host, port), env, data_dir() / "mlflow-ui.log"
         )

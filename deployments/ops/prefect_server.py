@@ -75,7 +75,7 @@ class LocalPrefectServer:
         """The server's environment: ours, less the secrets it never needs (git credentials,
         the webhook secret), with its home and URL."""
         return {
-            **{k: v for k, v in os.environ.items() if k not in config.SECRETS},
+            **config.without_secrets(os.environ),
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": self.url,

@@ -27,6 +27,7 @@ from deployments.ops.postgres import Postgres
 from deployments.ops.process import Child, command_line, free_port, healthy, stop_pid, wait_until
 from tasks import config
 from tasks.errors import ServeError
+from tasks.files import write_atomic
 
 PROJECT = Path(__file__).resolve().parents[2]
 POOL = "textgen"
@@ -113,7 +114,7 @@ class Team:
     def _server_env(self, **extra: str) -> dict[str, str]:
         """Servers get no git credentials or webhook secrets: they never need them."""
         env = self._env(**extra, **self.postgres.environment())
-        return {k: v for k, v in env.items() if k not in config.SECRETS}
+        return config.without_secrets(env)
 
     def _child(self, name: str, env: dict[str, str], *args: str) -> Child:
         """`python -m ARGS` as a child, its log in `home/logs`."""
@@ -218,7 +219,7 @@ class Team:
             "mlflow": self.mlflow_uri,
             "receiver": f"http://127.0.0.1:{self.ports.receiver}/webhooks/github",
         }
-        (self.home / "team.json").write_text(json.dumps(state, indent=2))
+        write_atomic(self.home / "team.json", json.dumps(state, indent=2))
 
     def stop(self) -> None:
         """Workers first, then the receiver, the servers and PostgreSQL."""

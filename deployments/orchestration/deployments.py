@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from deployments.orchestration import queries
 from deployments.orchestration.automations import apply_automations
 from tasks import config
 from tasks.links import Link
@@ -85,12 +86,11 @@ def apply_links(
     """Create or update the work pool, one deployment per link (and remove those of links
     that were removed), and the automations. Returns each link's deployment id by name."""
     from prefect import Flow
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
     from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+    with queries.client() as client, contextlib.suppress(ObjectAlreadyExists):
         client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     flow = Flow.from_source(source=str(PROJECT), entrypoint=ENTRYPOINT)
     ids: dict[str, Any] = {}
@@ -110,7 +110,7 @@ def apply_links(
             push=False,
             print_next_steps=False,
         )
-    with get_client(sync_client=True) as client:
+    with queries.client() as client:
         tagged = DeploymentFilter(tags=DeploymentFilterTags(all_=[LINK_TAG]))
         for deployment in client.read_deployments(deployment_filter=tagged, limit=200):
             if deployment.id not in ids.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import UTC, datetime
 
@@ -11,6 +12,8 @@ from tasks.errors import SettingsError
 from tasks.gates import failed_gates
 from tasks.recovery import recover_dead_runs
 from tasks.store import Experiment
+
+logger = logging.getLogger(__name__)
 
 
 def _fmt_time(millis: int | None) -> str:
@@ -46,7 +49,10 @@ def history_rows(
 ) -> list[dict[str, str]]:
     """The experiment's runs, newest first, as rows of the history table."""
     experiment = Experiment.for_repo(repo, create=False)
-    recover_dead_runs(experiment)  # a run whose process died shows FAILED, not RUNNING forever
+    try:  # a run whose process died shows FAILED, not RUNNING forever
+        recover_dead_runs(experiment)
+    except Exception as exc:  # the list is still worth showing; a dead run shows next time
+        logger.warning("Could not check for runs left RUNNING: %s", exc)
     filters = []
     if since:
         filters.append(f"attributes.start_time >= {parse_since(since)}")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from deployments.orchestration import queries
 from deployments.service.outbox import Outbox
 from tasks.retry import Backoff
 
@@ -22,9 +23,7 @@ PRUNE_SECONDS = 3600.0
 
 def post_events(events: list[dict[str, Any]]) -> None:
     """Send events to the Prefect API over HTTP, raising unless they were taken (2xx)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
+    with queries.client() as client:
         response = client.request("POST", "/events", json=events)
         response.raise_for_status()
 
@@ -75,7 +74,10 @@ class Emitter(threading.Thread):
                 logger.exception("Sending the outbox's events failed; retrying in 5 s")
                 sent = False
             if sent and self.after_send is not None:
-                self.after_send()
+                try:
+                    self.after_send()
+                except Exception:  # the thread must not die; the next send tries it again
+                    logger.exception("The step after sending the outbox's events failed")
             self.outbox.wake.wait(self.backoff.delay or 5.0)
 
     def drain(self) -> bool:

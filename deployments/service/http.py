@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from deployments.ops.process import wait_until
 from deployments.service.receiver import Receiver, Verdict
+from tasks.errors import ServeError
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ class HttpService:
         self.thread = threading.Thread(target=self._run, name="textgen-receiver", daemon=True)
 
     def _run(self) -> None:
-        with asyncio.Runner(loop_factory=self.server.config.get_loop_factory()) as runner:
-            runner.run(self._serve())
+        asyncio.run(self._serve())
 
     async def _serve(self) -> None:
         watch = asyncio.create_task(self._deadlines())
@@ -169,4 +169,6 @@ def start_http(
     wait_until(
         lambda: server.started or not service.thread.is_alive(), 30, "the receiver", interval=0.02
     )
+    if not server.started:
+        raise ServeError(f"the receiver could not serve on {host}:{port}; see the log above")
     return service

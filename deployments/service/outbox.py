@@ -302,16 +302,16 @@ class Outbox:
 
     # The repair loops' health, for `textgen status`
 
-    def count_failure(self, loop: str, what: str) -> None:
-        """One more failure of a repair loop (janitor, reaper, reporter), with the last one;
-        best effort: a store that cannot be written is what the loop's own log says."""
+    def count_failure(self, loop: str, what: str, count: int = 1) -> None:
+        """`count` more failures of a loop (janitor, reaper, reporter, poller), with the last
+        one; best effort: a store that cannot be written is what the loop's own log says."""
         key = f"failures:{loop}"
         try:
             with self._lock, self._connect() as db:
                 db.execute("BEGIN IMMEDIATE")
                 row = db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-                count = int(json.loads(row[0])["count"]) if row else 0
-                value = {"count": count + 1, "last": what[:500], "at": time.time()}
+                before = int(json.loads(row[0])["count"]) if row else 0
+                value = {"count": before + count, "last": what[:500], "at": time.time()}
                 db.execute(
                     "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
                     (key, json.dumps(value)),

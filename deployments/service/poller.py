@@ -8,6 +8,7 @@ import threading
 
 from deployments.service.outbox import Outbox
 from deployments.service.providers import PushEvent
+from deployments.service.repair import Failures
 from tasks.names import POLL
 from tasks.repo import RepoLocation
 
@@ -22,6 +23,7 @@ class Poller(threading.Thread):
         self.repo = repo
         self.branch = branch
         self.outbox = outbox
+        self.failures = Failures("poller", outbox, repo.redact)
         self.seconds = seconds
         self.stopping = threading.Event()
 
@@ -87,13 +89,11 @@ class Poller(threading.Thread):
     def run(self) -> None:
         """Check every `seconds` until stopped."""
         while not self.stopping.is_set():
+            what = f"poll {self.repo.url}"
             try:
                 self.check()
             except Exception as exc:  # the thread must not die; the next poll tries again
-                logger.warning(
-                    "Polling %s failed, trying again in %g s: %s",
-                    self.repo.url,
-                    self.seconds,
-                    self.repo.redact(str(exc)),
-                )
+                self.failures.failed(what, exc, f"trying again in {self.seconds:g} s")
+            else:
+                self.failures.succeeded(what)
             self.stopping.wait(self.seconds)

@@ -163,9 +163,43 @@ def retry_crashed_runs(item: Watched, newest: str | None) -> int:
     return started
 
 
+class Failures:
+    """A loop's failures, each said at WARNING with what was skipped (once a minute while it
+    stays the same failure) and counted in the outbox, where `textgen status` reads them."""
+
+    SAY_EVERY = 60.0
+
+    def __init__(
+        self, loop: str, outbox: Outbox, redact: Callable[[str], str] = lambda text: text
+    ) -> None:
+        self.loop = loop
+        self.outbox = outbox
+        self.redact = redact
+        """What a failure's text goes through before it is said or kept (credentials out)."""
+        self.said: dict[str, tuple[str, float, int]] = {}
+        """By what failed: the last failure said, when, and how many since (not yet counted)."""
+
+    def failed(self, what: str, exc: Exception, then: str = "trying again next pass") -> None:
+        """`what` failed with `exc`; the loop goes on."""
+        text = self.redact(f"{type(exc).__name__}: {exc}")
+        last, when, unsaid = self.said.get(what, ("", 0.0, 0))
+        if text == last and time.monotonic() - when < self.SAY_EVERY:
+            self.said[what] = (last, when, unsaid + 1)
+            return
+        self.outbox.count_failure(self.loop, f"{what}: {text}", unsaid + 1)
+        self.said[what] = (text, time.monotonic(), 0)
+        logger.warning("The %s could not %s; %s: %s", self.loop, what, then, text)
+
+    def succeeded(self, what: str) -> None:
+        """`what` worked again: the failures not counted yet are."""
+        last, _, unsaid = self.said.pop(what, ("", 0.0, 0))
+        if unsaid:
+            self.outbox.count_failure(self.loop, f"{what}: {last}", unsaid)
+
+
 class RepairLoop(threading.Thread):
-    """Steps over every watched deployment, every `seconds`; a step's failure is logged with
-    what it skipped and counted in the outbox, and the loop goes on."""
+    """Steps over every watched deployment, every `seconds`; a step's failure is said and
+    counted (`Failures`), and the loop goes on."""
 
     loop = "repair loop"
 
@@ -175,24 +209,16 @@ class RepairLoop(threading.Thread):
         self.outbox = outbox
         self.seconds = seconds
         self.stopping = threading.Event()
-        self.said: dict[str, tuple[str, float]] = {}
+        self.failures = Failures(self.loop, outbox)
 
     def attempt(self, what: str, step: Callable[[], object]) -> None:
-        """Run one step now; a failure is skipped until the next pass, counted, and said (once
-        a minute while it stays the same failure)."""
+        """Run one step now; a failure is skipped until the next pass."""
         try:
             step()
         except Exception as exc:  # one step's trouble must not stop the others
-            text = f"{type(exc).__name__}: {exc}"
-            self.outbox.count_failure(self.loop, f"{what}: {text}")
-            last, when = self.said.get(what, ("", 0.0))
-            if text != last or time.monotonic() - when > 60:
-                self.said[what] = (text, time.monotonic())
-                logger.warning(
-                    "The %s could not %s; trying again next pass: %s", self.loop, what, text
-                )
+            self.failures.failed(what, exc)
         else:
-            self.said.pop(what, None)
+            self.failures.succeeded(what)
 
 
 class Janitor(RepairLoop):

@@ -29,7 +29,7 @@ from deployments.orchestration import queries
 from deployments.reports.comments import failed_preview_comment, preview_comment
 from deployments.service.forge import Forge, ForgeError, Status, forge_for
 from deployments.service.outbox import Outbox, Report
-from deployments.service.repair import RETRIED_TAG
+from deployments.service.repair import RETRIED_TAG, Failures
 from tasks import tags as T
 from tasks import versions
 from tasks.bounded import shorten
@@ -73,6 +73,7 @@ class Reporter(threading.Thread):
         """`outbox`: the outbox's file; `links`: each link with its resolved token (`Served.of`)."""
         super().__init__(name="textgen-reporter", daemon=True)
         self.outbox = Outbox(outbox)
+        self.failures = Failures("reporter", self.outbox)
         self.links = {link.name: link for link, _ in links}
         self.deployments = deployments
         self.reap = reap
@@ -91,10 +92,9 @@ class Reporter(threading.Thread):
             try:
                 self.check()
             except Exception as exc:  # the thread must not die; the rows stay in the outbox
-                logger.warning(
-                    "Reporting results failed, trying again in %g s: %s", self.seconds, exc
-                )
-                self.outbox.count_failure("reporter", f"{type(exc).__name__}: {exc}")
+                self.failures.failed("report results", exc, f"trying again in {self.seconds:g} s")
+            else:
+                self.failures.succeeded("report results")
 
     def check(self) -> int:
         """One pass over the rows due; returns how many moved on."""
@@ -111,10 +111,8 @@ class Reporter(threading.Thread):
             except ForgeError as exc:
                 self._failed(row, exc)
             except Exception as exc:  # one row's trouble must not hold up the others
-                logger.warning(
-                    "Reporting %s of %s failed, trying again in 5 s: %s", row.sha[:7], row.link, exc
-                )
-                self.outbox.count_failure("reporter", f"{type(exc).__name__}: {exc}")
+                what = f"report {row.sha[:7]} of {row.link}"
+                self.failures.failed(what, exc, "trying again in 5 s")
                 self.outbox.update_report(row, next_at=time.time() + 5)
         return moved
 

@@ -129,14 +129,15 @@ def run_service(
     runner runs at most `runs` flow runs at once."""
     names = names or {}
     with contextlib.ExitStack() as stack:
-        if ui_port and not config.tracking_uri().startswith(("http://", "https://")):
+        if ui_port and not config.tracking_server():
             ui = MlflowUI("127.0.0.1", ui_port)
             ui.start()  # a busy port ends serve here, with the reason
             stack.callback(ui.stop)
-            if not config.MLFLOW_UI_URL.is_set():
+            if config.MLFLOW_UI_URL.name not in os.environ:
                 # The links runs record open this UI: runs are processes of their own, started
-                # with this environment.
+                # with this environment; serve itself reads it over any a command was given.
                 os.environ[config.MLFLOW_UI_URL.name] = ui.url
+                stack.enter_context(config.overrides({config.MLFLOW_UI_URL.name: ui.url}))
         from prefect.runner import Runner
 
         from deployments.service.warm import enable as enable_warm_starts

@@ -21,7 +21,7 @@ from deployments.reports.tables import render_rows
 from deployments.service import outbox
 from deployments.service.record import running_service
 from tasks import versions
-from tasks.config import data_dir, tracking_uri
+from tasks.config import data_dir, tracking_server
 from tasks.errors import TextgenError, WaitTimeout
 from tasks.names import AUTOMATIC_TRIGGERS, PREVIEW_TRIGGER
 from tasks.store import Experiment, ui_base_url
@@ -100,7 +100,7 @@ def look() -> Status:
     status.failures = outbox.failures(data_dir() / "receiver")
     if api:
         status.runs = active_runs(api)
-    if not tracking_uri().startswith(("http://", "https://")) or api:
+    if not tracking_server() or api:
         status.versions = versions.latest_per_repository()
     return status
 
