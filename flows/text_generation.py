@@ -107,8 +107,6 @@ def _flow_run_name() -> str:
 def _markdown(record: RunRecord, params: dict[str, Any]) -> str:
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.items())
     title = f"Version {record.version}" if record.version else record.outcome.capitalize()
-    if record.outcome == "preview":
-        title = "Preview"
     return (
         f"# {title}\n\n"
         f"- outcome: **{record.outcome}** {record.reason}\n"
@@ -163,17 +161,9 @@ def nlp_text_generation(
             `{number, ref}`, whose head `commit_sha` is. Recorded as its preview, compared
             with the branch's latest version, never numbered.
     """
+    pr = PullRequest.of(pull_request, trigger)
     request = Request(
-        repo_url,
-        branch,
-        commit_sha,
-        overrides,
-        trigger,
-        force,
-        before,
-        changed_paths,
-        attempt,
-        PullRequest.of(pull_request, trigger),
+        repo_url, branch, commit_sha, overrides, trigger, force, before, changed_paths, attempt, pr
     )
     repo = default_repo_url() if repo_url is None else repo_url
     with config.overrides(_link_settings(repo, branch, trigger)):

@@ -189,14 +189,12 @@ VARIABLES = tuple(value for value in list(globals().values()) if isinstance(valu
 LIMITS: dict[str, Variable[Any]] = {v.limit: v for v in VARIABLES if v.limit}
 """The link limits, by their key in `links.yaml`."""
 SECRETS = frozenset(v.name for v in VARIABLES if v.secret)
+"""What servers never get in their environment."""
 
 
 def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
     """An environment for a server: the secrets (git credentials, webhook secret) left out."""
     return {k: v for k, v in env.items() if k not in SECRETS}
-
-
-"""What servers never get in their environment."""
 
 
 @contextlib.contextmanager
@@ -228,11 +226,10 @@ def describe() -> list[dict[str, str]]:
     rows = []
     for variable in VARIABLES:
         raw = (variable.raw() or "").strip()
-        value = ("(set)" if raw else "") if variable.secret else raw
         rows.append(
             {
                 "variable": variable.name,
-                "value": value,
+                "value": ("(set)" if raw else "") if variable.secret else raw,
                 "source": variable.source(),
                 "default": "" if variable.default in (None, "", []) else str(variable.default),
                 "help": variable.help,

@@ -180,7 +180,7 @@ def run_generation(
     """Seed, then generate the texts with one public call of the pipeline; `progress` hears of
     the tokens made so far every `every` seconds. The call returns the token ids
     (`return_tensors=True`) to count and score them; each text is what the pipeline's own text
-    output is, the prompt followed by the decoded new tokens with special tokens skipped."""
+    output is: the prompt followed by the decoded new tokens (special tokens skipped as it does)."""
     import torch
     from transformers import StoppingCriteriaList, set_seed
 

@@ -27,11 +27,13 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks import config
+from tasks.bounded import load_yaml
 from tasks.config import links_file
 from tasks.errors import SettingsError
 from tasks.files import write_atomic
@@ -155,8 +157,6 @@ class Link(BaseModel):
 
     def api_target(self) -> tuple[str, str]:
         """The provider's API root and the repository's path there (owner/name)."""
-        from urllib.parse import urlsplit
-
         from tasks.repo import RepoLocation
 
         url = RepoLocation.parse(self.url).url
@@ -281,8 +281,6 @@ def _check_unique(links: Iterable[Link], source: Path | str) -> None:
 
 def load_links(path: Path | None = None) -> list[Link]:
     """The links of a file (`links_file()` by default); none if it does not exist."""
-    from tasks.bounded import load_yaml
-
     path = path or links_file()
     if not path.exists():
         return []

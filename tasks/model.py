@@ -156,7 +156,7 @@ def _refused(model: str) -> SettingsError:
     )
 
 
-def _export_from_commit(commit: CommitInfo, rel: str, kind: str) -> Path:
+def _export_from_commit(commit: CommitInfo, rel: str) -> Path:
     """Copy a model folder (or GGUF file) of the commit into the model cache, once per object."""
     import git
 
@@ -211,7 +211,7 @@ def locate_model(settings: GenerationSettings, commit: CommitInfo | None = None)
             raise _refused(model)
         found = commit.object_type(rel)
         if found == "tree" or (found == "blob" and kind == "gguf"):
-            return _export_from_commit(commit, rel, kind)
+            return _export_from_commit(commit, rel)
         if kind != "hub":
             raise SettingsError(
                 f"model {show(model)} names no folder or .gguf file in the repository at "
@@ -252,8 +252,7 @@ def local_revision(settings: GenerationSettings, path: Path | None = None) -> st
 
 
 def convert_gguf(gguf_path: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors folder in the model cache; return it.
-    Later calls with the same file (same SHA-256) return the folder without dequantizing."""
+    """Dequantize a GGUF file once (per SHA-256) into a safetensors folder in the model cache."""
     gguf_path = gguf_path.expanduser().resolve()
     if not gguf_path.is_file():
         raise ModelError(f"GGUF file {gguf_path} does not exist on this worker")
@@ -389,12 +388,9 @@ def build_generator(
 
     limits = OperatorLimits.from_env()
     started = time.perf_counter()
-    if path is None:
-        source = settings.model
-    elif path.is_file():
-        source = str(convert_gguf(path))
-    else:
-        source = str(path)
+    source = settings.model
+    if path is not None:
+        source = str(convert_gguf(path) if path.is_file() else path)
     kwargs: dict[str, Any] = {"device": device, "trust_remote_code": limits.trust_remote_code}
     if settings.revision and kind == "hub":
         kwargs["revision"] = settings.revision
@@ -429,8 +425,7 @@ def build_generator(
         load_seconds=load_seconds,
         fast_path=packing.describe(),
     )
-    keep = config.MODEL_CACHE_SIZE.get()
-    if keep:
+    if keep := config.MODEL_CACHE_SIZE.get():
         _CACHE[key] = generator
         while len(_CACHE) > keep:
             _CACHE.popitem(last=False)

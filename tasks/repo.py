@@ -43,8 +43,7 @@ _TRANSIENT = re.compile(
 def normalize_repo(text: str) -> str:
     """A comparable form of a repository location: host/path, no scheme, user, `.git` or slash."""
     text = text.strip()
-    scp = re.match(r"^[\w.-]+@([\w.-]+):(.+)$", text)
-    if scp:
+    if scp := re.match(r"^[\w.-]+@([\w.-]+):(.+)$", text):
         host, path = scp.groups()
     elif "://" in text and urlsplit(text).scheme != "file":
         parts = urlsplit(text)
@@ -221,12 +220,11 @@ def repository_identity(location: str) -> str:
         origin = _origin(current)
         if origin is None:
             break
-        nxt = RepoLocation.parse(origin).url
-        if nxt in chain:
+        current = RepoLocation.parse(origin).url
+        if current in chain:
             # Repositories that are each other's origin: the same one from every entry point.
-            return min(chain[chain.index(nxt) :])
-        chain.append(nxt)
-        current = nxt
+            return min(chain[chain.index(current) :])
+        chain.append(current)
     return current
 
 
@@ -251,9 +249,8 @@ def _fetch(
     repo: git.Repo, location: RepoLocation, refspec: str, ref: str, env: Mapping[str, str]
 ) -> None:
     command = ["git", "fetch", "--no-tags", "--quiet", "origin", refspec]
-    timeout = config.GIT_TIMEOUT.get()
     try:
-        repo.git.execute(command, env=dict(env), kill_after_timeout=timeout)
+        repo.git.execute(command, env=dict(env), kill_after_timeout=config.GIT_TIMEOUT.get())
     except git.GitCommandError as exc:
         # GitPython formats it as "stderr: '<text>'".
         stderr = re.sub(r"^stderr: '(.*)'$", r"\1", str(exc.stderr or exc).strip(), flags=re.S)

@@ -249,8 +249,7 @@ def parse_legacy_script(text: bytes, source: str) -> dict[str, Any]:
                         f"{source}, line {node.lineno}: {target.id} must be a literal value "
                         f"(number or string), got `{ast.unparse(value_node)}`"
                     ) from None
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
-    for call in calls:
+    for call in [n for n in ast.walk(tree) if isinstance(n, ast.Call)]:
         if getattr(call.func, "id", getattr(call.func, "attr", None)) != "pipeline":
             continue
         for keyword in call.keywords:

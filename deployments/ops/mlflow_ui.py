@@ -54,8 +54,7 @@ class MlflowUI:
         self.stopped = threading.Event()
 
     def start(self) -> None:
-        """Check the port, create the store, start the server; a thread logs when it answers
-        (runs do not wait for it)."""
+        """Start the server; a thread logs when it answers (runs do not wait for it)."""
         prepare(self.host, self.port, "--ui-port (0: none)")
         self.child.start()
         threading.Thread(target=self._announce, name="mlflow-ui-watch", daemon=True).start()

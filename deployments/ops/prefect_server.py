@@ -72,8 +72,7 @@ class LocalPrefectServer:
         self.stopping = threading.Event()  # a new one for each start
 
     def environment(self) -> dict[str, str]:
-        """The server's environment: ours, less the secrets it never needs (git credentials,
-        the webhook secret), with its home and URL."""
+        """The server's environment: ours less the secrets it never needs, with its home and URL."""
         return {
             **config.without_secrets(os.environ),
             "PREFECT_HOME": str(self.home),

@@ -113,8 +113,7 @@ class Team:
 
     def _server_env(self, **extra: str) -> dict[str, str]:
         """Servers get no git credentials or webhook secrets: they never need them."""
-        env = self._env(**extra, **self.postgres.environment())
-        return config.without_secrets(env)
+        return config.without_secrets(self._env(**extra, **self.postgres.environment()))
 
     def _child(self, name: str, env: dict[str, str], *args: str) -> Child:
         """`python -m ARGS` as a child, its log in `home/logs`."""

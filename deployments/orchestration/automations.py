@@ -24,10 +24,9 @@ def automations(zombie_seconds: float, notify_block_id: str | None, mlflow_ui: s
         NOTIFY_BLOCK_ID=notify_block_id or "",
         MLFLOW_UI=mlflow_ui,
     )
-    declared = yaml.safe_load(text)["automations"]
     return [
         AutomationCore.model_validate(item)
-        for item in declared
+        for item in yaml.safe_load(text)["automations"]
         if notify_block_id or not any(a["type"] == "send-notification" for a in item["actions"])
     ]
 

@@ -37,14 +37,12 @@ class Point:
 
 def version_points(experiment: Experiment, limit: int = 200) -> list[Point]:
     """The repository's numbered versions, oldest first (the newest `limit`)."""
-    points = []
-    for run in versions.numbered(experiment):
-        version = run.data.tags.get(T.VERSION, "")
-        if version.isdigit():
-            commit = run.data.tags.get(T.COMMIT, "")[:7]
-            points.append(Point(int(version), commit, dict(run.data.metrics)))
-    points.sort(key=lambda p: p.version)
-    return points[-limit:]
+    points = [
+        Point(int(version), run.data.tags.get(T.COMMIT, "")[:7], dict(run.data.metrics))
+        for run in versions.numbered(experiment)
+        if (version := run.data.tags.get(T.VERSION, "")).isdigit()
+    ]
+    return sorted(points, key=lambda p: p.version)[-limit:]
 
 
 def _panel(
@@ -54,8 +52,8 @@ def _panel(
     plot_width = PANEL_WIDTH - PAD_LEFT - PAD_RIGHT
     plot_height = PANEL_HEIGHT - PAD_TOP - PAD_BOTTOM
     lo_v, hi_v = min(p.version for p in points), max(p.version for p in points)
-    values = [(p, p.metrics[key]) for p in points if key in p.metrics]
-    finite = [v for _, v in values if math.isfinite(v)]
+    drawn = [(p, p.metrics[key]) for p in points if math.isfinite(p.metrics.get(key, math.nan))]
+    finite = [v for _, v in drawn]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     if hi == lo:
         lo, hi = lo - (abs(lo) * 0.05 or 0.5), hi + (abs(hi) * 0.05 or 0.5)
@@ -74,7 +72,6 @@ def _panel(
         for i, p in enumerate(points)
         if not (i % step and p.version not in highlight and p is not points[-1])
     ]
-    drawn = [(p, v) for p, v in values if math.isfinite(v)]
     return {
         "key": key,
         "label": label,

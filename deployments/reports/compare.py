@@ -115,8 +115,7 @@ def _text(pieces: Pieces, dropped: str) -> str:
 
 
 def _label(run: Any) -> str:
-    version = run.data.tags.get(T.VERSION, "?")
-    return f"v{version} ({run.data.tags.get(T.COMMIT, '')[:7]})"
+    return f"v{run.data.tags.get(T.VERSION, '?')} ({run.data.tags.get(T.COMMIT, '')[:7]})"
 
 
 def resolve_reference(tracker: Experiment, ref: str) -> Any:
@@ -260,7 +259,6 @@ def compare(repo_url: str, ref_a: str, ref_b: str) -> Comparison:
     other_keys = sorted((set(pa) | set(pb)) - set(setting_keys))
     commits, note = _commits(tracker.repo_url, a, b)
     marked = tuple(v for v in (a.version, b.version) if v is not None)
-    chart = render_svg(version_points(tracker), f"Versions of {tracker.repo_url}", highlight=marked)
     return Comparison(
         repo=tracker.repo_url,
         a=a,
@@ -271,7 +269,7 @@ def compare(repo_url: str, ref_a: str, ref_b: str) -> Comparison:
         commits_note=note,
         metrics=[(k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))],
         pairs=[_word_diff(x, y) for x, y in itertools.zip_longest(a.texts, b.texts, fillvalue="")],
-        chart=chart,
+        chart=render_svg(version_points(tracker), f"Versions of {tracker.repo_url}", marked),
     )
 
 

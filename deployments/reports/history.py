@@ -76,8 +76,7 @@ def history_rows(
         reason = found.get(T.FAILURE) or found.get(T.SKIP_REASON) or ""
         if outcome == T.PREVIEW:
             reason = reason or f"preview of PR #{found.get(T.PREVIEW_PR, '?')}, never numbered"
-        gated = failed_gates(found)
-        if gated:
+        if gated := failed_gates(found):
             reason = f"gated: {gated}" + (f"; {reason}" if reason else "")
         row = {
             "version": version,

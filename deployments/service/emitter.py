@@ -63,8 +63,7 @@ class Emitter(threading.Thread):
             if time.monotonic() - self.pruned_at > PRUNE_SECONDS:
                 self.pruned_at = time.monotonic()
                 try:
-                    pruned = self.outbox.prune()
-                    if pruned:
+                    if pruned := self.outbox.prune():
                         logger.info("Outbox: forgot %d handled deliveries", pruned)
                 except Exception:  # the thread must not die; pruning is tried again in an hour
                     logger.exception("Outbox pruning failed; trying again in an hour")

@@ -97,10 +97,8 @@ class Forge:
                 f"{self.provider} answered {response.status_code} to {method} {url}: {detail}",
                 response.status_code,
             )
-        if not response.content:
-            return None
         try:
-            return response.json()
+            return response.json() if response.content else None
         except ValueError:
             return None
 

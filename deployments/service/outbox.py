@@ -76,8 +76,7 @@ def event_document(
     push: PushEvent, repo: RepoLocation, branch: str, received_at: float
 ) -> dict[str, Any]:
     """The Prefect event for a push: stable id per delivery, repository and branch as labels.
-    Past `MAX_EVENT_BYTES` the changed paths are left out (the flow then asks git what changed):
-    the Prefect server drops large events after accepting them."""
+    Past `MAX_EVENT_BYTES` the changed paths are left out (the flow then asks git what changed)."""
     event = _event(push, repo, branch, received_at)
     if push.changed_paths is not None and len(json.dumps(event)) > MAX_EVENT_BYTES:
         event = _event(replace(push, changed_paths=None), repo, branch, received_at)
@@ -206,17 +205,12 @@ class Outbox:
         if not rows:
             return None
         replaced = {before for _, before in rows if before}
-        for after, _ in rows:
-            if after not in replaced:
-                return str(after)
-        return str(rows[0][0])
+        return str(next((after for after, _ in rows if after not in replaced), rows[0][0]))
 
     def prune(self, older_than: float | None = None) -> int:
         """Forget deliveries handled more than `older_than` seconds ago (the operator's
         retention by default); returns how many."""
-        if older_than is None:
-            older_than = retention_seconds()
-        cutoff = time.time() - older_than
+        cutoff = time.time() - (retention_seconds() if older_than is None else older_than)
         with self._lock, self._connect() as db:
             cursor = db.execute(
                 "DELETE FROM deliveries WHERE status IN ('sent', 'duplicate') AND received_at < ?",
@@ -255,8 +249,7 @@ class Outbox:
     def counts(self) -> dict[str, int]:
         """Deliveries by status."""
         with self._connect() as db:
-            rows = db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
-        return dict(rows)
+            return dict(db.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status"))
 
     def get_state(self, key: str) -> str | None:
         """A small persisted value (the poller's last seen SHA)."""
@@ -286,11 +279,8 @@ class Outbox:
         ]
 
     def update_report(self, row: Report, **values: Any) -> Report:
-        """Store new values of a report row (phase, result, attempts, next_at, last_error);
-        returns the row as it is now."""
-        stored = dict(values)
-        if "result" in stored:
-            stored["result"] = json.dumps(stored["result"])
+        """Store new values of a report row; returns the row as it is now."""
+        stored = {k: json.dumps(v) if k == "result" else v for k, v in values.items()}
         columns = ", ".join(f"{k} = ?" for k in stored)
         with self._lock, self._connect() as db:
             db.execute(

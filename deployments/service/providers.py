@@ -77,32 +77,19 @@ def verify_signature(secret: bytes, body: bytes, header: str | None) -> bool:
 
 def payload_repositories(payload: Mapping[str, Any]) -> list[str]:
     """The URLs a payload's `repository` (GitLab: `project`) names it by."""
-    names: list[str] = []
-    for key in ("repository", "project"):
-        info = payload.get(key)
-        if not isinstance(info, dict):
-            continue
-        for field_name in _URL_FIELDS:
-            value = info.get(field_name)
-            if isinstance(value, str) and 0 < len(value) <= 2000:
-                names.append(value)
-    return names
+    infos = [_dict(payload.get(key)) for key in ("repository", "project")]
+    values = [info.get(field_name) for info in infos for field_name in _URL_FIELDS]
+    return [v for v in values if isinstance(v, str) and 0 < len(v) <= 2000]
 
 
 def changed_paths(commits: Any) -> list[str] | None:
     """The files a push's commits added, removed or changed; None unless every commit says."""
-    if not isinstance(commits, list) or not commits:
+    if not isinstance(commits, list) or not all(isinstance(c, dict) for c in commits):
         return None
-    paths: set[str] = set()
-    for commit in commits:
-        if not isinstance(commit, dict):
-            return None
-        for key in ("added", "removed", "modified"):
-            values = commit.get(key)
-            if not isinstance(values, list):
-                return None
-            paths.update(v for v in values if isinstance(v, str))
-    return sorted(paths)
+    lists = [c.get(key) for c in commits for key in ("added", "removed", "modified")]
+    if not lists or not all(isinstance(values, list) for values in lists):
+        return None
+    return sorted({v for values in lists for v in values if isinstance(v, str)})
 
 
 def push_event(
@@ -201,8 +188,7 @@ def _text(value: Any, limit: int = 300) -> str:
 def parse_pull_request(provider: str, payload: dict[str, Any]) -> PullRequestDelivery:
     """Read a `pull_request` (GitHub, Gitea) or `Merge Request Hook` (GitLab) payload. A pull
     request counts as from a fork unless the payload shows its head repository is the base one;
-    its head is fetched from the linked repository's own pull request ref, never the fork's URL.
-    """
+    its head is fetched from the linked repository's own pull request ref, never the fork's URL."""
     if provider == "gitlab":
         attrs = payload.get("object_attributes")
         if not isinstance(attrs, dict):

@@ -258,8 +258,7 @@ def read_secret(secret_file: str | None, insecure: bool) -> bytes | None:
             return resolve_ref(f"file:{secret_file}", "--secret-file").encode()
         except SettingsError as exc:
             raise ServeError(str(exc)) from None
-    value = config.WEBHOOK_SECRET.get()
-    if value:
+    if value := config.WEBHOOK_SECRET.get():
         return value.encode()
     if insecure:
         logger.warning(

@@ -243,8 +243,7 @@ class Janitor(RepairLoop):
 
     def supersede(self, item: Watched) -> None:
         """Mark the deployment's queued runs older than the newest push superseded."""
-        newest = self.outbox.latest(item.repo, item.branch)
-        if newest:
+        if newest := self.outbox.latest(item.repo, item.branch):
             supersede_queued_runs(item.deployment_id, newest)
 
 

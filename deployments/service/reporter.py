@@ -157,16 +157,11 @@ class Reporter(threading.Thread):
             if row.link not in runs:
                 runs[row.link] = self._flow_runs(row.link)
             result = self.outcome(row, runs[row.link])
-            if result is None:
-                if time.time() - row.created_at > GIVE_UP_SECONDS:
-                    result = {
-                        "state": "error",
-                        "description": "No run started for this push within a day",
-                    }
-                else:
-                    self.outbox.update_report(row, next_at=time.time() + self.seconds)
-                    return 0
-            row = self.outbox.update_report(row, phase="final", result=result, attempts=0)
+            if result is None and time.time() - row.created_at <= GIVE_UP_SECONDS:
+                self.outbox.update_report(row, next_at=time.time() + self.seconds)
+                return 0
+            no_run = {"state": "error", "description": "No run started for this push within a day"}
+            row = self.outbox.update_report(row, phase="final", result=result or no_run, attempts=0)
         result = row.result or {}
         status = Status(result["state"], result["description"], where, result.get("target_url"))
         forge.set_status(row.sha, status)
@@ -198,19 +193,14 @@ class Reporter(threading.Thread):
 
     def outcome(self, row: Report, runs: list[Any]) -> dict[str, Any] | None:
         """The final status of a row's push once its flow run ended; None while it has not."""
-        mine = [r for r in runs if _is_for(r, row)]
-        if not mine:
+        # The newest: a retry of a crashed run comes after it.
+        run = next((r for r in runs if _is_for(r, row)), None)
+        if run is None or run.state is None or run.state.type.value in queries.NOT_FINAL:
             return None
-        run = mine[0]  # the newest: a retry of a crashed run comes after it
-        state = run.state
-        kind = state.type.value if state is not None else "PENDING"
-        message = (state.message or "") if state is not None else ""
-        if kind in queries.NOT_FINAL:
-            return None
-        if kind == "CRASHED" and self.reap and RETRIED_TAG not in run.tags:
-            since = time.time() - state.timestamp.timestamp() if state is not None else 0.0
-            if since < CRASH_GRACE_SECONDS:
-                return None  # the reaper retries it (or marks it) first
+        kind, message = run.state.type.value, run.state.message or ""
+        crashed = kind == "CRASHED" and self.reap and RETRIED_TAG not in run.tags
+        if crashed and time.time() - run.state.timestamp.timestamp() < CRASH_GRACE_SECONDS:
+            return None  # the reaper retries it (or marks it) first
         record = self._record(row, run)
         if record is None:
             if message.startswith((SKIPPED, SUPERSEDED)):

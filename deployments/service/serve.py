@@ -42,8 +42,7 @@ def receiver_outbox(targets: list[Served]) -> Outbox:
     """The outbox of the served repositories, in the data folder: one per repository and
     branch for a single one, one for a list of links."""
     if len(targets) == 1 and targets[0].name == targets[0].repo.key:
-        only = targets[0]
-        name = f"{only.repo.key}-{only.branch.replace('/', '_')}"
+        name = f"{targets[0].repo.key}-{targets[0].branch.replace('/', '_')}"
     else:
         name = "links"
     return Outbox(data_dir() / "receiver" / f"{name}.sqlite")

@@ -74,21 +74,18 @@ def _handled(repo: str, sha: str, preview: bool) -> bool:
 def outbox_pushes(folder: Path | None = None) -> list[dict[str, Any]]:
     """The newest push of each repository and branch in the receivers' outboxes, and whether a
     run of it has ended; pushes still to be sent to Prefect count as queued."""
-    rows = []
-    for push in outbox.pushes(folder or data_dir() / "receiver"):
-        ref = push["ref"]
-        rows.append(
-            {
-                "repository": push["repo"],
-                "branch": ref.removeprefix("refs/heads/"),
-                "commit": push["after"][:12],
-                "received": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(push["received"])),
-                "unsent": push["unsent"],
-                "handled": push["status"] == "sent"
-                and _handled(push["repo"], push["after"], not ref.startswith("refs/heads/")),
-            }
-        )
-    return rows
+    return [
+        {
+            "repository": push["repo"],
+            "branch": push["ref"].removeprefix("refs/heads/"),
+            "commit": push["after"][:12],
+            "received": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(push["received"])),
+            "unsent": push["unsent"],
+            "handled": push["status"] == "sent"
+            and _handled(push["repo"], push["after"], not push["ref"].startswith("refs/heads/")),
+        }
+        for push in outbox.pushes(folder or data_dir() / "receiver")
+    ]
 
 
 def look() -> Status:
