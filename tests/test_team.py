@@ -177,8 +177,10 @@ def test_two_repositories_run_in_parallel_each_with_its_own_versions(
 ) -> None:
     model = topology.model
     shas = {name: linked.push(model, 2) for name, linked in topology.repos.items()}
+    # Two workers generating at once on a 2-core machine share its cores: each run takes
+    # minutes (its tokens at about 1 per second), so the wait is longer than the others.
     runs = {
-        name: wait_for(lambda n=name: topology.version_of(n, shas[n]), 300, f"{name}'s version")
+        name: wait_for(lambda n=name: topology.version_of(n, shas[n]), 600, f"{name}'s version")
         for name in shas
     }
     assert {r.data.tags["textgen.version"] for r in runs.values()} == {"1"}
