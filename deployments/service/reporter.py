@@ -106,14 +106,16 @@ class Reporter(threading.Thread):
                     row, phase="gave_up", last_error="the link has no API token now"
                 )
                 continue
+            what = f"report {row.sha[:7]} of {row.link}"
             try:
                 moved += self.advance(row, runs)
             except ForgeError as exc:
                 self._failed(row, exc)
             except Exception as exc:  # one row's trouble must not hold up the others
-                what = f"report {row.sha[:7]} of {row.link}"
                 self.failures.failed(what, exc, "trying again in 5 s")
                 self.outbox.update_report(row, next_at=time.time() + 5)
+            else:  # its failures not yet counted are, and it is forgotten
+                self.failures.succeeded(what)
         return moved
 
     def _failed(self, row: Report, exc: ForgeError) -> None:
