@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 from prefect import flow, get_run_logger
@@ -14,32 +13,18 @@ from prefect.utilities.timeout import timeout as deadline
 
 from tasks import config, recovery, versions
 from tasks import tags as T
-from tasks.errors import RepositoryError, RunTimeoutError, SettingsError
+from tasks.errors import RunTimeoutError, SettingsError
 from tasks.gates import evaluate, gate_tags, load_gates
 from tasks.generate import generate_text
+from tasks.inputs import fetch_repo_commit, read_settings
 from tasks.links import link_for
 from tasks.model import load_generator, local_revision, locate_model
 from tasks.names import AUTOMATIC_TRIGGERS, FLOW_NAME, MANUAL, PREVIEW_TRIGGER, SKIPPED, SUPERSEDED
 from tasks.quality import score_text
-from tasks.repo import RepoLocation, fetch_repo_commit
-from tasks.settings import read_settings
+from tasks.repo import RepoLocation
 from tasks.store import storable
 from tasks.tracking import RunRecord, Tracker, log_to_mlflow, output_metrics
 from tasks.triggers import filter_preview, filter_push
-
-
-def default_repo_url() -> str:
-    """The operator's default repository, else the git checkout this project runs from (it
-    links itself)."""
-    if explicit := config.REPO.get():
-        return explicit
-    root = Path(__file__).resolve().parents[1]
-    if (root / ".git").exists():
-        return str(root)
-    raise RepositoryError(
-        f"no repository given, and {root} is not a git checkout: pass repo_url (or --repo), "
-        f"or set {config.REPO.name}"
-    )
 
 
 @dataclass(frozen=True)
@@ -122,7 +107,7 @@ def _record_crash(flow: Any, flow_run: Any, state: State[Any]) -> None:
     process that watched it (the runner or worker), right after the crash."""
     logger = logging.getLogger(__name__)
     try:
-        repo_url = flow_run.parameters.get("repo_url") or default_repo_url()
+        repo_url = flow_run.parameters.get("repo_url") or config.default_repo()
         tracker = Tracker.for_repo(repo_url, create=False)
         reason = f"the process running it crashed: {state.message or state.name}"
         for run in versions.of_flow_run(tracker, flow_run.id, running=True):
@@ -165,7 +150,7 @@ def nlp_text_generation(
     request = Request(
         repo_url, branch, commit_sha, overrides, trigger, force, before, changed_paths, attempt, pr
     )
-    repo = default_repo_url() if repo_url is None else repo_url
+    repo = config.default_repo() if repo_url is None else repo_url
     with config.overrides(_link_settings(repo, branch, trigger)):
         return _tracked(request)
 
@@ -188,7 +173,7 @@ def _link_settings(repo_url: str, branch: str, trigger: str) -> dict[str, str]:
 def _tracked(request: Request) -> RunRecord:
     """The run, inside its MLflow run: opened first, ended whatever happens."""
     r = request
-    location = RepoLocation.parse(default_repo_url() if r.repo_url is None else r.repo_url)
+    location = RepoLocation.parse(config.default_repo() if r.repo_url is None else r.repo_url)
     tracker = Tracker.for_repo(location)
     _recover(tracker)
     run_id = tracker.start(r.branch, r.commit_sha, r.trigger, r.attempt)

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
-from tasks.errors import SettingsError
+from tasks.errors import RepositoryError, SettingsError
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
@@ -263,6 +263,20 @@ def model_cache_dir() -> Path:
 def model_dirs() -> list[Path]:
     """Folders a repository's settings may name models in: the model folders, else the cache."""
     return MODEL_DIRS.get() or [model_cache_dir()]
+
+
+def default_repo() -> str:
+    """The operator's default repository, else the git checkout this project runs from (it
+    links itself)."""
+    if explicit := REPO.get():
+        return explicit
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        return str(root)
+    raise RepositoryError(
+        f"no repository given, and {root} is not a git checkout: pass repo_url (or --repo), "
+        f"or set {REPO.name}"
+    )
 
 
 def links_file() -> Path:

@@ -19,6 +19,10 @@ class SettingsError(TextgenError):
     exit_code = 2
 
 
+class UsageError(SettingsError):
+    """The command line names something that does not exist (a version, commit or run)."""
+
+
 class RepositoryError(TextgenError):
     """A repository, branch or commit cannot be reached or resolved."""
 

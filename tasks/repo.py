@@ -1,4 +1,5 @@
-"""Fetch one commit of a linked repository into a cached bare mirror, with GitPython.
+"""A linked repository, with GitPython: its identity, a cached bare mirror, one commit fetched
+into it, and files read at that commit. No Prefect here: the fetch stage is `tasks.inputs`.
 
 The commit is the provenance of every output: files are read from the commit object itself,
 never from a working tree that may have moved on. Credentials in a URL are handed to git
@@ -20,8 +21,6 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import git
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from tasks import config
 from tasks.config import repo_cache_dir
@@ -415,44 +414,3 @@ def is_ancestor(mirror: str | Path, ancestor: str, descendant: str) -> bool:
     except git.GitCommandError:
         return False
     return True
-
-
-def _is_transient(task: object, task_run: object, state: object) -> bool:
-    """Retry only failures that a later attempt can fix (an unreachable remote)."""
-    try:
-        state.result()  # type: ignore[attr-defined]
-    except Exception as exc:
-        return isinstance(exc, TransientRepositoryError)
-    return False
-
-
-@task(
-    name="fetch-repo-commit",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_is_transient,
-    cache_policy=NO_CACHE,
-)
-def fetch_repo_commit(
-    repo_url: str,
-    branch: str = "main",
-    commit_sha: str | None = None,
-    refresh: bool = False,
-    pull_ref: str | None = None,
-) -> CommitInfo:
-    """Resolve the commit to run (a short SHA too, or the tip of `branch`) in a cached mirror;
-    `refresh` and `pull_ref` as in `resolve_commit`."""
-    location = RepoLocation.parse(repo_url)
-    commit = resolve_commit(location, branch, commit_sha, refresh, pull_ref)
-    logger = get_run_logger()
-    logger.info(
-        "Resolved %s@%s to %s (%s): %s",
-        location.url,
-        commit_sha or branch,
-        commit.sha,
-        commit.author,
-        commit.message.splitlines()[0] if commit.message else "",
-    )
-    if not commit.on_branch and pull_ref is None:
-        logger.warning("Commit %s is not on branch %r of %s", commit.sha, branch, location.url)
-    return commit

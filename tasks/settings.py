@@ -10,8 +10,6 @@ import json
 from fnmatch import fnmatch
 from typing import Any, Literal
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from tasks import config
@@ -304,27 +302,4 @@ def load_settings(
         # of one run wins over both.
         settings = settings.with_operator_model(*chosen)
     settings.check_limits(limits or OperatorLimits.from_env(), label)
-    return settings, source
-
-
-@task(name="read-settings", cache_policy=NO_CACHE)
-def read_settings(
-    commit: CommitInfo, overrides: dict[str, Any] | None = None
-) -> tuple[GenerationSettings, str]:
-    """Read and validate the settings at the commit; fail before any model is loaded."""
-    settings, source = load_settings(commit, overrides)
-    if choice := settings.model_choice:
-        get_run_logger().info(
-            "Generating with this machine's model %s (set by %s) in place of the settings' %s",
-            settings.model,
-            choice["model.set_by"],
-            choice["model.requested"],
-        )
-    get_run_logger().info(
-        "Settings from %s at %s%s: %s",
-        source,
-        commit.short_sha,
-        f" with overrides {sorted(overrides)}" if overrides else "",
-        settings.pipeline_kwargs() | {"model": settings.model, "random_seed": settings.random_seed},
-    )
     return settings, source

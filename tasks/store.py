@@ -162,13 +162,28 @@ class Experiment:
         self.client.set_terminated(run_id, "FINISHED")
 
     def search(
-        self, query: str = "", order_by: list[str] | None = None, max_results: int = 1000
+        self, query: str = "", order_by: list[str] | None = None, max_results: int | None = 1000
     ) -> list[Any]:
-        """The experiment's runs that `query` (MLflow's filter syntax) selects."""
-        runs = self.client.search_runs(
-            [self.experiment_id], query, order_by=order_by, max_results=max_results
-        )
-        return list(runs)
+        """The experiment's runs that `query` (MLflow's filter syntax) selects: the first
+        `max_results`, or all of them (page by page) for None."""
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                query,
+                order_by=order_by,
+                max_results=PAGE if max_results is None else max_results,
+                page_token=token,
+            )
+            runs += page
+            token = page.token
+            if max_results is not None or not token:
+                return runs
+
+
+PAGE = 1000
+"""Runs read per query when all of them are asked for."""
 
 
 def _create_experiment(client: Any, name: str) -> str:

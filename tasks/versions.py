@@ -22,6 +22,20 @@ def numbered(experiment: Experiment, finished: bool = True, limit: int = 5000) -
     return experiment.search(query, NEWEST_FIRST, limit)
 
 
+def version_number(experiment: Experiment, number: int) -> Any | None:
+    """The run holding version `number`, finished or not; None when there is none."""
+    found = experiment.search(f"{NEW_VERSIONS} and tags.`{T.VERSION}` = '{int(number)}'", [], 1)
+    return found[0] if found else None
+
+
+def versions_of_commit(experiment: Experiment, prefix: str, limit: int = 11) -> list[Any]:
+    """The numbered runs of commits starting with `prefix` (hexadecimal), newest first."""
+    if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+        raise ValueError(f"not a commit prefix: {prefix!r}")
+    query = f"{NEW_VERSIONS} and tags.`{T.COMMIT}` LIKE '{prefix}%'"
+    return experiment.search(query, NEWEST_FIRST, limit)
+
+
 def find_version(
     experiment: Experiment, commit_sha: str, digest: str, model_revision: str | None
 ) -> Any | None:
@@ -70,8 +84,9 @@ def running(experiment: Experiment) -> list[Any]:
     return experiment.search("attributes.status = 'RUNNING'", max_results=500)
 
 
-def history(experiment: Experiment, filters: list[str], limit: int) -> list[Any]:
-    """The runs the `filters` (MLflow's syntax, joined with `and`) select, newest first."""
+def history(experiment: Experiment, filters: list[str], limit: int | None) -> list[Any]:
+    """The runs the `filters` (MLflow's syntax, joined with `and`) select, newest first: the
+    first `limit`, or all of them for None."""
     return experiment.search(" and ".join(filters), NEWEST_FIRST, limit)
 
 

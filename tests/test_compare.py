@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from deployments.cli import main
 from deployments.reports.compare import _delta, _word_diff, compare, render_html, render_text
 from flows.text_generation import nlp_text_generation
-from tasks.errors import TrackingError
+from tasks.errors import UsageError
 from tests.conftest import GitRepo, RepoFactory, settings_yaml
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -56,7 +56,8 @@ def test_compare_shows_settings_commits_metrics_and_texts(
     assert "random_seed  1   2" in text
     assert "[-" in text and "{+" in text
     assert "Output 5 of 5:" in text
-    page = render_html(result)
+    page = render_html(compare(str(repo.path), "1", "v2", chart=True))
+    assert "<svg" in page and not result.chart, "the chart is read for the HTML report only"
     assert page.startswith("<!doctype html>") and "<del>" in page and "<ins>" in page
     assert "http" not in page.split("</style>")[0], "no remote assets"
 
@@ -93,14 +94,14 @@ def test_unknown_references_list_the_closest_matches(
     versions: tuple[GitRepo, list[Any]], ref: str, message: str
 ) -> None:
     repo, _ = versions
-    with pytest.raises(TrackingError, match=message):
+    with pytest.raises(UsageError, match=message):
         compare(str(repo.path), ref, "1")
 
 
 def test_a_commit_with_two_versions_is_ambiguous(versions: tuple[GitRepo, list[Any]]) -> None:
     repo, (_, v2, _) = versions
     with pytest.raises(
-        TrackingError, match=rf"'{v2.commit_sha[:7]}' is ambiguous: .* 2 versions .*: v3 .*, v2 "
+        UsageError, match=rf"'{v2.commit_sha[:7]}' is ambiguous: .* 2 versions .*: v3 .*, v2 "
     ):
         compare(str(repo.path), v2.commit_sha[:7], "1")
 
@@ -114,7 +115,8 @@ def test_the_command_prints_and_writes_html(
     out = capsys.readouterr().out
     assert out.startswith("Comparing v1 (commit ")
     assert "<h1>v1 vs v2</h1>" in page.read_text()
-    assert main(["compare", "1", "v7", "--repo", str(repo.path)]) == 5
+    # A reference that names nothing is a usage error (2), not a failure of the store (5).
+    assert main(["compare", "1", "v7", "--repo", str(repo.path)]) == 2
     assert "unknown reference 'v7'" in capsys.readouterr().err
 
 

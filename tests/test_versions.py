@@ -267,9 +267,7 @@ def test_a_run_of_another_machine_ends_when_its_flow_run_has_ended(
         run_ids[name] = tracker.start("main", None, "push")
         tracker.client.log_batch(
             run_ids[name],
-            tags=as_tags(
-                {tags.WORKER_HOST: "another-machine", tags.FLOW_RUN_ID: str(flow_run.id)}
-            ),
+            tags=as_tags({tags.WORKER_HOST: "another-machine", tags.FLOW_RUN_ID: str(flow_run.id)}),
         )
     assert recover_dead_runs(tracker) == 1
     ended = tracker.client.get_run(run_ids["dead"])

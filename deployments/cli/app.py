@@ -126,10 +126,9 @@ def _options(
 
 def location(value: str | None) -> RepoLocation:
     """`--repo`, or this checkout (or the operator's default) when it is not given."""
-    from flows.text_generation import default_repo_url
     from tasks.repo import RepoLocation
 
-    return RepoLocation.parse(value if value else default_repo_url())
+    return RepoLocation.parse(value if value else config.default_repo())
 
 
 def typed_credentials(repo: RepoLocation) -> dict[str, str]:

@@ -95,7 +95,10 @@ def run(
 @app.command()
 def history(
     repo: Repo = None,
-    limit: Annotated[int, typer.Option(help="Most recent runs to show.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="Most recent runs to show.")] = 20,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Show every run, not the latest page.")
+    ] = False,
     since: Annotated[
         str | None, typer.Option(help="Runs started since a date (2026-11-01) or an age (3d, 12h).")
     ] = None,
@@ -122,7 +125,10 @@ def history(
     from tasks.bounded import shorten
 
     where = location(repo).url
-    rows = history_rows(where, limit, since, commit, model)
+    # One run past the page says whether there are more; only what is shown is read.
+    rows = history_rows(where, None if all_ else limit + 1, since, commit, model)
+    more = not all_ and len(rows) > limit
+    rows = rows[:limit] if more else rows
     if plot:
         Path(plot).write_text(history_chart(where), encoding="utf-8")
         print(f"wrote {plot}", file=sys.stderr)
@@ -139,6 +145,8 @@ def history(
         for row in rows
     ]
     print(render_rows(shown))
+    if more:
+        print(f"the latest {limit} runs; --limit N or --all for more", file=sys.stderr)
     return 0
 
 
@@ -167,7 +175,7 @@ def compare(
     from deployments.reports.compare import compare as compare_versions
     from deployments.reports.compare import render_html, render_markdown, render_text
 
-    comparison = compare_versions(location(repo).url, a, b)
+    comparison = compare_versions(location(repo).url, a, b, chart=bool(html))
     if html:
         Path(html).write_text(render_html(comparison), encoding="utf-8")
         print(f"wrote {html}", file=sys.stderr)

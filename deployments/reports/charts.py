@@ -36,10 +36,10 @@ class Point:
 
 
 def version_points(experiment: Experiment, limit: int = 200) -> list[Point]:
-    """The repository's numbered versions, oldest first (the newest `limit`)."""
+    """The repository's numbered versions, oldest first (the newest `limit`, the only ones read)."""
     points = [
         Point(int(version), run.data.tags.get(T.COMMIT, "")[:7], dict(run.data.metrics))
-        for run in versions.numbered(experiment)
+        for run in versions.numbered(experiment, limit=limit)
         if (version := run.data.tags.get(T.VERSION, "")).isdigit()
     ]
     return sorted(points, key=lambda p: p.version)[-limit:]

@@ -25,12 +25,14 @@ from deployments.reports.render import md_piece, render
 from deployments.reports.tables import render_table
 from tasks import tags as T
 from tasks import versions
-from tasks.errors import TrackingError
+from tasks.errors import TrackingError, UsageError
 from tasks.repo import RepoLocation, is_ancestor, resolve_commit
 from tasks.settings import GenerationSettings
 from tasks.store import Experiment
 
 SETTING_KEYS = tuple(GenerationSettings.model_fields)
+SUGGESTED_FROM = 200
+"""An unknown reference is matched against this many of the latest versions."""
 ANSI = re.compile(r"\033\[\d+m")
 Pieces = list[tuple[str, str]]
 """A text as (kind, piece) runs, kind `same`, `del` or `ins` (see `_word_diff`)."""
@@ -119,17 +121,14 @@ def _label(run: Any) -> str:
 
 
 def resolve_reference(tracker: Experiment, ref: str) -> Any:
-    """The version run a reference names; a clear error with the closest matches otherwise."""
+    """The version run a reference names; a clear error with the closest matches otherwise.
+    Only the runs a reference can name are read, however many versions the repository has."""
     text = ref.strip()
-    numbered = versions.numbered(tracker, finished=False)
-    if not numbered:
-        raise TrackingError(f"repository {tracker.repo_url} has no output versions yet")
-    by_version = {r.data.tags.get(T.VERSION): r for r in numbered}
     match = re.fullmatch(r"[vV]?(\d{1,6})", text)
     if match and (text[0] in "vV" or len(text) < 7):
-        if (found := by_version.get(str(int(match.group(1))))) is not None:
+        if (found := versions.version_number(tracker, int(match.group(1)))) is not None:
             return found
-        raise TrackingError(_unknown(text, f"no version {int(match.group(1))}", numbered))
+        raise _unknown(tracker, text, f"no version {int(match.group(1))}")
     lowered = text.lower()
     if re.fullmatch(r"[0-9a-f]{32}", lowered):
         from mlflow.exceptions import MlflowException
@@ -145,32 +144,36 @@ def resolve_reference(tracker: Experiment, ref: str) -> Any:
             if tags.get(T.OUTCOME) == T.REUSED:
                 return tracker.client.get_run(tags[T.REUSED_RUN_ID])
             reason = tags.get(T.SKIP_REASON) or tags.get(T.FAILURE) or run.info.status
-            raise TrackingError(f"run {lowered} made no output ({tags.get(T.OUTCOME)}: {reason})")
+            raise UsageError(f"run {lowered} made no output ({tags.get(T.OUTCOME)}: {reason})")
     if re.fullmatch(r"[0-9a-f]{4,40}", lowered):
-        hits = [r for r in numbered if r.data.tags.get(T.COMMIT, "").startswith(lowered)]
+        hits = versions.versions_of_commit(tracker, lowered)
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
             listed = ", ".join(_label(r) for r in hits[:10])
-            raise TrackingError(
-                f"reference {text!r} is ambiguous: commit {lowered} has {len(hits)} versions "
+            many = f"{len(hits) - 1}+" if len(hits) > 10 else str(len(hits))
+            raise UsageError(
+                f"reference {text!r} is ambiguous: commit {lowered} has {many} versions "
                 f"(different settings): {listed}; name the version instead"
             )
-        raise TrackingError(_unknown(text, "no version of a commit starting with it", numbered))
-    why = "not a version (3, v3), a commit SHA or an MLflow run id"
-    raise TrackingError(_unknown(text, why, numbered))
+        raise _unknown(tracker, text, "no version of a commit starting with it")
+    raise _unknown(tracker, text, "not a version (3, v3), a commit SHA or an MLflow run id")
 
 
-def _unknown(ref: str, why: str, versions: list[Any]) -> str:
+def _unknown(tracker: Experiment, ref: str, why: str) -> UsageError:
+    """The error for a reference that names nothing, with the closest of the latest versions."""
+    latest = versions.numbered(tracker, finished=False, limit=SUGGESTED_FROM)
+    if not latest:
+        return UsageError(f"repository {tracker.repo_url} has no output versions yet")
     candidates: dict[str, Any] = {}
-    for run in versions:
+    for run in latest:
         candidates[f"v{run.data.tags.get(T.VERSION)}"] = run
         candidates[run.data.tags.get(T.COMMIT, "")[:7]] = run
         candidates[run.info.run_id] = run
     close = difflib.get_close_matches(ref.lower(), list(candidates), n=5, cutoff=0.3)
-    labels = dict.fromkeys(_label(run) for run in [candidates[c] for c in close] or versions[:5])
+    labels = dict.fromkeys(_label(run) for run in [candidates[c] for c in close] or latest[:5])
     title = "closest matches" if close else "latest versions"
-    return f"unknown reference {ref!r}: {why}; {title}: {', '.join(labels)}"
+    return UsageError(f"unknown reference {ref!r}: {why}; {title}: {', '.join(labels)}")
 
 
 def _side(tracker: Experiment, run: Any) -> Side:
@@ -248,8 +251,9 @@ def _word_diff(left: str, right: str) -> tuple[Pieces, Pieces]:
     return out_a, out_b
 
 
-def compare(repo_url: str, ref_a: str, ref_b: str) -> Comparison:
-    """Resolve both references in the repository's experiment and gather the report."""
+def compare(repo_url: str, ref_a: str, ref_b: str, chart: bool = False) -> Comparison:
+    """Resolve both references in the repository's experiment and gather the report (`chart`:
+    with the chart of the latest versions, which only the HTML report shows)."""
     tracker = Experiment.for_repo(repo_url, create=False)
     a = _side(tracker, resolve_reference(tracker, ref_a))
     b = _side(tracker, resolve_reference(tracker, ref_b))
@@ -269,7 +273,11 @@ def compare(repo_url: str, ref_a: str, ref_b: str) -> Comparison:
         commits_note=note,
         metrics=[(k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))],
         pairs=[_word_diff(x, y) for x, y in itertools.zip_longest(a.texts, b.texts, fillvalue="")],
-        chart=render_svg(version_points(tracker), f"Versions of {tracker.repo_url}", marked),
+        chart=(
+            render_svg(version_points(tracker), f"Versions of {tracker.repo_url}", marked)
+            if chart
+            else ""
+        ),
     )
 
 

@@ -42,12 +42,13 @@ def parse_since(text: str) -> int:
 
 def history_rows(
     repo: str,
-    limit: int,
+    limit: int | None,
     since: str | None = None,
     commit: str | None = None,
     model: str | None = None,
 ) -> list[dict[str, str]]:
-    """The experiment's runs, newest first, as rows of the history table."""
+    """The experiment's runs, newest first, as rows of the history table: the first `limit`
+    (all for None)."""
     experiment = Experiment.for_repo(repo, create=False)
     try:  # a run whose process died shows FAILED, not RUNNING forever
         recover_dead_runs(experiment)
