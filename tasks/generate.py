@@ -7,6 +7,7 @@ pipeline's, and the token ids it generated are kept for counting and scoring.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import SettingsError
+from tasks.machine import CoreShare, shared
 from tasks.model import Generator
 from tasks.settings import GenerationSettings
 
@@ -45,6 +47,10 @@ class Generations:
     prompt_token_ids: list[int] = field(repr=False)
     generation_seconds: float
     generation_config: dict[str, Any]
+    step_seconds: list[float] = field(default_factory=list, repr=False)
+    """The time of each decoding step (one new token per sequence), the first one included."""
+    shared_cores: float | None = None
+    """Cores busy with other work while this generated (`tasks.machine`); None where unknown."""
 
     @property
     def new_tokens(self) -> list[int]:
@@ -60,6 +66,17 @@ class Generations:
     def tokens_per_second(self) -> float:
         """New tokens over generation time."""
         return self.total_new_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    @property
+    def step_spread(self) -> float | None:
+        """How much the decoding steps' times vary, relative to their median (interquartile
+        range over median, the first step, which also reads the prompt, left out): the noise
+        of this machine a speed difference must exceed to mean something."""
+        steps = sorted(self.step_seconds[1:])
+        if len(steps) < 4 or not (middle := statistics.median(steps)):
+            return None
+        low, _, high = statistics.quantiles(steps, n=4)
+        return (high - low) / middle
 
 
 def format_output(texts: list[str]) -> str:
@@ -147,23 +164,27 @@ PROGRESS_SECONDS = 2.0
 
 
 def progress_criteria(
-    total: int | None, report: Callable[[int, int | None, float], None], every: float
+    total: int | None, report: Callable[[int, int | None, float], None] | None, every: float
 ) -> Any:
-    """A stopping criterion that never stops: generate() calls it once per new token, and it
-    calls `report(tokens so far, total, seconds)` at most every `every` seconds. It reads
-    nothing and draws no random numbers, so the texts are the same with it as without."""
+    """A stopping criterion that never stops: generate() calls it once per new token; it keeps
+    each step's time (`steps`), and calls `report(tokens so far, total, seconds)` at most every
+    `every` seconds. It reads nothing and draws no random numbers, so the texts are the same
+    with it as without."""
     import torch
     from transformers import StoppingCriteria
 
     class TokenProgress(StoppingCriteria):
         def __init__(self) -> None:
             self.tokens = 0
-            self.started = self.last = time.perf_counter()
+            self.started = self.last = self.previous = time.perf_counter()
+            self.steps: list[float] = []
 
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             self.tokens += 1
             now = time.perf_counter()
-            if now - self.last >= every:
+            self.steps.append(now - self.previous)
+            self.previous = now
+            if report is not None and now - self.last >= every:
                 self.last = now
                 report(self.tokens, total, now - self.started)
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -189,21 +210,19 @@ def run_generation(
     prompt = settings.initial_sentence
     prompt_ids = list(pipe.tokenizer(prompt)["input_ids"])
     check_context(generator, settings, len(prompt_ids))
-    run_kwargs = dict(call_kwargs)
-    if progress is not None:
-        effective = settings.effective()
-        total = effective.max_new_tokens or (
-            effective.max_length - len(prompt_ids) if effective.max_length else None
-        )
-        criteria = progress_criteria(total, progress, every)
-        run_kwargs["stopping_criteria"] = StoppingCriteriaList([criteria])
+    effective = settings.effective()
+    total = effective.max_new_tokens or (
+        effective.max_length - len(prompt_ids) if effective.max_length else None
+    )
+    criteria = progress_criteria(total, progress, every)
+    run_kwargs = dict(call_kwargs, stopping_criteria=StoppingCriteriaList([criteria]))
 
     set_seed(settings.random_seed)
-    started = time.perf_counter()
-    records = pipe(prompt, return_tensors=True, **run_kwargs)
-    if generator.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
+    with CoreShare() as share:
+        records = pipe(prompt, return_tensors=True, **run_kwargs)
+        if generator.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    elapsed = share.wall_seconds
 
     sequences = [[int(t) for t in record["generated_token_ids"]] for record in records]
     new_ids = [sequence[len(prompt_ids) :] for sequence in sequences]
@@ -219,6 +238,8 @@ def run_generation(
         prompt_token_ids=prompt_ids,
         generation_seconds=elapsed,
         generation_config=effective_generation(pipe, call_kwargs),
+        step_seconds=criteria.steps,
+        shared_cores=share.elsewhere,
     )
 
 
@@ -239,4 +260,10 @@ def generate_text(generator: Generator, settings: GenerationSettings) -> Generat
         generations.generation_seconds,
         generations.tokens_per_second,
     )
+    if shared(generations.shared_cores):
+        logger.warning(
+            "Other work kept %.1f cores busy while this generated: its speed is recorded, "
+            "and compare says it is not comparable",
+            generations.shared_cores,
+        )
     return generations

@@ -26,8 +26,9 @@ from prefect.cache_policies import NO_CACHE
 from tasks import config
 from tasks.bounded import show
 from tasks.config import OperatorLimits, model_cache_dir, model_dirs
-from tasks.errors import ModelError, SettingsError
+from tasks.errors import ModelError, SettingsError, require
 from tasks.files import file_lock, write_atomic
+from tasks.machine import CoreShare
 from tasks.packing import pack_linears
 from tasks.repo import CommitInfo
 from tasks.settings import GenerationSettings
@@ -55,6 +56,8 @@ class Generator:
     model_class: str
     load_seconds: float
     cache_hit: bool = False
+    load_shared_cores: float | None = None
+    """Cores busy with other work while this loaded (`tasks.machine`); None where unknown."""
     fast_path: str = "none"
     """How the model runs faster than as loaded (`tasks.packing`), or `none (why)`."""
 
@@ -276,10 +279,9 @@ def convert_gguf(gguf_path: Path) -> Path:
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
             )
         except ImportError as exc:
-            raise ModelError(
-                f"loading {gguf_path.name} needs the gguf extra: "
-                f"pip install 'nlp-text-generation[gguf]' ({exc})"
-            ) from exc
+            for module in ("gguf", "accelerate"):
+                require(module, f"loading {gguf_path.name}", ModelError)
+            raise ModelError(f"loading {gguf_path.name} failed: {exc}") from exc
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
         # The loaded model is tagged as GGUF-quantized and refuses save_pretrained, though its
@@ -368,8 +370,6 @@ def build_generator(
 ) -> Generator:
     """Load (or reuse from this process) the pipeline the settings ask for; `revision` is the
     local content digest and `path` the located model (`locate_model`), when the caller has them."""
-    from transformers import pipeline
-
     kind = model_kind(settings.model)
     path = path or locate_model(settings)
     revision = revision or local_revision(settings, path)
@@ -384,10 +384,39 @@ def build_generator(
     )
     if key in _CACHE:
         _CACHE.move_to_end(key)
-        return replace(_CACHE[key], load_seconds=0.0, cache_hit=True)
+        return replace(_CACHE[key], load_seconds=0.0, cache_hit=True, load_shared_cores=None)
+
+    with CoreShare() as share:
+        pipe, source, packing = _load_pipeline(settings, kind, path, device)
+    if kind == "hub":
+        revision = getattr(pipe.model.config, "_commit_hash", None) or settings.revision
+    generator = Generator(
+        pipeline=pipe,
+        model=settings.model,
+        kind=kind,
+        revision=revision or "unknown",
+        loaded_from=source,
+        device=str(pipe.device),
+        dtype=str(pipe.model.dtype).removeprefix("torch."),
+        model_class=type(pipe.model).__name__,
+        load_seconds=share.wall_seconds,
+        fast_path=packing.describe(),
+        load_shared_cores=share.elsewhere,
+    )
+    if keep := config.MODEL_CACHE_SIZE.get():
+        _CACHE[key] = generator
+        while len(_CACHE) > keep:
+            _CACHE.popitem(last=False)
+    return generator
+
+
+def _load_pipeline(
+    settings: GenerationSettings, kind: str, path: Path | None, device: str
+) -> tuple[Any, str, Any]:
+    """The pipeline, the source it was read from, and how its weights were packed."""
+    from transformers import pipeline
 
     limits = OperatorLimits.from_env()
-    started = time.perf_counter()
     source = settings.model
     if path is not None:
         source = str(convert_gguf(path) if path.is_file() else path)
@@ -409,27 +438,7 @@ def build_generator(
                 "set model to a local folder"
             )
         raise ModelError(message) from exc
-    packing = pack_linears(pipe.model, str(pipe.device))
-    load_seconds = time.perf_counter() - started
-    if kind == "hub":
-        revision = getattr(pipe.model.config, "_commit_hash", None) or settings.revision
-    generator = Generator(
-        pipeline=pipe,
-        model=settings.model,
-        kind=kind,
-        revision=revision or "unknown",
-        loaded_from=source,
-        device=str(pipe.device),
-        dtype=str(pipe.model.dtype).removeprefix("torch."),
-        model_class=type(pipe.model).__name__,
-        load_seconds=load_seconds,
-        fast_path=packing.describe(),
-    )
-    if keep := config.MODEL_CACHE_SIZE.get():
-        _CACHE[key] = generator
-        while len(_CACHE) > keep:
-            _CACHE.popitem(last=False)
-    return generator
+    return pipe, source, pack_linears(pipe.model, str(pipe.device))
 
 
 @task(name="load-generator", cache_policy=NO_CACHE)

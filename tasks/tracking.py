@@ -26,6 +26,9 @@ from tasks.store import Experiment, as_metrics, as_params, as_tags, one_line_rea
 
 logger = logging.getLogger(__name__)
 
+OUTPUT_FILE = "output.txt"
+"""The texts, as the original script wrote them."""
+
 
 @dataclass(frozen=True)
 class RunRecord:
@@ -40,7 +43,7 @@ class RunRecord:
     url: str
     reason: str = ""
     output_url: str = ""
-    """The run holding `output.txt`: this run for a new version, the version's run for a reuse."""
+    """Link to `output.txt`: this run's for a new version, the version's run's for a reuse."""
 
     def as_dict(self) -> dict[str, Any]:
         """The record for machines (`textgen run --json`)."""
@@ -93,13 +96,21 @@ def _prefect_links() -> dict[str, str]:
 def output_metrics(
     generator: Generator, generations: Generations, quality: dict[str, float] | None = None
 ) -> dict[str, float]:
-    """The metrics a run records: timings, token counts and the quality metrics."""
+    """The metrics a run records: timings, token counts and the quality metrics; and, where
+    they are known, what shared the cores while it loaded and generated (`tasks.machine`) and
+    how much its decoding steps' times varied, which say how far its timings can be compared."""
+    measured = {
+        "shared_cores": generations.shared_cores,
+        "load_shared_cores": generator.load_shared_cores,
+        "step_time_spread": generations.step_spread,
+    }
     return {
         "load_seconds": generator.load_seconds,
         "generation_seconds": generations.generation_seconds,
         "new_tokens": float(generations.total_new_tokens),
         "tokens_per_second": generations.tokens_per_second,
         "prompt_tokens": float(len(generations.prompt_token_ids)),
+        **{k: float(v) for k, v in measured.items() if v is not None},
         **(quality or {}),
     }
 
@@ -161,7 +172,7 @@ class Tracker(Experiment):
             **{k: v for k, v in existing.data.tags.items() if k.startswith(T.GATES)},
         }
         self.finish(run_id, reused, settings.as_params())
-        url, output_url = self.url(run_id), self.url(existing.info.run_id)
+        url, output_url = self.url(run_id), self.url(existing.info.run_id, OUTPUT_FILE)
         return RunRecord(
             T.REUSED, run_id, self.experiment_id, version, sha, digest, url, output_url=output_url
         )
@@ -245,7 +256,14 @@ class Tracker(Experiment):
         self.finish(run_id, preview)
         url = self.url(run_id)
         return RunRecord(
-            T.PREVIEW, run_id, self.experiment_id, None, commit.sha, digest, url, output_url=url
+            T.PREVIEW,
+            run_id,
+            self.experiment_id,
+            None,
+            commit.sha,
+            digest,
+            url,
+            output_url=self.url(run_id, OUTPUT_FILE),
         )
 
 
@@ -281,7 +299,7 @@ def log_to_mlflow(
     metrics = as_metrics(output_metrics(generator, generations, quality))
     tags = {T.DIGEST: digest, T.MODEL_REVISION: generator.revision, **(extra_tags or {})}
     tracker.client.log_batch(run_id, metrics=metrics, params=as_params(params), tags=as_tags(tags))
-    tracker.client.log_text(run_id, format_output(generations.texts), "output.txt")
+    tracker.client.log_text(run_id, format_output(generations.texts), OUTPUT_FILE)
     settings_doc = {
         "settings": settings.effective().model_dump(),
         "source": settings_source,
@@ -313,5 +331,12 @@ def log_to_mlflow(
     get_run_logger().info("Recorded version %s as MLflow run %s", version, run_id)
     url = tracker.url(run_id)
     return RunRecord(
-        T.NEW, run_id, tracker.experiment_id, version, commit.sha, digest, url, output_url=url
+        T.NEW,
+        run_id,
+        tracker.experiment_id,
+        version,
+        commit.sha,
+        digest,
+        url,
+        output_url=tracker.url(run_id, OUTPUT_FILE),
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,14 @@ class PrefectServer(LocalPrefectServer):
     def __init__(self, home: Path) -> None:
         super().__init__(port=free_port(), home=home)
 
+    def _spawn(self) -> None:
+        # A new server starts on a copy of the test run's migrated database (conftest).
+        template = os.environ.get("TEXTGEN_TEST_PREFECT_DB")
+        if template and not (self.home / "prefect.db").exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(template, self.home / "prefect.db")
+        super()._spawn()
+
     @property
     def api_url(self) -> str:
         return self.url
@@ -127,6 +136,7 @@ class Service:
         self, command: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
     ) -> None:
         self.log = log
+        self.env = env
         handle = open(log, "ab")  # noqa: SIM115 - handed to the child
         self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
             command,

@@ -118,3 +118,34 @@ def test_without_serve_a_run_notes_nothing(
 ) -> None:
     monkeypatch.delenv(config.WARM_HINT.name, raising=False)
     assert note_loaded(GenerationSettings(model=str(tiny_model)), None, None) is None
+
+
+def _sleeper(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_a_model_is_loaded_only_while_no_run_is_going(tiny_model: Path, hint: Path) -> None:
+    """Loading a model beside a run would slow the run and skew the speed it records: the hint
+    waits until the run has ended; a run that starts during a load waits for it (`settle`)."""
+    settings = GenerationSettings(model=str(tiny_model))
+    path = locate_model(settings)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+    servers = WarmServers(PRELOAD, hint)
+    module = multiprocessing.forkserver
+    context = multiprocessing.get_context("forkserver")
+    module.connect_to_new_process = servers.current.connect_to_new_process  # type: ignore[attr-defined]
+    try:
+        run = context.Process(target=_sleeper, args=(3.0,))
+        run.start()
+    finally:
+        module.connect_to_new_process = module._forkserver.connect_to_new_process  # type: ignore[attr-defined]
+    servers.launched(run)
+    note_loaded(settings, "sha256:abc", path)  # the run loaded a model
+    servers.check()
+    assert servers.busy() and servers.pending is None, "no load while the run is going"
+    run.join(30)  # the run ends (its exit status read, as Prefect's runner reads it)
+    servers.check()
+    assert servers.pending is not None, "the load starts once no run is going"
+    servers.settle(timeout=120)  # the next run's start waits for it
+    assert servers.pending is None and servers.current is not module._forkserver  # type: ignore[attr-defined]
+    servers.current._stop()

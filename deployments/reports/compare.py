@@ -26,11 +26,20 @@ from deployments.reports.tables import render_table
 from tasks import tags as T
 from tasks import versions
 from tasks.errors import TrackingError, UsageError
+from tasks.machine import shared as is_shared
 from tasks.repo import RepoLocation, is_ancestor, resolve_commit
 from tasks.settings import GenerationSettings
 from tasks.store import Experiment
 
 SETTING_KEYS = tuple(GenerationSettings.model_fields)
+TIMINGS = {
+    "tokens_per_second": "shared_cores",
+    "generation_seconds": "shared_cores",
+    "load_seconds": "load_shared_cores",
+}
+"""Timing metrics, and the metric that says how busy the cores were while each was measured."""
+NOISE_FLOOR = 0.05
+"""A timing change this small (5%) is within any machine's noise."""
 SUGGESTED_FROM = 200
 """An unknown reference is matched against this many of the latest versions."""
 ANSI = re.compile(r"\033\[\d+m")
@@ -60,6 +69,7 @@ class Comparison:
     """Everything the text and HTML reports show."""
 
     repo: str
+    """The repository's one name (its experiment's)."""
     a: Side
     b: Side
     settings: list[Difference]
@@ -68,8 +78,33 @@ class Comparison:
     commits_note: str
     metrics: list[tuple[str, float | None, float | None]]
     pairs: list[tuple[Pieces, Pieces]] = field(default_factory=list)
+    reached_from: str = ""
+    """Where the repository was reached from, when that is not its name (a checkout)."""
     chart: str = ""
     """The SVG chart of every version's metrics, with the two compared marked."""
+
+    def speed_note(self, key: str, x: float | None, y: float | None) -> str:
+        """For a timing: why its change says nothing about the change between the two (the
+        cores were shared with other work while one of them ran, or the change is within the
+        noise of the machine's decoding steps); empty when it does, and for other metrics."""
+        if key not in TIMINGS or x is None or y is None:
+            return ""
+        share_key = TIMINGS[key]
+        shared = [
+            f"{s.label} {found:.1f}"
+            for s in (self.a, self.b)
+            if is_shared(found := s.run.data.metrics.get(share_key))
+        ]
+        if shared:
+            return f"not comparable: cores busy elsewhere ({', '.join(shared)})"
+        if share_key != "shared_cores":  # loading has no steps to measure noise by
+            return ""
+        spreads = [s.run.data.metrics.get("step_time_spread") for s in (self.a, self.b)]
+        known = [v for v in spreads if v is not None]
+        change = _change(x, y)
+        if known and change is not None and abs(change) <= max(NOISE_FLOOR, *known):
+            return f"within noise (steps vary {max(NOISE_FLOOR, *known):.0%})"
+        return ""
 
     @property
     def changed(self) -> int:
@@ -90,6 +125,7 @@ class Comparison:
 
         return {
             "repository": self.repo,
+            "reached_from": self.reached_from or self.repo,
             "a": side(self.a),
             "b": side(self.b),
             "settings": [{"key": k, "a": x, "b": y} for k, x, y in self.settings],
@@ -98,7 +134,7 @@ class Comparison:
             "commits_note": self.commits_note,
             "metrics": [
                 {"metric": k, "a": x, "b": y, "delta": None if x is None or y is None else y - x}
-                | {"change": _change(x, y)}
+                | {"change": _change(x, y), "note": self.speed_note(k, x, y)}
                 for k, x, y in self.metrics
             ],
             "texts": [
@@ -164,7 +200,7 @@ def _unknown(tracker: Experiment, ref: str, why: str) -> UsageError:
     """The error for a reference that names nothing, with the closest of the latest versions."""
     latest = versions.numbered(tracker, finished=False, limit=SUGGESTED_FROM)
     if not latest:
-        return UsageError(f"repository {tracker.repo_url} has no output versions yet")
+        return UsageError(f"repository {tracker.name} has no output versions yet")
     candidates: dict[str, Any] = {}
     for run in latest:
         candidates[f"v{run.data.tags.get(T.VERSION)}"] = run
@@ -262,9 +298,11 @@ def compare(repo_url: str, ref_a: str, ref_b: str, chart: bool = False) -> Compa
     setting_keys = [k for k in SETTING_KEYS if k in pa or k in pb]
     other_keys = sorted((set(pa) | set(pb)) - set(setting_keys))
     commits, note = _commits(tracker.repo_url, a, b)
+    reached = tracker.repo_url if tracker.repo_url != tracker.name else ""
     marked = tuple(v for v in (a.version, b.version) if v is not None)
     return Comparison(
-        repo=tracker.repo_url,
+        repo=tracker.name,
+        reached_from=reached,
         a=a,
         b=b,
         settings=_differences(pa, pb, setting_keys),
@@ -274,7 +312,7 @@ def compare(repo_url: str, ref_a: str, ref_b: str, chart: bool = False) -> Compa
         metrics=[(k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))],
         pairs=[_word_diff(x, y) for x, y in itertools.zip_longest(a.texts, b.texts, fillvalue="")],
         chart=(
-            render_svg(version_points(tracker), f"Versions of {tracker.repo_url}", marked)
+            render_svg(version_points(tracker), f"Versions of {tracker.name}", marked)
             if chart
             else ""
         ),
@@ -308,7 +346,8 @@ def render_text(c: Comparison, width: int | None = None, color: bool = False) ->
     def side(s: Side) -> str:
         return f"{s.label} (commit {s.sha[:7]}, {s.started})"
 
-    lines = [f"Comparing {side(c.a)} with {side(c.b)} of {c.repo}", "", "Settings that differ:"]
+    where = f"{c.repo} (reached from {c.reached_from})" if c.reached_from else c.repo
+    lines = [f"Comparing {side(c.a)} with {side(c.b)} of {where}", "", "Settings that differ:"]
     if c.settings:
         lines += render_table(["setting", c.a.label, c.b.label], c.settings, indent=2)
     else:
@@ -346,7 +385,11 @@ def _metric_rows(c: Comparison) -> list[list[str]]:
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.4g}"
 
-    return [[k, fmt(x), fmt(y), _delta(x, y)] for k, x, y in c.metrics]
+    def delta(key: str, x: float | None, y: float | None) -> str:
+        note = c.speed_note(key, x, y)
+        return f"{_delta(x, y)}, {note}" if note else _delta(x, y)
+
+    return [[k, fmt(x), fmt(y), delta(k, x, y)] for k, x, y in c.metrics]
 
 
 def render_markdown(c: Comparison, title: str | None = None) -> str:

@@ -7,7 +7,9 @@ and each run is a fork of it, isolated in a process of its own, cancellable and 
 
 The model stays warm too. A run that loads a model writes which one into a hint file (its path is
 in the runs' environment). When the hint names another model than the fork server holds, a new
-fork server loads it into `tasks.model`'s cache before it serves (the same model, revision, dtype
+fork server loads it, once no run is going (a load beside a run would slow the run and skew the
+speed it records; a run that starts during a load waits for it), into `tasks.model`'s cache
+before it serves (the same model, revision, dtype
 and device: the same pipeline; see `warm_model`); once it is ready, later runs fork from it, and
 the old server stops when the last run it started has ended. The operator settings `WARM_START`
 and `WARM_MODEL_START` (`tasks.config`) turn this off, or keep the warm imports and load the
@@ -50,6 +52,10 @@ PRELOAD = (
     "transformers",
     "transformers.pipelines",
 )
+
+SETTLE_SECONDS = 300.0
+"""How long a run's start waits for a model being loaded warm (a run that would load it itself
+takes as long); past that it starts beside the load, and records that its cores were shared."""
 
 _lock = threading.Lock()
 
@@ -124,9 +130,24 @@ class WarmServers:
         self.pending = (server, record, ready, time.monotonic())
         logger.info("Loading model %s into a new fork server", json.loads(record).get("model"))
 
+    def busy(self) -> bool:
+        """Whether a run started from any of the servers is still going."""
+        return any([self._running(server) for server in (self.current, *self.retired)])
+
+    def settle(self, timeout: float = SETTLE_SECONDS, interval: float = 0.2) -> None:
+        """Before a run starts: let a model being loaded finish (up to `timeout`), so the run
+        does not share the cores with the load, and forks from the server holding it."""
+        if self.pending is None:
+            return
+        logger.info("Waiting for the model being loaded warm before starting the run")
+        deadline = time.monotonic() + timeout
+        while self.pending is not None and time.monotonic() < deadline:
+            time.sleep(interval)
+            self.check()
+
     def check(self, timeout: float = 1800.0) -> None:
-        """Start a server for a newly hinted model; swap to it when ready; stop idle old ones.
-        Called with the starter's lock held, between run starts."""
+        """Start a server for a newly hinted model while no run is going; swap to it when
+        ready; stop idle old ones. Called with the starter's lock held, between run starts."""
         if self.pending is not None:
             server, record, ready, started = self.pending
             if ready.exists():
@@ -147,7 +168,7 @@ class WarmServers:
                 with contextlib.suppress(OSError):  # still loading: stop it, do not wait on it
                     os.kill(server._forkserver_pid, signal.SIGKILL)
                 server._stop()
-        else:
+        elif not self.busy():  # loading beside a run would slow it, and skew its timings
             try:
                 mtime = self.hint.stat().st_mtime
             except OSError:
@@ -164,9 +185,32 @@ class WarmServers:
         for server in list(self.retired):
             if not self._running(server) and server is not self.current:
                 self.retired.remove(server)
-                if server is not multiprocessing.forkserver._forkserver:
-                    server._stop()
+                # The first, plain server too: it holds no model, and is started again if
+                # ever asked for.
+                server._stop()
                 self.children.pop(id(server), None)
+
+
+def stop() -> None:
+    """Stop every fork server (the runs forked from them are processes of their own), when
+    serve stops."""
+    servers = _servers[0] if _servers else None
+    found: list[Any] = [multiprocessing.forkserver._forkserver]
+    if servers is not None:
+        found += [servers.current, *servers.retired]
+        if servers.pending is not None:
+            found.append(servers.pending[0])
+    for server in dict.fromkeys(found):
+        pid = getattr(server, "_forkserver_pid", None)
+        if pid:
+            with contextlib.suppress(OSError):  # one loading a model does not read its pipe
+                os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(Exception):
+            server._stop()
+
+
+_servers: list[WarmServers] = []
+"""The fork servers of this process, once `enable` started them."""
 
 
 def enable(preload: Sequence[str] = PRELOAD) -> bool:
@@ -189,12 +233,14 @@ def enable(preload: Sequence[str] = PRELOAD) -> bool:
         hint = Path(folder) / "model.json"
         os.environ[config.WARM_HINT.name] = str(hint)  # the runs are forked with it
         servers = WarmServers(preload, hint)
+        _servers.append(servers)
     module = multiprocessing.forkserver
 
     def run_flow_in_warm_process(*args: Any, **kwargs: Any) -> Any:
         with _lock:
             if servers is not None:
                 _check(servers)
+                _check(servers, settle=True)
                 module.connect_to_new_process = servers.current.connect_to_new_process
             engine.multiprocessing = shim  # type: ignore[assignment]
             try:
@@ -213,10 +259,11 @@ def enable(preload: Sequence[str] = PRELOAD) -> bool:
     return True
 
 
-def _check(servers: WarmServers) -> None:
-    """`servers.check()`, whose failure is logged: keeping a model warm never stops a run."""
+def _check(servers: WarmServers, settle: bool = False) -> None:
+    """`servers.check()` (`settle`: `servers.settle()`), whose failure is logged: keeping a
+    model warm never stops a run."""
     try:
-        servers.check()
+        servers.settle() if settle else servers.check()
     except Exception:
         logger.exception("Warm-model check failed")
 
