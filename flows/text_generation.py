@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 from prefect.utilities.timeout import timeout as deadline
 
-from tasks import config, recovery, versions
+from tasks import config, logs, recovery, versions
 from tasks import tags as T
 from tasks.errors import RunTimeoutError, SettingsError
 from tasks.gates import evaluate, gate_tags, load_gates
@@ -146,6 +146,7 @@ def nlp_text_generation(
             `{number, ref}`, whose head `commit_sha` is. Recorded as its preview, compared
             with the branch's latest version, never numbered.
     """
+    logs.quiet_console()  # this process's console, as Prefect set it up: one format, no chatter
     pr = PullRequest.of(pull_request, trigger)
     request = Request(
         repo_url, branch, commit_sha, overrides, trigger, force, before, changed_paths, attempt, pr

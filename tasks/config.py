@@ -184,6 +184,7 @@ WARM_MODEL_START = Variable("TEXTGEN_WARM_MODEL_START", SWITCH, True, "serve kee
 WARM_HINT = Variable("TEXTGEN_WARM_HINT", PATH, None, "set by serve: the loaded-model note")
 WARM_MODEL = Variable("TEXTGEN_WARM_MODEL", TEXT, "", "set by serve: a fork server's model")
 WARM_READY = Variable("TEXTGEN_WARM_READY", PATH, None, "set by serve: a fork server's answer")
+VERBOSE = Variable("TEXTGEN_VERBOSE", SWITCH, False, "set by -v: runs log library chatter")
 
 VARIABLES = tuple(value for value in list(globals().values()) if isinstance(value, Variable))
 LIMITS: dict[str, Variable[Any]] = {v.limit: v for v in VARIABLES if v.limit}

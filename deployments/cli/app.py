@@ -9,8 +9,6 @@ fast.
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -113,11 +111,9 @@ def _options(
     helping = any(arg in ("-h", "--help") for arg in ctx.args)
     if not (ctx.resilient_parsing or helping or ctx.invoked_subcommand == "config"):
         config.check()
-    level = logging.DEBUG if verbose else logging.INFO
-    line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=line, stream=sys.stderr, force=True)
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from deployments.cli.console import configure
+
+    configure(verbose)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""What a command shows on the console: one line for an expected failure, not its traceback."""
+"""What a command shows on the console: one line for an expected failure, not its traceback;
+and no line a user cannot act on, unless asked for with `-v`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+from tasks import config
 from tasks.errors import TextgenError
 
 
@@ -31,6 +33,34 @@ class ExpectedErrors(logging.Filter):
                 return True
             return not any(mark and mark in text for mark in self.seen)
         return True
+
+
+QUIET_ENVIRONMENT = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' and the hub's tqdm bars
+    "TQDM_DISABLE": "1",  # any other tqdm bar
+    "MLFLOW_CONFIGURE_LOGGING": "false",  # MLflow's lines in this format, through these filters
+}
+"""For the command and every process it starts (runs, servers), unless `-v` or already set."""
+
+
+def configure(verbose: bool) -> None:
+    """One log format on stderr (`tasks.logs`), for the command and the processes it starts;
+    without `verbose`, no chatter and no progress bars."""
+    import os
+    import sys
+
+    from tasks import logs
+
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(
+        level=level, format=logs.FORMAT, datefmt=logs.DATE_FORMAT, stream=sys.stderr, force=True
+    )
+    if verbose:
+        os.environ[config.VERBOSE.name] = "1"  # the runs it starts keep their chatter too
+    else:
+        for name, value in QUIET_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+    logs.quiet_console()
 
 
 @contextlib.contextmanager
