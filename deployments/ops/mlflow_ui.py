@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 
-from deployments.ops.process import Child, check_port_free, healthy, wait_until
+from deployments.ops.process import STOP_GRACE, Child, check_port_free, healthy, wait_until
 from tasks import config
 from tasks.config import artifact_root, data_dir, tracking_uri
 from tasks.errors import ServeError
@@ -41,10 +41,13 @@ def prepare(host: str, port: int, option: str) -> None:
 class MlflowUI:
     """`mlflow server` as a child process of the service, stopped with it."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, option: str = "--ui-port (0: none)") -> None:
+        self.host, self.port, self.option = host, port, option
         self.url = f"http://{host}:{port}"
         env = {
+            # MLflow's job runner and its seven queue consumers (1.4 GB at idle) run jobs the
+            # UI offers for GenAI judges and prompt optimisation, which no run here uses.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             **config.without_secrets(os.environ),
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
@@ -55,7 +58,7 @@ class MlflowUI:
 
     def start(self) -> None:
         """Start the server; a thread logs when it answers (runs do not wait for it)."""
-        prepare(self.host, self.port, "--ui-port (0: none)")
+        prepare(self.host, self.port, self.option)
         self.child.start()
         threading.Thread(target=self._announce, name="mlflow-ui-watch", daemon=True).start()
 
@@ -71,4 +74,4 @@ class MlflowUI:
     def stop(self) -> None:
         """Stop the server and its workers (its own process group)."""
         self.stopped.set()
-        self.child.stop(grace=20)
+        self.child.stop(grace=STOP_GRACE)

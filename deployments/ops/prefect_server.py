@@ -18,7 +18,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from deployments.ops.process import Child, command_line, free_port, healthy, stop_pid, wait_until
+from deployments.ops.process import (
+    STOP_GRACE,
+    Child,
+    command_line,
+    free_port,
+    healthy,
+    stop_pid,
+    wait_until,
+)
 from tasks import config
 from tasks.config import data_dir
 from tasks.files import file_lock, write_atomic
@@ -142,9 +150,9 @@ class LocalPrefectServer:
         child, pid = self.child, self.pid
         self.child, self.pid = None, 0
         if child is not None:
-            child.stop(grace=20)
+            child.stop(grace=STOP_GRACE)
         elif pid:
-            stop_pid(pid, _is_prefect_server, grace=20)
+            stop_pid(pid, _is_prefect_server, grace=STOP_GRACE)
 
 
 def use_api_url(url: str | None) -> None:

@@ -20,6 +20,19 @@ from urllib.request import urlopen
 
 from tasks.errors import PortInUseError, ServeError
 
+STOP_GRACE = 3.0
+"""Seconds a server gets to exit on SIGTERM before SIGKILL, when a service stops."""
+
+_started: set[Child] = set()
+"""The children of this process still running (`terminate_children`)."""
+
+
+def terminate_children() -> None:
+    """SIGTERM every child this process started and has not stopped, all at once: a service
+    that is stopping lets its servers wind down while it winds down itself."""
+    for child in list(_started):
+        child.terminate()
+
 
 class Child:
     """A server or worker process in a session of its own, its output appended to its log."""
@@ -51,11 +64,24 @@ class Child:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        _started.add(self)
         return self
+
+    def terminate(self) -> None:
+        """SIGTERM its process group (the server and the workers it started); no wait."""
+        if self.alive():
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
 
     def alive(self) -> bool:
         """Whether it still runs."""
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it has ended (None while it runs, or before it starts)."""
+        return None if self.process is None else self.process.poll()
 
     def tail(self, lines: int = 30) -> str:
         """The end of its log."""
@@ -66,19 +92,23 @@ class Child:
 
     def stop(self, grace: float = 30) -> None:
         """SIGTERM its process group, then SIGKILL what is left after `grace` seconds."""
+        _started.discard(self)
         if not self.alive():
             return
         assert self.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             self.kill()
+        # A worker of the server may outlive it in the group: nothing of it is left running.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def kill(self) -> None:
         """SIGKILL its whole process group (a worker and the flow run it started), as a machine
         that dies would end them."""
+        _started.discard(self)
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 
 from deployments.ops.mlflow_ui import MlflowUI
 from deployments.ops.prefect_server import service_api
+from deployments.ops.process import terminate_children
 from deployments.orchestration.deployments import add_to_runner
 from deployments.service.emitter import Emitter
 from deployments.service.http import HttpService, start_http
@@ -127,8 +129,10 @@ def run_service(
     (named by `names`, else `on-push`), with one run at a time per repository and branch; the
     runner runs at most `runs` flow runs at once."""
     names = names or {}
+    serves_ui = bool(ui_port) and not config.tracking_server()
+    ui: MlflowUI | None = None
     with contextlib.ExitStack() as stack:
-        if ui_port and not config.tracking_server():
+        if serves_ui:
             ui = MlflowUI("127.0.0.1", ui_port)
             ui.start()  # a busy port ends serve here, with the reason
             stack.callback(ui.stop)
@@ -140,6 +144,7 @@ def run_service(
         from prefect.runner import Runner
 
         from deployments.service.warm import enable as enable_warm_starts
+        from deployments.service.warm import stop as stop_warm_servers
 
         runner_name = f"textgen-{targets[0].repo.key}" if len(targets) == 1 else "textgen-links"
         api_url = stack.enter_context(service_api(prefect_port))
@@ -177,8 +182,10 @@ def run_service(
                         except Exception as exc:  # the runs left behind wait for the next start
                             logger.warning("Could not check for runs left behind: %s", exc)
                     http, threads = start_receiver(targets, host, port, poll, deployments)
-                    _announce(http, api_url, targets, names)
-                # Ctrl-C shuts the runner down as gracefully as SIGTERM does.
+                    _announce(http, api_url, targets, names, serves_ui)
+                # SIGTERM and Ctrl-C: the MLflow UI begins to stop at once, while the runner
+                # shuts down (it cancels the runs in flight, through the Prefect API).
+                runner.handle_sigterm = functools.partial(_stopping, runner.handle_sigterm, ui)  # type: ignore[method-assign]
                 signal.signal(signal.SIGINT, runner.handle_sigterm)
                 try:
                     asyncio.run(runner.start())
@@ -193,8 +200,17 @@ def run_service(
             pass
         finally:
             forget_service()
+            terminate_children()
             stop_receiver(http, threads)
+            stop_warm_servers()
     return 0
+
+
+def _stopping(stop_runner: Any, ui: MlflowUI | None, *args: Any) -> None:
+    """On SIGTERM or Ctrl-C: the MLflow UI starts to stop, then the runner."""
+    if ui is not None:
+        ui.child.terminate()
+    stop_runner(*args)
 
 
 def _register(runner: Any, targets: list[Served], names: dict[str, str]) -> dict[str, Any]:
@@ -205,7 +221,7 @@ def _register(runner: Any, targets: list[Served], names: dict[str, str]) -> dict
 
 
 def _announce(
-    http: HttpService, api_url: str, targets: list[Served], names: dict[str, str]
+    http: HttpService, api_url: str, targets: list[Served], names: dict[str, str], ui: bool
 ) -> None:
     """Record serve for `textgen status`, and say how to push or run by hand."""
     address = http.server_address
@@ -215,6 +231,8 @@ def _announce(
         {
             "prefect_api": api_url,
             "mlflow_ui": ui_base_url(),
+            "serves_ui": ui,
+            "started": time.time(),
             "receivers": receivers,
             "deployments": deployments,
         }
