@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from deployments.cli.app import Branch, Json, Repo, SecretFile, app, location, typed_credentials
-from tasks.errors import SettingsError
+from tasks.errors import ServeError, SettingsError
 from tasks.names import DEFAULT_DEPLOYMENT, FLOW_NAME
 
 # The options serve and receive share.
@@ -111,7 +111,7 @@ def status(
 ) -> int:
     """What serve is doing: pushes, runs queued or running, last versions, with links."""
     from deployments.ops.prefect_server import known_api
-    from deployments.service.status import look, render, wait_until_idle
+    from deployments.service.status import NO_PUSH_SINCE_START, look, render, wait_until_idle
 
     if env:
         if not (api := known_api()):
@@ -122,6 +122,8 @@ def status(
         print(f"export PREFECT_API_URL={api}")
         return 0
     found = wait_until_idle(timeout) if wait else look()
+    if wait and found.received_since_start == 0:
+        print(f"textgen: warning: {NO_PUSH_SINCE_START}", file=sys.stderr)
     if json_:
         print(json.dumps(found.as_dict(), indent=2))
     else:
@@ -135,17 +137,32 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
 ) -> int:
     """Serve the MLflow UI on the store the runs are recorded in (serve runs one too)."""
-    from deployments.ops.mlflow_ui import prepare, server_command
+    import signal
+    import threading
+
+    from deployments.ops.mlflow_ui import MlflowUI
     from tasks.config import tracking_server, tracking_uri
 
     uri = tracking_uri()
     if tracking_server():
         print(f"runs are recorded on the tracking server {uri}: open it in a browser")
         return 0
-    prepare(host, port, "--port")
-    print(f"MLflow UI on http://{host}:{port} for {uri}", flush=True)
-    os.execv(sys.executable, server_command(host, port))
-    return 0  # pragma: no cover - execv does not return
+    ui = MlflowUI(host, port, option="--port")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ui.start()  # a busy port is an error here, with the reason
+    print(f"MLflow UI on {ui.url} for {uri} (its log: {ui.child.log}); Ctrl-C stops it", flush=True)
+    try:
+        while not stop.wait(1.0) and ui.child.alive():
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        exited = ui.child.returncode
+        ui.stop()  # the server and every process it started
+    if exited is not None:
+        raise ServeError(f"the MLflow UI exited ({exited}); see {ui.child.log}:\n{ui.child.tail()}")
+    return 0
 
 
 @app.command()

@@ -8,6 +8,7 @@ ended), for scripts and walkthroughs.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from tasks import versions
 from tasks.config import data_dir, tracking_server
 from tasks.errors import TextgenError, WaitTimeout
 from tasks.names import AUTOMATIC_TRIGGERS, PREVIEW_TRIGGER
-from tasks.store import Experiment, ui_base_url
+from tasks.store import Experiment, experiment_name, ui_base_url
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Status:
     runs: list[dict[str, Any]] = field(default_factory=list)
     versions: list[dict[str, Any]] = field(default_factory=list)
     failures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    received_since_start: int | None = None
+    """Pushes serve has received since it started (None when serve is not running)."""
 
     def as_dict(self) -> dict[str, Any]:
         """For `--json`."""
@@ -49,6 +52,7 @@ class Status:
             "runs": self.runs,
             "versions": self.versions,
             "repair_failures": self.failures,
+            "received_since_start": self.received_since_start,
         }
 
     @property
@@ -71,15 +75,25 @@ def _handled(repo: str, sha: str, preview: bool) -> bool:
     return versions.ended_run_of(experiment, sha, wanted)
 
 
+@functools.cache
+def _name(repo: str) -> str:
+    """A repository's one name, as its experiment and versions are called."""
+    try:
+        return experiment_name(repo)
+    except Exception:  # a repository gone from this machine: where it was
+        return repo
+
+
 def outbox_pushes(folder: Path | None = None) -> list[dict[str, Any]]:
     """The newest push of each repository and branch in the receivers' outboxes, and whether a
     run of it has ended; pushes still to be sent to Prefect count as queued."""
     return [
         {
-            "repository": push["repo"],
+            "repository": _name(push["repo"]),
             "branch": push["ref"].removeprefix("refs/heads/"),
             "commit": push["after"][:12],
             "received": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(push["received"])),
+            "received_at": push["received"],
             "unsent": push["unsent"],
             "handled": push["status"] == "sent"
             and _handled(push["repo"], push["after"], not push["ref"].startswith("refs/heads/")),
@@ -94,6 +108,9 @@ def look() -> Status:
     api = known_api() or (service or {}).get("prefect_api")
     status = Status(api, (service or {}).get("mlflow_ui") or ui_base_url(), service)
     status.pushes = outbox_pushes()
+    if service and service.get("started"):
+        started = float(service["started"])
+        status.received_since_start = sum(p["received_at"] >= started for p in status.pushes)
     status.failures = outbox.failures(data_dir() / "receiver")
     if api:
         status.runs = active_runs(api)
@@ -120,6 +137,13 @@ def wait_until_idle(timeout: float, interval: float = 1.0) -> Status:
                 f"see `textgen status`"
             )
         time.sleep(interval)
+
+
+NO_PUSH_SINCE_START = (
+    "no push has reached serve since it started: if you pushed, the push did not get here "
+    "(did `git push` succeed? Is the hook installed with `textgen hook install`, pointing at "
+    "this receiver? `--poll` checks a remote that sends nothing)"
+)
 
 
 def render(status: Status) -> str:
@@ -156,6 +180,8 @@ def render(status: Status) -> str:
         f"  v{v['version']} ({v['commit']})  {v['repository']}  {v['url']}" for v in status.versions
     ]
     lines += ["", "Pushes (newest per branch):", render_rows(table, indent=2) or "  none received"]
+    if status.received_since_start == 0:
+        lines.append(f"  {NO_PUSH_SINCE_START}")
     lines += ["", "Runs queued or running:", *(runs or ["  none"])]
     lines += ["", "Last version per repository:", *(last or ["  none yet"])]
     if status.failures:
