@@ -12,6 +12,10 @@ class TextgenError(Exception):
 
     exit_code = 1
 
+    def __repr__(self) -> str:
+        # What logs that format exceptions with %r (Prefect's retry lines) show: one line.
+        return f"{type(self).__name__}: {' '.join(str(self).split())}"
+
 
 class SettingsError(TextgenError):
     """A settings file, override or operator limit is invalid."""
@@ -75,3 +79,19 @@ class WaitTimeout(TextgenError):
     """`textgen status --wait` gave up."""
 
     exit_code = 9
+
+
+EXTRAS = {"psycopg2": "team", "gguf": "gguf", "accelerate": "gguf"}
+"""The optional dependencies, and the extra of `nlp-text-generation` that installs each."""
+
+
+def require(module: str, what: str, error: type[TextgenError] = TextgenError) -> None:
+    """Raise `error`, saying in one line what to install, when the optional `module` (one of
+    `EXTRAS`) is missing: `what` is what needs it."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise error(
+            f"{what} needs the Python package {module}, which is not installed: "
+            f"pip install 'nlp-text-generation[{EXTRAS[module]}]'"
+        )

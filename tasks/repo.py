@@ -31,9 +31,11 @@ ZERO_SHA = "0" * 40
 """What git reports as the old (or new) tip when a branch is created (or deleted)."""
 _FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHORT_SHA = re.compile(r"^[0-9a-f]{4,40}$")
-# What git's stderr says when the remote could not be reached: a later attempt may succeed.
+# What git's stderr says when the remote could not be reached: a later attempt may succeed. A
+# host name that does not resolve ("Could not resolve host", "Name or service not known") does
+# not heal by waiting and is not here; a resolver that is down for now says "Temporary failure".
 _TRANSIENT = re.compile(
-    "could not resolve host|failed to connect|couldn't connect to server|connection refused|"
+    "failed to connect|couldn't connect to server|connection refused|"
     "connection timed out|operation timed out|timed out|network is unreachable|"
     "temporary failure|the remote end hung up unexpectedly|early eof|502|503|504"
 )

@@ -102,6 +102,25 @@ def test_an_unreachable_remote_is_a_transient_error_naming_it(make_repo: RepoFac
         resolve_commit(RepoLocation.parse(url), "main", None)
 
 
+def test_a_host_that_does_not_resolve_is_not_retried() -> None:
+    """A name that does not resolve does not heal by waiting: not a transient error, so the
+    fetch task's retries (for transient ones only) do not run, and its repr is one line."""
+    from tasks.inputs import _is_transient
+
+    url = "http://textgen-no-such-host.invalid/repo.git"
+    with pytest.raises(RepositoryError, match="Could not resolve host") as caught:
+        resolve_commit(RepoLocation.parse(url), "main", None)
+    assert not isinstance(caught.value, TransientRepositoryError)
+    assert "\n" not in repr(caught.value)
+    assert repr(caught.value).startswith("RepositoryError: fetching 'main' from repository")
+
+    class Failed:
+        def result(self) -> None:
+            raise caught.value
+
+    assert not _is_transient(None, None, Failed())
+
+
 def test_a_commit_off_the_branch_is_fetched_and_flagged(make_repo: RepoFactory) -> None:
     repo = make_repo({"a.txt": "1"})
     repo.git("checkout", "-q", "-b", "feature")

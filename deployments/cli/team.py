@@ -55,8 +55,10 @@ def team_up(
     import threading
 
     from deployments.ops.team import Ports, Team
+    from tasks.errors import ServeError, require
     from tasks.links import links_path, load_links
 
+    require("psycopg2", "the team service (PostgreSQL-backed MLflow)", ServeError)
     folder = Path(home).expanduser().resolve()
     links_file = links_path(links).resolve()
     if not load_links(links_file):
