@@ -74,10 +74,13 @@ def ui_base_url() -> str:
     return "http://127.0.0.1:5000"
 
 
-def run_url(experiment_id: str, run_id: str) -> str:
-    """Link to a run in the MLflow UI."""
+def run_url(experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """Link to a run in the MLflow UI, or to one of its artifacts (its artifact view, with the
+    file open)."""
     # `workflowType` opens MLflow 3's model-training navigation rather than the GenAI one.
     page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if artifact:
+        page += f"/artifactPath/{artifact}"
     return f"{ui_base_url()}/{page}?workflowType=machine_learning"
 
 
@@ -115,11 +118,15 @@ def _find_experiment(client: Any, name: str, location: str = "") -> Any | None:
 class Experiment:
     """The MLflow experiment of one repository."""
 
-    def __init__(self, client: Any, experiment_id: str, repo_url: str) -> None:
+    def __init__(
+        self, client: Any, experiment_id: str, repo_url: str, name: str | None = None
+    ) -> None:
         self.client = client
         self.experiment_id = experiment_id
         self.repo_url = repo_url
         """Where runs were reached from (credential-free); the experiment is the repository's."""
+        self.name = name or repo_url
+        """The repository's one name, wherever it is reached from (`experiment_name`)."""
 
     @classmethod
     def for_repo(cls, repo: str | RepoLocation, create: bool = True) -> Any:
@@ -148,11 +155,11 @@ class Experiment:
         except MlflowException as exc:
             store = config.tracking_uri()
             raise TrackingError(f"cannot use the MLflow store {store}: {exc}") from exc
-        return cls(client, experiment_id, location.url)
+        return cls(client, experiment_id, location.url, name)
 
-    def url(self, run_id: str) -> str:
-        """Link to a run of this experiment."""
-        return run_url(self.experiment_id, run_id)
+    def url(self, run_id: str, artifact: str | None = None) -> str:
+        """Link to a run of this experiment (or to one of its artifacts)."""
+        return run_url(self.experiment_id, run_id, artifact)
 
     def finish(
         self, run_id: str, tags: dict[str, str], params: dict[str, str] | None = None

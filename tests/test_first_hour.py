@@ -203,8 +203,9 @@ def test_a_reused_run_links_the_version_that_holds_the_output(
     assert main(["run", "--repo", str(repo.path), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["outcome"] == "reused" and again["version"] == first.version
-    assert again["output_url"] == first.url and again["url"] != first.url
-    linked = again["output_url"].split("/runs/")[1].split("?")[0]
+    assert again["output_url"] == first.url.replace("?", "/artifactPath/output.txt?")
+    assert again["url"] != first.url
+    linked = again["output_url"].split("/runs/")[1].split("/")[0]
     names = [a.path for a in client().list_artifacts(linked)]
     assert "output.txt" in names
     assert [a.path for a in client().list_artifacts(again["mlflow_run_id"])] == []

@@ -51,6 +51,7 @@ def run(
     """Run the flow once and print the new version, with links to it."""
     from deployments.cli.console import quiet_expected_errors
     from deployments.ops.prefect_server import use_command_api
+    from deployments.service.record import running_service
     from tasks.repo import uncommitted_changes
 
     where = location(repo)
@@ -87,7 +88,7 @@ def run(
     print(record.summary())
     if record.outcome in {T.NEW, T.REUSED}:
         print(f"output.txt: {record.output_url or record.url}")
-    if not config.tracking_server():
+    if not config.tracking_server() and not (running_service() or {}).get("serves_ui"):
         print("the links open in the MLflow UI that `textgen serve` or `textgen ui` serves")
     return 0
 

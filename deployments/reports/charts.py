@@ -114,4 +114,4 @@ def render_svg(
 def history_chart(repo_url: str, highlight: tuple[int, ...] = ()) -> str:
     """The SVG chart of a repository's versions."""
     experiment = Experiment.for_repo(repo_url, create=False)
-    return render_svg(version_points(experiment), f"Versions of {experiment.repo_url}", highlight)
+    return render_svg(version_points(experiment), f"Versions of {experiment.name}", highlight)
