@@ -141,6 +141,13 @@ def test_history_filters(
     assert rows("--model", "gpt-neo") == []
     assert main(["history", "--repo", str(repo.path), "--since", "yesterday"]) == 2
     assert "--since 'yesterday': expected a date" in capsys.readouterr().err
+    # The latest page, and a line saying there is more; --all shows everything.
+    assert [r[0] for r in rows("--limit", "2")] == ["3", "2"]
+    assert main(["history", "--repo", str(repo.path), "--limit", "2"]) == 0
+    assert "the latest 2 runs; --limit N or --all for more" in capsys.readouterr().err
+    assert [r[0] for r in rows("--all")] == ["3", "2", "1"]
+    assert main(["history", "--repo", str(repo.path), "--limit", "3"]) == 0
+    assert "for more" not in capsys.readouterr().err
 
 
 def test_word_diff_marks_only_what_changed() -> None:
