@@ -25,7 +25,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     step 2 "upgrading pip" .venv/bin/python -m pip install --quiet --upgrade "pip>=25.1"
     step 3 "installing $torch_spec (CPU build, before anything can pull a CUDA one)" \
         .venv/bin/python -m pip install --quiet "$torch_spec"
+    # setuptools warns of every editable install, about folders named like the package: these
+    # are the package.
     step 4 "installing the project, Prefect, MLflow, transformers and the test tools" \
+        env PYTHONWARNINGS="ignore:Editable installation" \
         .venv/bin/python -m pip install --quiet --editable ".[gguf,team]" --group dev
     echo "$want" > "$stamp"
     echo "bootstrap: .venv is ready" >&2

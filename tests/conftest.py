@@ -56,8 +56,11 @@ def build_tiny_gpt2(folder: Path) -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """No usage statistics from the temporary Prefect server: it has no network."""
+    """No usage statistics from the temporary Prefect server: it has no network. In CI (`CI`
+    set), one line per test, with its outcome."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if os.environ.get("CI") and config.option.verbose < 1:
+        config.option.verbose = 1
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +91,12 @@ def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker more than the cores, as the tests spend much of their time waiting
+    on the servers they start."""
+    return (os.cpu_count() or 1) + 1
 
 
 def _shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
