@@ -6,7 +6,11 @@ experiment: the unpacked model's forward under `torch.compile` (inductor, freezi
 
 Each decode step reads every weight once (the sequences of one call share it), so the fastest
 a step can be is weight bytes / read bandwidth. Bandwidth is measured here, in the same
-process, as torch's sum over a 1 GiB tensor (all threads torch uses). Two times per step:
+process, as torch's sum over a 1 GiB tensor (all threads torch uses), before the first timed
+step and again between every two timed calls: on a shared machine it swings with the
+neighbours (49 and 83 GB/s have been seen at one commit), so the bound is taken from the best
+bandwidth seen through the whole run, and the spread of both the bandwidth and the per-token
+times is printed; the ratios are printed once everything has been measured. Two times per step:
 `forward` is the model's own decode step (a forward pass of one new token per sequence, timed
 inside generate()), `per token` is generate()'s whole time over the new tokens, with
 sampling and its bookkeeping. Reported: each / bound, and the packed path's speed-up.
@@ -28,20 +32,33 @@ from typing import Any
 from _common import PROMPT, ROOT, bench_dir, gpt2_124m, median, print_header
 
 
-def read_bandwidth(repeats: int = 9) -> float:
-    """Bytes per second torch reads from memory: a sum over a 1 GiB float32 tensor, the best
-    of `repeats` (a bound is what the machine can do; on a shared machine the median of the
-    same samples has varied from 43 to 73 GB/s between invocations)."""
-    import torch
+class Bandwidth:
+    """Bytes per second torch reads from memory, sampled through the run: a sum over a 1 GiB
+    float32 tensor (the best of 3 at each sampling). The bound uses the best sample: it is what
+    the machine can do when its neighbours let it."""
 
-    data = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
-    data.sum()  # fault the pages in
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        data.sum()
-        samples.append(time.perf_counter() - started)
-    return data.numel() * data.element_size() / min(samples)
+    def __init__(self) -> None:
+        import torch
+
+        self.data = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+        self.data.sum()  # fault the pages in
+        self.samples: list[float] = []
+
+    def sample(self, repeats: int = 3) -> None:
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self.data.sum()
+            seconds.append(time.perf_counter() - started)
+        self.samples.append(self.data.numel() * self.data.element_size() / min(seconds))
+
+    @property
+    def best(self) -> float:
+        return max(self.samples)
+
+    def spread(self) -> str:
+        gb = [s / 1e9 for s in self.samples]
+        return f"best {max(gb):.1f} GB/s (median {median(gb):.1f}, min {min(gb):.1f}, n={len(gb)})"
 
 
 def gpt_neo_1_3b(folder: Path) -> Path:
@@ -114,7 +131,12 @@ def sampler_rng_seconds(vocab: int, rows: int) -> float:
 
 
 def measure(
-    folder: Path, dtype: str, packed: bool, args: argparse.Namespace, compiled: bool = False
+    folder: Path,
+    dtype: str,
+    packed: bool,
+    args: argparse.Namespace,
+    bandwidth: Bandwidth,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     from tasks.generate import run_generation
     from tasks.model import _CACHE, build_generator
@@ -142,15 +164,19 @@ def measure(
     run_generation(generator, settings)  # warm-up (and, compiled, the compilation)
     if compiled:
         compile_seconds = time.perf_counter() - started
-    per_token, texts = [], []
-    with StepTimer(model) as steps:
-        for _ in range(args.repeats):
+    per_token, forward, texts = [], [], []
+    for _ in range(args.repeats):
+        bandwidth.sample()  # between the timed calls, never during one
+        with StepTimer(model) as steps:
             generations = run_generation(generator, settings)
-            per_token.append(generations.generation_seconds / max(generations.new_tokens))
-            texts = generations.texts
+        forward.extend(steps.seconds)
+        per_token.append(generations.generation_seconds / max(generations.new_tokens))
+        texts = generations.texts
+    bandwidth.sample()
     result = {
         "per_token": median(per_token),
-        "forward": median(steps.seconds),
+        "per_token_spread": (min(per_token), max(per_token), len(per_token)),
+        "forward": median(forward),
         "load": generator.load_seconds,
         "fast_path": "compiled (inductor, freezing)" if compiled else generator.fast_path,
         "compile": compile_seconds,
@@ -189,47 +215,58 @@ def load_in_fresh_process(folder: Path, packed: bool) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def report(name: str, folder: Path, dtype: str, bandwidth: float, args: Any) -> None:
+def report(name: str, folder: Path, dtype: str, bandwidth: Bandwidth, args: Any) -> Any:
+    """Measure one model and dtype; returns what prints its lines once the bound is known."""
     size, params = weight_bytes(folder, dtype)
-    bound = size / bandwidth
-    print(
-        f"\n{name}, {dtype}: {params / 1e6:.1f}M parameters, {size / 1e6:.0f} MB of weights, "
-        f"{args.sequences} sequences x {args.new_tokens} new tokens; bound {bound * 1000:.1f} ms "
-        f"per step"
-    )
     rows = {}
     for packed in (False, True):
         label = "packed" if packed else "as loaded"
-        rows[label] = row = measure(folder, dtype, packed, args)
-        print(
-            f"  {label:9}: forward {row['forward'] * 1000:6.1f} ms ({row['forward'] / bound:.2f}x "
-            f"bound) | per token {row['per_token'] * 1000:6.1f} ms ({row['per_token'] / bound:.2f}x "
-            f"bound) | load {row['load']:.2f} s | fast path {row['fast_path']}"
-        )
+        rows[label] = measure(folder, dtype, packed, args, bandwidth)
     if args.compiled and dtype == "float32":
-        rows["compiled"] = row = measure(folder, dtype, False, args, compiled=True)
-        print(
-            f"  compiled : forward {row['forward'] * 1000:6.1f} ms ({row['forward'] / bound:.2f}x "
-            f"bound) | per token {row['per_token'] * 1000:6.1f} ms ({row['per_token'] / bound:.2f}x "
-            f"bound) | first call (compiling) {row['compile']:.1f} s | same texts as packed: "
-            f"{row['texts'] == rows['packed']['texts']} (an experiment, not the product)"
-        )
-    before, after = rows["as loaded"], rows["packed"]
-    rng = sampler_rng_seconds(after["vocab"], args.sequences)
-    print(
-        f"  speed-up  : forward {before['forward'] / after['forward']:.2f}x, per token "
-        f"{before['per_token'] / after['per_token']:.2f}x; identical texts: "
-        f"{before['texts'] == after['texts']}"
-    )
-    print(
-        f"  sampler's random draws alone: {rng * 1000:.1f} ms per step; per token without them: "
-        f"{(after['per_token'] - rng) / bound:.2f}x bound"
-    )
+        rows["compiled"] = measure(folder, dtype, False, args, bandwidth, compiled=True)
+    rng = sampler_rng_seconds(rows["packed"]["vocab"], args.sequences)
+    new_tokens = args.new_tokens
+    loads = {}
     if args.load:
         for packed in (False, True):
-            loads = [load_in_fresh_process(folder, packed) for _ in range(3)]
+            loads[packed] = median([load_in_fresh_process(folder, packed) for _ in range(3)])
+
+    def show(bound_bandwidth: float) -> None:
+        bound = size / bound_bandwidth
+        print(
+            f"\n{name}, {dtype}: {params / 1e6:.1f}M parameters, {size / 1e6:.0f} MB of weights, "
+            f"{args.sequences} sequences x {new_tokens} new tokens; bound "
+            f"{bound * 1000:.1f} ms per step"
+        )
+        for label, row in rows.items():
+            low, high, calls = row["per_token_spread"]
+            extra = (
+                f"first call (compiling) {row['compile']:.1f} s | same texts as packed: "
+                f"{row['texts'] == rows['packed']['texts']} (an experiment, not the product)"
+                if label == "compiled"
+                else f"load {row['load']:.2f} s | fast path {row['fast_path']}"
+            )
+            print(
+                f"  {label:9}: forward {row['forward'] * 1000:6.1f} ms "
+                f"({row['forward'] / bound:.2f}x bound) | per token {row['per_token'] * 1000:6.1f}"
+                f" ms ({row['per_token'] / bound:.2f}x bound; {low * 1000:.1f}-"
+                f"{high * 1000:.1f} ms over {calls} calls) | {extra}"
+            )
+        before, after = rows["as loaded"], rows["packed"]
+        print(
+            f"  speed-up  : forward {before['forward'] / after['forward']:.2f}x, per token "
+            f"{before['per_token'] / after['per_token']:.2f}x; identical texts: "
+            f"{before['texts'] == after['texts']}"
+        )
+        print(
+            f"  sampler's random draws alone: {rng * 1000:.1f} ms per step; per token without "
+            f"them: {(after['per_token'] - rng) / bound:.2f}x bound"
+        )
+        for packed, seconds in loads.items():
             label = "packed" if packed else "as loaded"
-            print(f"  load per run in a fresh process ({label}): {median(loads):.2f} s (n=3)")
+            print(f"  load per run in a fresh process ({label}): {seconds:.2f} s (n=3)")
+
+    return show
 
 
 def main() -> None:
@@ -245,15 +282,20 @@ def main() -> None:
     args = parser.parse_args()
     print_header("decode speed: decode step / memory-bandwidth bound, as loaded and packed")
 
-    bandwidth = read_bandwidth()
-    print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s")
+    bandwidth = Bandwidth()
+    bandwidth.sample()
     small = gpt2_124m(bench_dir() / "gpt2-124m")
-    report("gpt2-124m", small, "float32", bandwidth, args)
-    report("gpt2-124m", small, "bfloat16", bandwidth, args)
+    shows = [
+        report("gpt2-124m", small, "float32", bandwidth, args),
+        report("gpt2-124m", small, "bfloat16", bandwidth, args),
+    ]
     if args.large:
         large = gpt_neo_1_3b(bench_dir() / "gpt-neo-1.3b")
         args.new_tokens, args.repeats = min(args.new_tokens, 32), min(args.repeats, 3)
-        report("gpt-neo-1.3b", large, "float32", bandwidth, args)
+        shows.append(report("gpt-neo-1.3b", large, "float32", bandwidth, args))
+    print(f"read bandwidth, sampled between the timed calls: {bandwidth.spread()}")
+    for show in shows:
+        show(bandwidth.best)
 
 
 if __name__ == "__main__":
