@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +14,51 @@ from deployments.cli import main
 from deployments.reports.compare import _delta, _word_diff, compare, render_html, render_text
 from flows.text_generation import nlp_text_generation
 from tasks.errors import UsageError
-from tests.conftest import GitRepo, RepoFactory, settings_yaml
+from tests.conftest import GitRepo, settings_yaml
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
+@pytest.fixture(scope="module")
+def recorded(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: Path,
+    mlflow_template: Path,
+    textgen_home: Path,
+    shared_model_cache: Path,
+    prefect_harness: None,
+) -> tuple[Path, GitRepo, list[Any]]:
+    """Three versions, recorded once for the module in a store of its own (each test gets a
+    copy of it): v1 seed 1, v2 seed 2 two commits later, v3 seed 1 at v2's commit."""
+    folder = tmp_path_factory.mktemp("compare")
+    store = folder / "mlflow.db"
+    shutil.copyfile(mlflow_template, store)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        env.setenv("TEXTGEN_ARTIFACT_ROOT", (folder / "artifacts").as_uri())
+        env.setenv("TEXTGEN_HOME", str(textgen_home))
+        env.setenv("TEXTGEN_MODEL_CACHE", str(shared_model_cache))
+        env.setenv("TEXTGEN_MODEL_DIRS", str(tmp_path_factory.getbasetemp()))
+        repo = GitRepo(folder / "repo")
+        repo.commit({"textgen.yaml": settings_yaml(tiny_model, random_seed=1)}, "seed 1")
+        v1 = nlp_text_generation(repo_url=str(repo.path))
+        repo.commit({"README.md": "notes"}, "notes")
+        repo.commit({"textgen.yaml": settings_yaml(tiny_model, random_seed=2)}, "seed 2")
+        v2 = nlp_text_generation(repo_url=str(repo.path))
+        v3 = nlp_text_generation(
+            repo_url=str(repo.path), overrides={"random_seed": 1}
+        )  # same commit as v2
+    return store, repo, [v1, v2, v3]
+
+
 @pytest.fixture
-def versions(make_repo: RepoFactory, tiny_model: Path) -> tuple[GitRepo, list[Any]]:
-    repo = make_repo({"textgen.yaml": settings_yaml(tiny_model, random_seed=1)}, "seed 1")
-    v1 = nlp_text_generation(repo_url=str(repo.path))
-    repo.commit({"README.md": "notes"}, "notes")
-    repo.commit({"textgen.yaml": settings_yaml(tiny_model, random_seed=2)}, "seed 2")
-    v2 = nlp_text_generation(repo_url=str(repo.path))
-    v3 = nlp_text_generation(
-        repo_url=str(repo.path), overrides={"random_seed": 1}
-    )  # same commit as v2
-    return repo, [v1, v2, v3]
+def versions(
+    recorded: tuple[Path, GitRepo, list[Any]], isolated_env: Path
+) -> tuple[GitRepo, list[Any]]:
+    """The module's three versions, in this test's own copy of their store."""
+    store, repo, records = recorded
+    shutil.copyfile(store, isolated_env / "mlflow.db")
+    return repo, records
 
 
 def test_compare_shows_settings_commits_metrics_and_texts(

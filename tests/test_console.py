@@ -24,21 +24,29 @@ from tests.conftest import RepoFactory, settings_yaml
 LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| (INFO|WARNING|ERROR|DEBUG|CRITICAL) *\| .+ - ")
 
 
-def _textgen(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _textgen(*args: str, api: bool = True) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own, on the tests' Prefect API (`api`), else on a
+    temporary server of its own, as a first `textgen run` is."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    if api:
+        env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
     return subprocess.run(
         [sys.executable, "-m", "deployments.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,
-        env=env or dict(os.environ),
+        env=env,
     )
 
 
+@pytest.mark.slow  # two commands in processes of their own
 def test_a_run_prints_its_stages_in_one_format_and_no_library_chatter(
-    make_repo: RepoFactory, tiny_model: Path
+    make_repo: RepoFactory, tiny_model: Path, prefect_harness: None
 ) -> None:
     repo = make_repo({"textgen.yaml": settings_yaml(tiny_model)})
-    done = _textgen("run", "--repo", str(repo.path))
+    done = _textgen("run", "--repo", str(repo.path), api=False)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     for noise in (*logs.CHATTER, "Loading weights", "it/s]", "See https://www.prefect.io"):

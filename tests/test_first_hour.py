@@ -93,13 +93,16 @@ def test_offline_model_use_and_forget(
 
 
 def _textgen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own, on this module's Prefect API (the harness's)."""
+    from prefect.settings import PREFECT_API_URL
+
     return subprocess.run(
         [sys.executable, "-m", "deployments.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=cwd,
-        env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+        env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
     )
 
 

@@ -16,7 +16,7 @@ from deployments.ops.process import free_port
 from tests.conftest import settings_yaml
 from tests.servers import PrefectServer, Service, bare_origin, start_serve, wait_for
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]  # servers started and stopped
 
 
 def tree(root: int) -> set[int]:

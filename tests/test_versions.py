@@ -66,6 +66,7 @@ def _versions(client: MlflowClient, experiment_id: str) -> list[int]:
     return sorted(int(r.data.tags[tags.VERSION]) for r in runs)
 
 
+@pytest.mark.slow  # processes of their own, each importing the stack
 def test_concurrent_processes_get_unique_gap_free_numbers(tmp_path: Path) -> None:
     workers = [_worker("normal", 25, tmp_path) for _ in range(4)]
     outputs = [w.communicate(timeout=300) for w in workers]
@@ -131,6 +132,7 @@ def test_a_live_run_of_another_process_is_left_alone(tmp_path: Path) -> None:
         tracker.client.set_terminated(run_id, "FINISHED")
 
 
+@pytest.mark.slow  # processes of their own, each importing the stack
 @pytest.mark.parametrize("command", ["run", "history"])
 def test_concurrent_first_use_of_a_fresh_store(
     tmp_path: Path, tiny_model: Path, command: str
@@ -220,6 +222,7 @@ def test_three_textgen_runs_at_once_on_a_fresh_data_folder(
     assert numbers == [1, 2, 3]
 
 
+@pytest.mark.slow  # processes of their own, each importing the stack
 def test_a_store_locked_by_another_writer_is_waited_out(tmp_path: Path) -> None:
     import sqlite3
     import threading

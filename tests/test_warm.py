@@ -12,10 +12,14 @@ from typing import Any
 
 import pytest
 
-from deployments.service.warm import PRELOAD, WarmServers
+from deployments.service.warm import WarmServers
 from tasks import config
 from tasks.model import locate_model, note_loaded
 from tasks.settings import GenerationSettings
+
+PRELOAD = ("tasks.model", "tasks.generate")
+"""What these fork servers import before serving: what the runs here use (serve's own list,
+`warm.PRELOAD`, adds the flow, MLflow and pandas, which cost seconds per server)."""
 
 
 def _child(queue: Any, model: str) -> None:
@@ -124,6 +128,7 @@ def _sleeper(seconds: float) -> None:
     time.sleep(seconds)
 
 
+@pytest.mark.slow  # a fork server importing the stack, then a model
 def test_a_model_is_loaded_only_while_no_run_is_going(tiny_model: Path, hint: Path) -> None:
     """Loading a model beside a run would slow the run and skew the speed it records: the hint
     waits until the run has ended; a run that starts during a load waits for it (`settle`)."""
