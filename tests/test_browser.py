@@ -265,6 +265,7 @@ def test_every_link_printed_after_serve_and_a_push_opens(
         links += _links(ui_line)
         # status's last version and run's output.txt both lead to the version's run.
         assert any(version.info.run_id in u for u in links), printed
+        assert any("/artifactPath/output.txt" in u for u in links), printed
         reused = [u for u in links if "/runs/" in u and version.info.run_id not in u]
         assert len(reused) == 1, printed  # the run's own record, which reused it
         assert any(f"127.0.0.1:{ui_port}" in u for u in links)
@@ -281,7 +282,10 @@ def test_every_link_printed_after_serve_and_a_push_opens(
                 continue
             response = page.goto(url)
             assert response is None or response.ok, (url, response and response.status)
-            if version.info.run_id in url:
+            if "/artifactPath/output.txt" in url:  # the file itself, open in the UI
+                assert version.info.run_id in url
+                page.get_by_text(first_text).first.wait_for(timeout=30000)
+            elif version.info.run_id in url:
                 page.get_by_text(f"v1 {sha[:7]}").first.wait_for(timeout=30000)
                 page.get_by_role("tab", name="Artifacts").click()
                 page.get_by_text("output.txt").first.click()
