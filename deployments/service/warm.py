@@ -7,11 +7,11 @@ and each run is a fork of it, isolated in a process of its own, cancellable and 
 
 The model stays warm too. A run that loads a model writes which one into a hint file (its path is
 in the runs' environment). When the hint names another model than the fork server holds, a new
-fork server loads it, once no run is going (a load beside a run would slow the run and skew the
-speed it records; a run that starts during a load waits for it), into `tasks.model`'s cache
-before it serves (the same model, revision, dtype
-and device: the same pipeline; see `warm_model`); once it is ready, later runs fork from it, and
-the old server stops when the last run it started has ended. The operator settings `WARM_START`
+fork server loads it into `tasks.model`'s cache before it serves (the same model, revision, dtype
+and device: the same pipeline; see `warm_model`), once no run is going: a load beside a run would
+slow the run and skew the speed it records, and a run that starts during a load waits for it.
+Once it is ready, later runs fork from it, and the old server stops when the last run it started
+has ended. The operator settings `WARM_START`
 and `WARM_MODEL_START` (`tasks.config`) turn this off, or keep the warm imports and load the
 model in each run.
 
