@@ -59,14 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # The stack's imports are some hundred thousand objects and no garbage: the cyclic
     # collector walks them several times while they load and once more as the interpreter
-    # exits, a third of a read-only command's time. Those commands run without it, and every
-    # command's objects are set aside (frozen) before it exits.
-    if READ_ONLY.intersection(arg for arg in args if not arg.startswith("-")):
+    # exits, a third of a read-only command's time. As the process's own command (not called
+    # from Python), those commands run without it, and every command's objects are set aside
+    # (frozen) before the process exits.
+    own_process = argv is None
+    if own_process and READ_ONLY.intersection(arg for arg in args if not arg.startswith("-")):
         gc.disable()
     try:
         return _run(args)
     finally:
-        gc.freeze()
+        if own_process:
+            gc.freeze()
+        gc.enable()
 
 
 def _run(args: list[str]) -> int:
