@@ -97,9 +97,10 @@ def test_status_wait_says_when_no_push_reached_serve(capsys: Any) -> None:
     service_file().write_text(json.dumps(record))
     try:
         assert main(["status", "--wait", "--timeout", "30"]) == 0
-        captured = capsys.readouterr()
-        assert "no push has reached serve since it started" in captured.err
-        assert "none received" in captured.out
+        out = capsys.readouterr().out
+        assert "none received\n  no push has reached serve since it started: if you pushed" in out
+        assert main(["status", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["received_since_start"] == 0
     finally:
         service_file().unlink()
 

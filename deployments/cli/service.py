@@ -111,7 +111,7 @@ def status(
 ) -> int:
     """What serve is doing: pushes, runs queued or running, last versions, with links."""
     from deployments.ops.prefect_server import known_api
-    from deployments.service.status import NO_PUSH_SINCE_START, look, render, wait_until_idle
+    from deployments.service.status import look, render, wait_until_idle
 
     if env:
         if not (api := known_api()):
@@ -122,8 +122,6 @@ def status(
         print(f"export PREFECT_API_URL={api}")
         return 0
     found = wait_until_idle(timeout) if wait else look()
-    if wait and found.received_since_start == 0:
-        print(f"textgen: warning: {NO_PUSH_SINCE_START}", file=sys.stderr)
     if json_:
         print(json.dumps(found.as_dict(), indent=2))
     else:
