@@ -25,7 +25,9 @@ from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
 from tests.forge_double import ForgeDouble
 from tests.servers import PrefectServer, Service, bare_origin, deliver, start_serve, wait_for
 
-pytestmark = pytest.mark.server
+# serve for linked repositories, a forge double and previews end to end: slow, run by CI after
+# the default run (the reporter, comments and gates have fast tests of their own).
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 SECRET = "results-e2e-secret-1234"
 TOKEN = "ghp_e2eT0kenNeverLogged0000000000000000"

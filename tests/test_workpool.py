@@ -16,7 +16,8 @@ from tasks.store import experiment_name
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
 from tests.servers import PrefectServer, Service, free_port, wait_for
 
-pytestmark = pytest.mark.server
+# A process worker starts each run in a fresh interpreter: slow, run by CI after the default run.
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 PROJECT = Path(__file__).resolve().parents[1]
 SECRET = "workpool-secret-0815"
