@@ -28,26 +28,9 @@ from _stack import SECRET, SPEC
 
 from tasks.offline import offline_model
 from tests.conftest import GitRepo
-from tests.servers import Service, free_port, wait_for
+from tests.servers import Service, free_port, process_tree, still_running, wait_for
 
 TEXTGEN = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "textgen")
-
-
-def tree(root: int) -> list[int]:
-    """`root` and every process descended from it."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [c for p in frontier for c in children.get(p, [])]
-        found += frontier
-    return found
 
 
 def memory(pid: int) -> tuple[str, float, float]:
@@ -69,19 +52,6 @@ def memory(pid: int) -> tuple[str, float, float]:
     )
     kind = next((k for k in kinds if k in args), args[:40])
     return kind, values.get("Rss", 0.0), values.get("Pss", 0.0)
-
-
-def alive(pids: list[int]) -> list[int]:
-    """Those still running (not ended, not a zombie)."""
-    running = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            running.append(pid)
-    return running
 
 
 def measure(
@@ -130,19 +100,19 @@ def measure(
         wait_for(lambda: "MLflow UI on" in service.output(), 300, "the MLflow UI")
         time.sleep(idle)
         assert service.process is not None
-        started_rows = [memory(pid) for pid in tree(service.process.pid)]
+        started_rows = [memory(pid) for pid in process_tree(service.process.pid)]
         work.commit({"textgen.yaml": settings(2)}, "seed 2")
         work.git("push", "--quiet", "origin", "main")
         wait_for(lambda: "Runs now start with model" in service.output(), 600, "the warm model")
         time.sleep(idle)
         assert service.process is not None
-        pids = tree(service.process.pid)
+        pids = process_tree(service.process.pid)
         rows = [memory(pid) for pid in pids]
         started = time.perf_counter()
         service.process.send_signal(signal.SIGTERM)
         service.process.wait(120)
         exited = time.perf_counter() - started
-        while alive(pids) and time.perf_counter() - started < 120:
+        while still_running(pids) and time.perf_counter() - started < 120:
             time.sleep(0.05)
         all_gone = time.perf_counter() - started
     finally:

@@ -47,6 +47,57 @@ def _stop(process: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
         process.wait(timeout=10)
 
 
+def process_tree(root: int) -> set[int]:
+    """`root` and every process descended from it, in any session (by parent pid)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, frontier = {root}, [root]
+    while frontier:
+        frontier = [c for p in frontier for c in children.get(p, [])]
+        found.update(frontier)
+    return found
+
+
+def still_running(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie has ended)."""
+    running = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.add(pid)
+    return running
+
+
+def textgen_process(
+    *args: str, cwd: Path | None = None, harness_api: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """`textgen ARGS` in a process of its own, on the Prefect API of the test harness (the
+    module's `prefect_harness`), or without `harness_api` on a temporary server of its own, as
+    a first `textgen run` is."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    if harness_api:
+        env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+
+
 def set_hook(bare: Path, enabled: bool) -> None:
     """Let a bare repository's installed hooks run, or point git at none of them."""
     if enabled:

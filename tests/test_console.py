@@ -20,25 +20,9 @@ from deployments.cli import main
 from deployments.service.record import service_file
 from tasks import logs
 from tests.conftest import RepoFactory, settings_yaml
+from tests.servers import textgen_process
 
 LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| (INFO|WARNING|ERROR|DEBUG|CRITICAL) *\| .+ - ")
-
-
-def _textgen(*args: str, api: bool = True) -> subprocess.CompletedProcess[str]:
-    """The command in a process of its own, on the tests' Prefect API (`api`), else on a
-    temporary server of its own, as a first `textgen run` is."""
-    from prefect.settings import PREFECT_API_URL
-
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    if api:
-        env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
-    return subprocess.run(
-        [sys.executable, "-m", "deployments.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
 
 
 @pytest.mark.slow  # two commands in processes of their own
@@ -46,7 +30,7 @@ def test_a_run_prints_its_stages_in_one_format_and_no_library_chatter(
     make_repo: RepoFactory, tiny_model: Path, prefect_harness: None
 ) -> None:
     repo = make_repo({"textgen.yaml": settings_yaml(tiny_model)})
-    done = _textgen("run", "--repo", str(repo.path), api=False)
+    done = textgen_process("run", "--repo", str(repo.path), harness_api=False)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     for noise in (*logs.CHATTER, "Loading weights", "it/s]", "See https://www.prefect.io"):
@@ -55,7 +39,7 @@ def test_a_run_prints_its_stages_in_one_format_and_no_library_chatter(
     for stage in ("Resolved ", "Settings from textgen.yaml", "Model ", "Generated ", "Recorded"):
         assert any(stage in line for line in lines), (stage, done.stderr)
     assert "output.txt: " in done.stdout and "/artifactPath/output.txt?" in done.stdout
-    verbose = _textgen("-v", "run", "--repo", str(repo.path), "--force")
+    verbose = textgen_process("-v", "run", "--repo", str(repo.path), "--force")
     assert verbose.returncode == 0, verbose.stderr
     assert "Finished in state Completed()" in verbose.stderr  # -v keeps the rest
 

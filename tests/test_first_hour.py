@@ -22,6 +22,7 @@ from tasks.config import operator_file, set_operator_model
 from tasks.repo import repository_identity, uncommitted_changes
 from tasks.tracking import Tracker
 from tests.conftest import GitRepo, RepoFactory, settings_yaml
+from tests.servers import textgen_process
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -92,25 +93,13 @@ def test_offline_model_use_and_forget(
     assert "model:" not in operator_file().read_text()
 
 
-def _textgen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The command in a process of its own, on this module's Prefect API (the harness's)."""
-    from prefect.settings import PREFECT_API_URL
-
-    return subprocess.run(
-        [sys.executable, "-m", "deployments.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
-    )
-
-
 def test_an_expected_error_is_one_message_and_the_records_keep_the_traceback(
     make_repo: RepoFactory, tiny_model: Path
 ) -> None:
     repo = make_repo({"textgen.yaml": settings_yaml(tiny_model)})
-    quiet = _textgen("run", "--repo", str(repo.path), "--set", "random_seed=forty")
+    quiet = textgen_process(
+        "run", "--repo", str(repo.path), "--set", "random_seed=forty", timeout=300
+    )
     assert quiet.returncode == 2
     assert "Traceback" not in quiet.stderr, quiet.stderr
     errors = [line for line in quiet.stderr.splitlines() if "random_seed='forty'" in line]
@@ -119,7 +108,9 @@ def test_an_expected_error_is_one_message_and_the_records_keep_the_traceback(
         f"of {repo.path} with overrides of random_seed: random_seed='forty': expected a number"
     ], quiet.stderr
 
-    loud = _textgen("--verbose", "run", "--repo", str(repo.path), "--set", "random_seed=forty")
+    loud = textgen_process(
+        "--verbose", "run", "--repo", str(repo.path), "--set", "random_seed=forty", timeout=300
+    )
     assert loud.returncode == 2 and "Traceback" in loud.stderr
 
     runs = client().search_runs(

@@ -14,51 +14,29 @@ import pytest
 
 from deployments.ops.process import free_port
 from tests.conftest import settings_yaml
-from tests.servers import PrefectServer, Service, bare_origin, start_serve, wait_for
+from tests.servers import (
+    PrefectServer,
+    Service,
+    bare_origin,
+    process_tree,
+    start_serve,
+    still_running,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]  # servers started and stopped
 
 
-def tree(root: int) -> set[int]:
-    """`root` and its descendants (in any session), by parent pid."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, frontier = {root}, [root]
-    while frontier:
-        frontier = [c for p in frontier for c in children.get(p, [])]
-        found.update(frontier)
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    """Those still running (a zombie has ended)."""
-    running = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            running.add(pid)
-    return running
-
-
 def stop_and_check(service: Service) -> None:
     assert service.process is not None
-    started = tree(service.process.pid)
+    started = process_tree(service.process.pid)
     assert len(started) > 2, started
     os.kill(service.process.pid, signal.SIGTERM)
     service.process.wait(60)
     deadline = time.monotonic() + 15
-    while alive(started) and time.monotonic() < deadline:
+    while still_running(started) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in alive(started)}
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in still_running(started)}
     assert not left, left
 
 
