@@ -101,9 +101,10 @@ class Comparison:
             return ""
         spreads = [s.run.data.metrics.get("step_time_spread") for s in (self.a, self.b)]
         known = [v for v in spreads if v is not None]
+        noise = max(NOISE_FLOOR, *known) if known else None
         change = _change(x, y)
-        if known and change is not None and abs(change) <= max(NOISE_FLOOR, *known):
-            return f"within noise (steps vary {max(NOISE_FLOOR, *known):.0%})"
+        if noise is not None and change is not None and abs(change) <= noise:
+            return f"within noise (steps vary {noise:.0%})"
         return ""
 
     @property
