@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from prefect import flow, get_run_logger
@@ -13,15 +16,19 @@ from prefect.utilities.timeout import timeout as deadline
 
 from tasks import config, logs, recovery, versions
 from tasks import tags as T
-from tasks.errors import RunTimeoutError, SettingsError
-from tasks.gates import evaluate, gate_tags, load_gates
+from tasks.errors import RunTimeoutError, SettingsError, TextgenError
+from tasks.evalset import Cell, Plan
+from tasks.evaluation import CELLS_FILE, Row, cell_metrics, row_key
+from tasks.gates import evaluate, gate_tags, gate_values, load_gates, resolve_cells
 from tasks.generate import generate_text
+from tasks.generate_set import generate_cell
 from tasks.inputs import fetch_repo_commit, read_settings
 from tasks.links import link_for
 from tasks.model import load_generator, local_revision, locate_model
 from tasks.names import AUTOMATIC_TRIGGERS, FLOW_NAME, MANUAL, PREVIEW_TRIGGER, SKIPPED, SUPERSEDED
 from tasks.quality import score_text
-from tasks.repo import RepoLocation
+from tasks.record_set import Loaded, cell_settings, log_evaluation, record_cells, revisions_digest
+from tasks.repo import CommitInfo, RepoLocation
 from tasks.store import storable
 from tasks.tracking import RunRecord, Tracker, log_to_mlflow, output_metrics
 from tasks.triggers import filter_preview, filter_push
@@ -224,37 +231,157 @@ def _run(tracker: Tracker, run_id: str, location: RepoLocation, request: Request
             word = SUPERSEDED if kind == "superseded" else SKIPPED
             state: State[RunRecord] = Completed(message=f"{word}: {reason}", data=record)
             return cast(RunRecord, state)
-    settings, source = read_settings(commit, r.overrides)
+    plan = read_settings(commit, r.overrides)
+    # A malformed gate, or one naming a cell there is not, fails the run before a model loads.
+    gates = resolve_cells(load_gates(commit), [c.key for c in plan.cells])
+    if plan.evaluation:
+        record = _run_set(tracker, run_id, commit, plan, r, gates)
+        _publish(record, plan.settings.as_params())
+        return record
+    settings, source = plan.settings, plan.source
     model_path = locate_model(settings, commit)
     revision = local_revision(settings, model_path)
-    gates = load_gates(commit)  # a malformed gate fails the run before the model loads
     existing = None
     if not r.force and pr is None:
         existing = versions.find_version(tracker, commit.sha, settings.digest(), revision)
     if existing is not None:
         record = tracker.finish_reused(run_id, existing, settings)
+        cells = _one_cell(tracker, plan, existing.info.run_id, None, record.version)
+        record = replace(record, cells=cells)
     else:
         generator = load_generator(settings, revision, model_path)
         generations = generate_text(generator, settings)
         scores = score_text(generator, generations)
         metrics = output_metrics(generator, generations, scores)
-        tags = _check_gates(tracker, r.branch, gates, metrics)
+        tags = _check_gates(tracker, r.branch, gates, {"": metrics})
         record = log_to_mlflow(
             tracker, run_id, commit, settings, source, generator, generations, scores, tags, preview
         )
+        cells = _one_cell(tracker, plan, run_id, generations.texts, record.version)
+        record = replace(record, cells=cells)
     _publish(record, settings.as_params())
     return record
 
 
+def _one_cell(
+    tracker: Tracker, plan: Plan, run_id: str, texts: list[str] | None, version: int | None
+) -> tuple[dict[str, Any], ...]:
+    """The one cell of a one-prompt version, for `textgen run --json`: its texts as generated
+    now, or (`texts` None) as the version's run `run_id` recorded them."""
+    generated = texts is not None
+    if texts is None:
+        texts = versions.texts_of(tracker, run_id)
+    prompt = plan.prompts[0]
+    output = {
+        "id": prompt.id,
+        "prompt": prompt.text,
+        "texts": texts,
+        "generated": generated,
+        "from_version": version,
+    }
+    cell = plan.cells[0]
+    return ({"cell": "", "settings": cell_settings(cell), "run_id": run_id, "outputs": [output]},)
+
+
+def _run_set(
+    tracker: Tracker,
+    run_id: str,
+    commit: CommitInfo,
+    plan: Plan,
+    request: Request,
+    gates: list[Any],
+) -> RunRecord:
+    """An evaluation set's version: every prompt in every cell, copied from an earlier version
+    where the same inputs already made it, generated where not; one model loaded at a time."""
+    r = request
+    pr = r.pull_request
+    preview = pr.number if pr else None
+    paths, local = {}, {}
+    for cell in plan.cells:
+        with _naming(cell):
+            paths[cell.key] = locate_model(cell.settings, commit)
+            local[cell.key] = local_revision(cell.settings, paths[cell.key])
+    revisions = {
+        c.key: local[c.key] or f"hub:{c.settings.model}@{c.settings.revision or 'main'}"
+        for c in plan.cells
+    }
+    if not r.force and pr is None:
+        existing = versions.find_version(
+            tracker, commit.sha, plan.digest(), revisions_digest(revisions)
+        )
+        if existing is not None:
+            record = tracker.finish_reused(run_id, existing, plan.settings)
+            earlier = versions.rows_of(tracker, existing)
+            cells = record_cells(plan, earlier, _cell_runs(tracker, existing), None)
+            return replace(record, cells=cells)
+    previous = {} if r.force else versions.reusable_rows(tracker)
+    logger = get_run_logger()
+    rows: list[Row] = []
+    loaded: Loaded = {}
+    for cell in plan.cells:
+        keys = {p.id: row_key(cell, p, revisions[cell.key]) for p in plan.prompts}
+        todo = [p for p in plan.prompts if keys[p.id] not in previous]
+        rows += [
+            previous[keys[p.id]].reused_in(cell.key, p)
+            for p in plan.prompts
+            if keys[p.id] in previous
+        ]
+        if not todo:
+            logger.info("Cell %s: all %d prompts reused", cell.key or "-", len(plan.prompts))
+            continue
+        with _naming(cell):
+            generator = load_generator(cell.settings, local[cell.key], paths[cell.key])
+            rows += generate_cell(generator, cell, todo, keys)
+        load = {"load_seconds": generator.load_seconds}
+        if generator.load_shared_cores is not None:
+            load["load_shared_cores"] = generator.load_shared_cores
+        loaded[cell.key] = {"params": generator.describe(), "metrics": load}
+    per_cell = {
+        c.key: cell_metrics(
+            [row for row in rows if row.cell == c.key], loaded.get(c.key, {}).get("metrics")
+        )
+        for c in plan.cells
+    }
+    tags = _check_gates(tracker, r.branch, gates, per_cell)
+    record, _ = log_evaluation(
+        tracker, run_id, commit, plan, rows, loaded, revisions, tags, preview
+    )
+    return record
+
+
+@contextmanager
+def _naming(cell: Cell) -> Iterator[None]:
+    """The project's errors raised for a matrix cell, saying which cell."""
+    try:
+        yield
+    except TextgenError as exc:
+        if not cell.key:
+            raise
+        raise type(exc)(f"cell {cell.key}: {exc}") from exc
+
+
+def _cell_runs(tracker: Tracker, run: Any) -> dict[str, str]:
+    """Each cell's run of a version (the version's own run without a matrix)."""
+    try:
+        cells = versions.artifact_json(tracker, run.info.run_id, CELLS_FILE)["cells"]
+    except Exception:  # an older record: every cell is the version's run
+        return defaultdict(lambda: run.info.run_id)
+    return {c["cell"]: c["run_id"] for c in cells}
+
+
 def _check_gates(
-    tracker: Tracker, branch: str, gates: list[Any], metrics: dict[str, float]
+    tracker: Tracker, branch: str, gates: list[Any], per_cell: dict[str, dict[str, float]]
 ) -> dict[str, str]:
-    """The repository's quality gates, checked against this run's metrics and those of the
-    branch's latest version (the base); their outcome as MLflow tags (none without gates)."""
+    """The repository's quality gates, checked against this version's metrics (per cell, and
+    their means) and those of the branch's latest version (the base); their outcome as MLflow
+    tags (none without gates)."""
     if not gates:
         return {}
     base = versions.latest_version(tracker, branch)
-    results = evaluate(gates, metrics, dict(base.data.metrics) if base is not None else None)
+    base_cells = versions.cell_metrics_of(tracker, base) if base is not None else None
+    results = evaluate(
+        gates, gate_values(per_cell), gate_values(base_cells) if base_cells else None
+    )
     logger = get_run_logger()
     for result in results:
         logger.info("Gate %s: %s", "passed" if result.passed else "FAILED", result.line())

@@ -158,6 +158,17 @@ MAX_PROMPT_CHARS = Variable(
     "TEXTGEN_MAX_PROMPT_CHARS", INTEGER, 4000, "longest prompt (characters)", "max_prompt_chars"
 )
 MAX_BEAMS = Variable("TEXTGEN_MAX_BEAMS", INTEGER, 8, "the widest beam search", "max_beams")
+MAX_PROMPTS = Variable(
+    "TEXTGEN_MAX_PROMPTS", INTEGER, 1000, "most prompts a version", "max_prompts"
+)
+MAX_CELLS = Variable("TEXTGEN_MAX_CELLS", INTEGER, 64, "most matrix cells a version", "max_cells")
+MAX_VERSION_TOKENS = Variable(
+    "TEXTGEN_MAX_VERSION_TOKENS",
+    INTEGER,
+    2_000_000,
+    "most new tokens a version (cells x prompts x sequences x length)",
+    "max_version_tokens",
+)
 MAX_MODEL_BYTES = Variable(
     "TEXTGEN_MAX_MODEL_BYTES", INTEGER, 64 << 30, "largest local model", "max_model_bytes"
 )
@@ -319,6 +330,9 @@ class OperatorLimits:
     allowed_models: tuple[str, ...]
     trust_remote_code: bool
     max_beams: int = 8
+    max_prompts: int = 1000
+    max_cells: int = 64
+    max_version_tokens: int = 2_000_000
 
     @classmethod
     def from_env(cls) -> OperatorLimits:
@@ -330,6 +344,9 @@ class OperatorLimits:
             max_prompt_chars=MAX_PROMPT_CHARS.get(),
             allowed_models=tuple(ALLOWED_MODELS.get()),
             trust_remote_code=TRUST_REMOTE_CODE.get(),
+            max_prompts=MAX_PROMPTS.get(),
+            max_cells=MAX_CELLS.get(),
+            max_version_tokens=MAX_VERSION_TOKENS.get(),
         )
 
 

@@ -9,7 +9,13 @@ gates:
   - repetition_rate <= 0.1
   - mean_log_likelihood >= base - 0.05        # not worse than the base by more than 0.05
   - tokens_per_second >= base * 0.8           # within 80% of the base
+  - cell[model=gpt2].distinct_2 >= 0.6        # one cell of the matrix (tasks.evalset)
+  - mean(distinct_2) >= 0.6                   # the mean over the cells
 ```
+
+A metric of an evaluation set is its cell's mean over the prompts. On a matrix, a bare metric
+is the mean over the cells, as `mean(...)` is; `cell[k=v,...]` names the one cell whose values
+include those pairs, and a gate naming a cell the matrix does not have is an error.
 
 `base` is the metric of the version the run is compared with: for a push, the branch's latest
 version before it; for a pull-request preview, the latest version of the base branch. A gate
@@ -26,12 +32,13 @@ import math
 import operator
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from tasks import tags as T
 from tasks.bounded import load_yaml, show
 from tasks.errors import SettingsError
+from tasks.evalset import parse_cell_selector, select_cells
 from tasks.repo import CommitInfo
 
 GATE_METRICS = (
@@ -53,12 +60,14 @@ _OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": opera
 _RELATIVE = {"-": operator.sub, "+": operator.add, "*": operator.mul}
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _GATE = re.compile(
-    rf"^\s*(?P<metric>[a-z_0-9]+)\s*(?P<op>>=|<=|>|<)\s*"
+    r"^\s*(?:cell\[(?P<cell>[^\]]*)\]\.(?P<cell_metric>[a-z_0-9]+)|mean\((?P<mean>[a-z_0-9]+)\)"
+    rf"|(?P<metric>[a-z_0-9]+))\s*(?P<op>>=|<=|>|<)\s*"
     rf"(?:(?P<number>{_NUMBER})|base(?:\s*(?P<rel>[-+*])\s*(?P<amount>{_NUMBER}))?)\s*$"
 )
 ALLOWED = (
     "`METRIC OP VALUE` where OP is >=, <=, > or <, and VALUE is a number, `base`, "
-    "`base - x`, `base + x` or `base * x`"
+    "`base - x`, `base + x` or `base * x`; METRIC is a metric, `mean(metric)` or "
+    "`cell[key=value,...].metric`"
 )
 
 
@@ -73,16 +82,27 @@ class Gate:
     """For a gate relative to the base: `-`, `+` or `*` (None: the base itself)."""
     amount: float = 0.0
     source: str = ""
+    cell: str | None = None
+    """The cell a gate names (`cell[...]`), as written; `resolve_cells` makes it the cell's name."""
+    mean: bool = False
+    """A gate on the mean over the cells (`mean(...)`)."""
 
     @property
     def relative(self) -> bool:
         return self.number is None
 
+    @property
+    def target(self) -> str:
+        """What the gate reads: `metric`, `mean(metric)` or `cell[name].metric`."""
+        if self.cell is not None:
+            return f"cell[{self.cell}].{self.metric}"
+        return f"mean({self.metric})" if self.mean else self.metric
+
     def text(self) -> str:
         if not self.relative:
-            return f"{self.metric} {self.op} {self.number:g}"
+            return f"{self.target} {self.op} {self.number:g}"
         tail = f" {self.rel} {self.amount:g}" if self.rel else ""
-        return f"{self.metric} {self.op} base{tail}"
+        return f"{self.target} {self.op} base{tail}"
 
     def threshold(self, base: float | None) -> float | None:
         """The value the metric is compared with; None when it needs a base there is not."""
@@ -118,7 +138,13 @@ def parse_gate(text: Any, source: str) -> Gate:
     match = _GATE.match(text)
     if match is None:
         raise SettingsError(f"{source}: gate {show(text)} is not understood; expected {ALLOWED}")
-    metric = match.group("metric")
+    cell = match.group("cell")
+    metric = match.group("metric") or match.group("cell_metric") or match.group("mean")
+    if cell is not None:
+        try:
+            parse_cell_selector(cell)
+        except ValueError as exc:
+            raise SettingsError(f"{source}: gate {show(text)}: cell[...]: {exc}") from None
     if metric not in GATE_METRICS:
         raise SettingsError(
             f"{source}: gate {show(text)} names the unknown metric {metric!r}; "
@@ -128,7 +154,9 @@ def parse_gate(text: Any, source: str) -> Gate:
     if any(v is not None and not math.isfinite(v) for v in (number, amount)):
         raise SettingsError(f"{source}: gate {show(text)} has a value that is not finite")
     amount = 0.0 if amount is None else amount
-    return Gate(metric, match.group("op"), number, match.group("rel"), amount, source)
+    rel = match.group("rel")
+    mean = match.group("mean") is not None
+    return Gate(metric, match.group("op"), number, rel, amount, source, cell, mean)
 
 
 def parse_gates(value: Any, source: str) -> list[Gate]:
@@ -157,27 +185,65 @@ def load_gates(commit: CommitInfo) -> list[Gate]:
     return gates
 
 
+def resolve_cells(gates: list[Gate], cells: list[str]) -> list[Gate]:
+    """The gates with each `cell[...]` made the name of the one cell it selects; a named error
+    for a gate whose cell the version does not have, or that fits several."""
+    resolved = []
+    for gate in gates:
+        if gate.cell is not None:
+            if cells == [""]:
+                raise SettingsError(
+                    f"{gate.source}: gate {gate.text()!r} names a cell, and the settings have "
+                    "no matrix"
+                )
+            found = select_cells(cells, parse_cell_selector(gate.cell))
+            if len(found) != 1:
+                what = "no cell" if not found else f"{len(found)} cells"
+                raise SettingsError(
+                    f"{gate.source}: gate {gate.text()!r} fits {what} of the matrix; "
+                    f"cells: {'; '.join(cells)}"
+                )
+            gate = replace(gate, cell=found[0])
+        resolved.append(gate)
+    return resolved
+
+
+def gate_values(per_cell: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """What gates read of a version, by `Gate.target`: each cell's metrics, their means over the
+    cells, and the bare metrics (the one cell's, or the means)."""
+    values: dict[str, float] = {}
+    names = sorted({name for metrics in per_cell.values() for name in metrics})
+    for cell, metrics in per_cell.items():
+        for name, value in metrics.items():
+            values[f"cell[{cell}].{name}"] = value
+    for name in names:
+        found = [m[name] for m in per_cell.values() if name in m and math.isfinite(m[name])]
+        if found:
+            values[f"mean({name})"] = values[name] = sum(found) / len(found)
+    return values
+
+
 def evaluate(
     gates: list[Gate], metrics: Mapping[str, float], base: Mapping[str, float] | None
 ) -> list[GateResult]:
     """Check each gate against the run's metrics (and the base's, for relative gates)."""
     results = []
     for gate in gates:
-        value = metrics.get(gate.metric)
-        threshold = gate.threshold(None if base is None else base.get(gate.metric))
+        value = metrics.get(gate.target)
+        threshold = gate.threshold(None if base is None else base.get(gate.target))
         if value is None or not math.isfinite(value):
             value, passed, checked = None, False, True
-            note = f"{gate.metric} was not recorded, needs {gate.op} {_fmt(threshold)}"
+            note = f"{gate.target} was not recorded, needs {gate.op} {_fmt(threshold)}"
         elif threshold is None:
             passed, checked = True, False
-            note = f"{gate.metric} = {_fmt(value)}: not checked, no base version to compare with"
+            note = f"{gate.target} = {_fmt(value)}: not checked, no base version to compare with"
         else:
             passed, checked = _OPERATORS[gate.op](value, threshold), True
-            note = f"{gate.metric} = {_fmt(value)}, needs {gate.op} {_fmt(threshold)}"
+            note = f"{gate.target} = {_fmt(value)}, needs {gate.op} {_fmt(threshold)}"
             if gate.relative:
                 note += f" ({gate.text()})"
         results.append(
-            GateResult(gate.text(), gate.metric, value, threshold, passed, checked, note)
+            GateResult(gate.text(), gate.target, value, threshold, passed, checked, note)
         )
     return results
 

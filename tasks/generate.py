@@ -79,14 +79,6 @@ class Generations:
         return (high - low) / middle
 
 
-def format_output(texts: list[str]) -> str:
-    """`output.txt` exactly as the original script wrote it."""
-    count = len(texts)
-    return "\n".join(
-        f"---\nOutput {index} of {count}\n---\n\n{text}\n" for index, text in enumerate(texts, 1)
-    )
-
-
 def effective_generation(pipe: Any, call_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The decoding parameters generate() uses for this call: its defaults, under the model's
     generation config, under what the pipeline adds (its sampling default), under the call's.

@@ -10,8 +10,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import TransientRepositoryError
+from tasks.evalset import Plan, load_plan
 from tasks.repo import CommitInfo, RepoLocation, resolve_commit
-from tasks.settings import GenerationSettings, load_settings
 
 
 def _is_transient(task: object, task_run: object, state: object) -> bool:
@@ -56,23 +56,32 @@ def fetch_repo_commit(
 
 
 @task(name="read-settings", cache_policy=NO_CACHE)
-def read_settings(
-    commit: CommitInfo, overrides: dict[str, Any] | None = None
-) -> tuple[GenerationSettings, str]:
-    """Read and validate the settings at the commit; fail before any model is loaded."""
-    settings, source = load_settings(commit, overrides)
+def read_settings(commit: CommitInfo, overrides: dict[str, Any] | None = None) -> Plan:
+    """Read and validate the settings at the commit, with their prompt set and matrix; fail
+    before any model is loaded."""
+    plan = load_plan(commit, overrides)
+    settings = plan.settings
+    logger = get_run_logger()
     if choice := settings.model_choice:
-        get_run_logger().info(
+        logger.info(
             "Generating with this machine's model %s (set by %s) in place of the settings' %s",
             settings.model,
             choice["model.set_by"],
             choice["model.requested"],
         )
-    get_run_logger().info(
+    logger.info(
         "Settings from %s at %s%s: %s",
-        source,
+        plan.source,
         commit.short_sha,
         f" with overrides {sorted(overrides)}" if overrides else "",
         settings.pipeline_kwargs() | {"model": settings.model, "random_seed": settings.random_seed},
     )
-    return settings, source
+    if plan.evaluation:
+        logger.info(
+            "Evaluation set: %d prompts (from %s) x %d cells%s",
+            len(plan.prompts),
+            plan.prompts_source,
+            len(plan.cells),
+            f": {'; '.join(c.key for c in plan.cells)}" if plan.matrix else "",
+        )
+    return plan

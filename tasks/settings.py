@@ -161,7 +161,7 @@ def _format_validation(exc: ValidationError, raw: dict[str, Any], source: str) -
     for error in exc.errors():
         key = ".".join(str(p) for p in error["loc"]) or "(settings)"
         if error["type"] == "extra_forbidden":
-            allowed = ", ".join(GenerationSettings.model_fields)
+            allowed = ", ".join([*GenerationSettings.model_fields, "gates", *PLAN_KEYS])
             hint = OPERATOR_ONLY.get(key)
             reason = f"is set by {hint}" if hint else f"is not a setting; allowed keys: {allowed}"
             lines.append(f"unknown key {show(key)} {reason}")
@@ -267,12 +267,13 @@ def parse_legacy_script(text: bytes, source: str) -> dict[str, Any]:
     return found
 
 
-def load_settings(
-    commit: CommitInfo,
-    overrides: dict[str, Any] | None = None,
-    limits: OperatorLimits | None = None,
-) -> tuple[GenerationSettings, str]:
-    """The validated settings at `commit`, with `overrides` applied; and the file they came from."""
+PLAN_KEYS = ("prompts", "matrix")
+"""Keys of `textgen.yaml` that say what to generate for, not how (`tasks.evalset`)."""
+
+
+def read_settings_file(commit: CommitInfo) -> tuple[dict[str, Any], str, str]:
+    """The raw settings at `commit` (quality gates left out), the file they came from, and the
+    label every message about them starts with (file and commit)."""
     where = f"at commit {commit.short_sha} of {commit.repo_url}"
     if (text := commit.read_file(SETTINGS_FILE)) is not None:
         source = SETTINGS_FILE
@@ -286,14 +287,29 @@ def load_settings(
             )
         source = LEGACY_SCRIPT
         raw = parse_legacy_script(script, f"{LEGACY_SCRIPT} {where}")
-    label = f"{source} {where}"
+    return raw, source, f"{source} {where}"
+
+
+def replace_lengths(raw: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any]:
+    """`raw` updated with `changed`, where setting one length key replaces the other."""
+    merged = {**raw, **changed}
+    for key, other in (("max_new_tokens", "max_length"), ("max_length", "max_new_tokens")):
+        if key in changed and other not in changed:
+            merged.pop(other, None)
+    return merged
+
+
+def resolve_settings(
+    raw: dict[str, Any],
+    label: str,
+    overrides: dict[str, Any] | None = None,
+    limits: OperatorLimits | None = None,
+) -> GenerationSettings:
+    """Validated settings from a raw mapping labelled `label`: `overrides` applied, the
+    operator's model chosen, the operator limits checked."""
     if overrides:
         parse_settings(raw, label)
-        raw = {**raw, **overrides}
-        # An override of one length setting replaces the file's other one.
-        for key, other in (("max_new_tokens", "max_length"), ("max_length", "max_new_tokens")):
-            if key in overrides and other not in overrides:
-                raw.pop(other, None)
+        raw = replace_lengths(raw, overrides)
         label = f"{label} with overrides of {', '.join(sorted(overrides))}"
     settings = parse_settings(raw, label)
     chosen = operator_model()
@@ -302,4 +318,17 @@ def load_settings(
         # of one run wins over both.
         settings = settings.with_operator_model(*chosen)
     settings.check_limits(limits or OperatorLimits.from_env(), label)
-    return settings, source
+    return settings
+
+
+def load_settings(
+    commit: CommitInfo,
+    overrides: dict[str, Any] | None = None,
+    limits: OperatorLimits | None = None,
+) -> tuple[GenerationSettings, str]:
+    """The validated settings at `commit`, with `overrides` applied; and the file they came from.
+    A prompt set and a matrix (`tasks.evalset`) are not read here."""
+    raw, source, label = read_settings_file(commit)
+    for key in PLAN_KEYS:
+        raw.pop(key, None)
+    return resolve_settings(raw, label, overrides, limits), source

@@ -22,6 +22,7 @@ COMMIT = "mlflow.source.git.commit"
 BRANCH = "mlflow.source.git.branch"
 DATASET_CONTEXT = "mlflow.data.context"
 EXPERIMENT_KIND = "mlflow.experimentKind"
+PARENT_RUN = "mlflow.parentRunId"
 
 # The outcome of a run
 OUTCOME = "textgen.outcome"
@@ -37,6 +38,17 @@ REUSED_VERSION = "textgen.reused_version"
 REUSED_RUN_ID = "textgen.reused_run_id"
 RECOVERED = "textgen.recovered"
 OUTPUT_DIGEST = "textgen.output_digest"
+
+# Evaluation sets (tasks.evalset): a version's cells are child runs of its run
+CELL = "textgen.cell"
+"""A cell's canonical name, `key=value,...`, on its child run."""
+CELLS = "textgen.cells"
+"""How many cells a version has (on an evaluation set's version)."""
+PROMPTS = "textgen.prompts"
+"""How many prompts an evaluation set's version has, and where they were read (`..._source`)."""
+PROMPTS_SOURCE = "textgen.prompts_source"
+REUSED_ROWS = "textgen.reused_rows"
+"""How many (cell, prompt) rows of a version were copied from earlier versions."""
 
 # What the run was asked and what it resolved
 TRIGGER = "textgen.trigger"

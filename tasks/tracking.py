@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import numbering
 from tasks import tags as T
-from tasks.generate import Generations, format_output
+from tasks.evaluation import format_output
+from tasks.generate import Generations
 from tasks.model import Generator
 from tasks.recovery import worker_tags
 from tasks.repo import CommitInfo
@@ -44,6 +45,9 @@ class RunRecord:
     reason: str = ""
     output_url: str = ""
     """Link to `output.txt`: this run's for a new version, the version's run's for a reuse."""
+    cells: tuple[dict[str, Any], ...] = ()
+    """Each cell: `cell` (its name), `settings`, `run_id`, and `outputs`, one per prompt: `id`,
+    `prompt`, `texts`, `generated` (false when copied) and `from_version`."""
 
     def as_dict(self) -> dict[str, Any]:
         """The record for machines (`textgen run --json`)."""
@@ -52,11 +56,13 @@ class RunRecord:
             "version": self.version,
             "commit": self.commit_sha,
             "settings_digest": self.settings_digest,
+            "run_id": self.run_id,
             "mlflow_run_id": self.run_id,
             "experiment_id": self.experiment_id,
             "url": self.url,
             "output_url": self.output_url or self.url,
             "reason": self.reason,
+            "cells": list(self.cells),
         }
 
     def summary(self) -> str:
@@ -112,6 +118,17 @@ def output_metrics(
         "prompt_tokens": float(len(generations.prompt_token_ids)),
         **{k: float(v) for k, v in measured.items() if v is not None},
         **(quality or {}),
+    }
+
+
+def generation_columns(generations: Generations) -> dict[str, list[Any]]:
+    """The one-prompt form's output table. Column order matters to MLflow's artifact evaluation
+    view: it groups by the first column and compares the second across runs."""
+    return {
+        "sequence": list(range(1, len(generations.texts) + 1)),
+        "generated_text": generations.texts,
+        "new_tokens": generations.new_tokens,
+        "prompt": [generations.prompt] * len(generations.texts),
     }
 
 
@@ -202,21 +219,15 @@ class Tracker(Experiment):
         except Exception:  # the store itself may be what failed; the run's own error wins
             logger.exception("could not record the failure of MLflow run %s", run_id)
 
-    def log_output_table(self, run_id: str, commit: CommitInfo, generations: Generations) -> str:
-        """The generations as a table artifact and as the run's output dataset; its digest."""
+    def log_output_table(
+        self, run_id: str, commit: CommitInfo, columns: dict[str, list[Any]]
+    ) -> str:
+        """A table of the texts (`generations.json`), also the run's output dataset; its digest."""
         import pandas as pd
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.pandas_dataset import from_pandas
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        # Column order matters to MLflow's artifact evaluation view: it groups by the first
-        # column and compares the second across runs.
-        columns = {
-            "sequence": list(range(1, len(generations.texts) + 1)),
-            "generated_text": generations.texts,
-            "new_tokens": generations.new_tokens,
-            "prompt": [generations.prompt] * len(generations.texts),
-        }
         table = pd.DataFrame(columns)
         self.client.log_table(run_id, table, "generations.json")
         # The output derives from the repository at this commit: that is its source.
@@ -312,7 +323,7 @@ def log_to_mlflow(
         "generation": generations.generation_config,
     }
     tracker.client.log_dict(run_id, settings_doc, "settings.json")
-    output_digest = tracker.log_output_table(run_id, commit, generations)
+    output_digest = tracker.log_output_table(run_id, commit, generation_columns(generations))
     if preview is not None:
         record = tracker.finish_preview(run_id, commit, digest, output_digest, preview)
         get_run_logger().info("Recorded the preview of PR #%s as MLflow run %s", preview, run_id)

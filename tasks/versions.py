@@ -9,6 +9,7 @@ from collections.abc import Collection
 from typing import Any
 
 from tasks import tags as T
+from tasks.evaluation import CELLS_FILE, OUTPUTS_FILE, Row
 from tasks.store import Experiment, mlflow_client, run_url
 
 NEW_VERSIONS = f"tags.`{T.OUTCOME}` = '{T.NEW}'"
@@ -116,3 +117,55 @@ def latest_per_repository() -> list[dict[str, Any]]:
                 }
             )
     return versions
+
+
+def artifact_json(experiment: Experiment, run_id: str, path: str) -> Any:
+    """A JSON artifact of a run, read back."""
+    import json
+    from pathlib import Path
+
+    return json.loads(Path(experiment.client.download_artifacts(run_id, path)).read_text())
+
+
+def rows_of(experiment: Experiment, run: Any) -> list[Row]:
+    """The (cell, prompt) rows of an evaluation set's version, each naming the version that
+    generated it; empty for a one-prompt version (it keeps no rows)."""
+    if T.CELLS not in run.data.tags:
+        return []
+    stored = artifact_json(experiment, run.info.run_id, OUTPUTS_FILE)["rows"]
+    own = run.data.tags.get(T.VERSION)
+    rows = [Row.from_dict(item) for item in stored]
+    for row in rows:
+        if row.from_version is None and own:
+            row.from_version = int(own)
+    return rows
+
+
+REUSE_FROM = 3
+"""How many of the latest versions a new version looks through for rows it can reuse."""
+
+
+def reusable_rows(experiment: Experiment) -> dict[str, Row]:
+    """The rows of the repository's latest evaluation-set versions, by key (newest first wins):
+    what a new version copies instead of generating."""
+    found: dict[str, Row] = {}
+    query = f"{NEW_VERSIONS} and {FINISHED} and tags.`{T.CELLS}` IS NOT NULL"
+    for run in experiment.search(query, [f"tags.`{T.VERSION_KEY}` DESC"], REUSE_FROM):
+        for row in rows_of(experiment, run):
+            found.setdefault(row.key, row)
+    return found
+
+
+def texts_of(experiment: Experiment, run_id: str) -> list[str]:
+    """The texts a version's run recorded, in order (its `generations.json` table)."""
+    table = artifact_json(experiment, run_id, "generations.json")
+    column = table["columns"].index("generated_text")
+    return [str(row[column]) for row in table["data"]]
+
+
+def cell_metrics_of(experiment: Experiment, run: Any) -> dict[str, dict[str, float]]:
+    """Each cell's metrics of a version, by cell name; a one-prompt version is one cell (`""`)."""
+    if T.CELLS not in run.data.tags:
+        return {"": dict(run.data.metrics)}
+    cells = artifact_json(experiment, run.info.run_id, CELLS_FILE)["cells"]
+    return {c["cell"]: dict(c["metrics"]) for c in cells}

@@ -14,7 +14,7 @@ from deployments.cli import main
 from flows.text_generation import nlp_text_generation
 from tasks import model as model_module
 from tasks.errors import ModelError, SettingsError
-from tasks.generate import format_output
+from tasks.evaluation import format_output
 from tasks.store import experiment_name
 from tests.conftest import RepoFactory, settings_yaml
 from tests.gitserver import serve_repo

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import ModelError
-from tasks.generate import format_output, run_generation
+from tasks.evaluation import format_output
+from tasks.generate import run_generation
 from tasks.model import build_generator, folder_digest, model_kind, resolve_device
 from tasks.settings import GenerationSettings
 

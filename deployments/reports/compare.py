@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 import re
 import shutil
 import textwrap
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import git
@@ -223,10 +221,7 @@ def _side(tracker: Experiment, run: Any) -> Side:
     else:
         label = str(run.info.run_id[:8])
     try:
-        path = tracker.client.download_artifacts(run.info.run_id, "generations.json")
-        table = json.loads(Path(path).read_text())
-        column = table["columns"].index("generated_text")
-        texts = [str(row[column]) for row in table["data"]]
+        texts = versions.texts_of(tracker, run.info.run_id)
     except Exception as exc:
         raise TrackingError(
             f"cannot read the texts of {_label(run)} (run {run.info.run_id}): {exc}"

@@ -1,0 +1,203 @@
+"""Evaluation sets and matrices end to end: one version with a child run per cell, texts that
+depend only on their own prompt and cell, rows reused from earlier versions (tiny GPT-2)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.text_generation import nlp_text_generation
+from tasks.errors import SettingsError
+from tasks.evaluation import format_output
+from tests.conftest import RepoFactory, settings_yaml
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+PROMPTS = ["Hello, I'm a language model,", "The weather today", "Once upon a time"]
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def settings(model: Path, **values: Any) -> str:
+    return settings_yaml(model, max_new_tokens=8, num_return_sequences=2, **values)
+
+
+def texts_by_prompt(record: Any) -> dict[tuple[str, str], list[str]]:
+    return {
+        (cell["cell"], output["prompt"]): output["texts"]
+        for cell in record.as_dict()["cells"]
+        for output in cell["outputs"]
+    }
+
+
+def generated(record: Any) -> dict[tuple[str, str], bool]:
+    return {
+        (cell["cell"], output["prompt"]): output["generated"]
+        for cell in record.as_dict()["cells"]
+        for output in cell["outputs"]
+    }
+
+
+def test_a_matrix_is_one_version_with_a_child_run_per_cell(
+    make_repo: RepoFactory, tiny_model: Path
+) -> None:
+    files = {"textgen.yaml": settings(tiny_model, prompts=PROMPTS, matrix={"random_seed": [42, 7]})}
+    repo = make_repo(files)
+    record = nlp_text_generation(repo_url=str(repo.path))
+    assert (record.outcome, record.version) == ("new", 1)
+    found = record.as_dict()
+    assert found["run_id"] == record.run_id
+    assert [c["cell"] for c in found["cells"]] == ["random_seed=42", "random_seed=7"]
+    parent = client().get_run(record.run_id)
+    assert parent.data.tags["textgen.cells"] == "2"
+    assert parent.data.tags["textgen.prompts"] == "3"
+    children = client().search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{record.run_id}'"
+    )
+    assert sorted(c.data.tags["textgen.cell"] for c in children) == [
+        "random_seed=42",
+        "random_seed=7",
+    ]
+    assert {c.info.run_id for c in children} == {c["run_id"] for c in found["cells"]}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert "textgen.outcome" not in child.data.tags  # a cell is never a version of its own
+        assert child.data.metrics["prompts"] == 3
+        assert child.data.params["random_seed"] == child.data.tags["textgen.cell"].split("=")[1]
+    # 2 cells x 3 prompts x 2 sequences
+    texts = texts_by_prompt(record)
+    assert len(texts) == 6 and all(len(t) == 2 for t in texts.values())
+    assert all(generated(record).values())
+    table = json.loads(
+        Path(client().download_artifacts(record.run_id, "generations.json")).read_text()
+    )
+    assert len(table["data"]) == 12
+    assert parent.data.tags["textgen.output_digest"]
+    inputs = parent.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == parent.data.tags["textgen.output_digest"]
+    output = Path(client().download_artifacts(record.run_id, "output.txt")).read_text()
+    assert output.count("=== cell random_seed=42 | prompt ") == 3
+    first = found["cells"][0]["outputs"][0]
+    assert format_output(first["texts"]) in output
+    # The first prompt of the seed-42 cell is what the one-prompt form makes of it.
+    single = make_repo({"textgen.yaml": settings(tiny_model, initial_sentence=PROMPTS[0])})
+    alone = nlp_text_generation(repo_url=str(single.path))
+    assert (
+        texts[("random_seed=42", PROMPTS[0])] == alone.as_dict()["cells"][0]["outputs"][0]["texts"]
+    )
+
+
+def test_adding_reordering_and_removing_reuse_every_unchanged_text(
+    make_repo: RepoFactory, tiny_model: Path
+) -> None:
+    matrix = {"random_seed": [42, 7]}
+    repo = make_repo({"textgen.yaml": settings(tiny_model, prompts=PROMPTS, matrix=matrix)})
+    first = nlp_text_generation(repo_url=str(repo.path))
+    before = texts_by_prompt(first)
+
+    added = ["A new prompt at the front", *reversed(PROMPTS)]
+    repo.commit({"textgen.yaml": settings(tiny_model, prompts=added, matrix=matrix)}, "add one")
+    second = nlp_text_generation(repo_url=str(repo.path))
+    assert second.version == 2
+    after = texts_by_prompt(second)
+    for key, texts in before.items():
+        assert after[key] == texts
+    made = generated(second)
+    assert [k for k, v in made.items() if v] == [
+        ("random_seed=42", "A new prompt at the front"),
+        ("random_seed=7", "A new prompt at the front"),
+    ]
+    reused = [o for c in second.as_dict()["cells"] for o in c["outputs"] if not o["generated"]]
+    assert {o["from_version"] for o in reused} == {1}
+    parent = client().get_run(second.run_id)
+    assert parent.data.tags["textgen.reused_rows"] == "6"
+    assert parent.data.metrics["prompts_generated"] == 2
+
+    repo.commit(
+        {"textgen.yaml": settings(tiny_model, prompts=added, matrix={"random_seed": [7]})}, "drop"
+    )
+    third = nlp_text_generation(repo_url=str(repo.path))
+    assert not any(generated(third).values())
+    assert texts_by_prompt(third) == {k: v for k, v in after.items() if k[0] == "random_seed=7"}
+    assert {o["from_version"] for c in third.as_dict()["cells"] for o in c["outputs"]} == {1, 2}
+
+    forced = nlp_text_generation(repo_url=str(repo.path), force=True)
+    assert all(generated(forced).values())
+    assert texts_by_prompt(forced) == texts_by_prompt(third)
+
+
+def test_a_failed_cell_leaves_no_numbered_version(make_repo: RepoFactory, tiny_model: Path) -> None:
+    # The second cell's length passes the context of the tiny model (128 positions): it
+    # fails once the first cell has generated all its prompts.
+    matrix = {"max_new_tokens": [8, 120]}
+    repo = make_repo({"textgen.yaml": settings_yaml(tiny_model, prompts=PROMPTS, matrix=matrix)})
+    with pytest.raises(SettingsError, match=r"cell max_new_tokens=120: .*past the context"):
+        nlp_text_generation(repo_url=str(repo.path))
+    (experiment,) = [e for e in client().search_experiments() if e.name.endswith(repo.path.name)]
+    runs = client().search_runs([experiment.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]  # no child run, no number
+    assert "textgen.version" not in runs[0].data.tags
+    assert "cell max_new_tokens=120" in runs[0].data.tags["textgen.failure"]
+    # A model that is not there is named with its cell too, before anything generates.
+    repo.commit({"textgen.yaml": settings(tiny_model, matrix={"model": [str(tiny_model), "./no"]})})
+    with pytest.raises(SettingsError, match=r"cell model=\./no: model '\./no' names no folder"):
+        nlp_text_generation(repo_url=str(repo.path))
+
+
+def test_the_one_prompt_form_records_what_it_did(make_repo: RepoFactory, tiny_model: Path) -> None:
+    repo = make_repo({"textgen.yaml": settings(tiny_model)})
+    record = nlp_text_generation(repo_url=str(repo.path))
+    run = client().get_run(record.run_id)
+    assert "textgen.cells" not in run.data.tags
+    assert not client().search_runs(
+        [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{record.run_id}'"
+    )
+    cells = record.as_dict()["cells"]
+    assert len(cells) == 1 and cells[0]["cell"] == "" and cells[0]["run_id"] == record.run_id
+    (output,) = cells[0]["outputs"]
+    text = Path(client().download_artifacts(record.run_id, "output.txt")).read_text()
+    assert text == format_output(output["texts"])
+    assert output["generated"] and output["from_version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        (
+            {"matrix": {"random_seed": list(range(1000)), "top_k": list(range(1000))}},
+            "1000000 cells",
+        ),
+        ({"prompts": "prompts.txt", "prompts.txt": "x" * (10 << 20)}, "bytes; allowed"),
+        ({"prompts": "prompts.txt", "prompts.txt": "a prompt\n" * 100_000}, "line 1001: more than"),
+        ({"prompts": "missing.jsonl"}, "no such file"),
+        ({"prompts": "p.jsonl", "p.jsonl": '{"prompt": "a"}\n{"prompt": 3}\n'}, "line 2"),
+        (
+            {
+                "prompts": "p.jsonl",
+                "p.jsonl": '{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n',
+            },
+            "unique",
+        ),
+        ({"prompts": ["a", "b"], "matrix": {"initial_sentence": ["x"]}}, "prompts"),
+        ({"prompts": "notes.md"}, ".txt or .jsonl"),
+    ],
+)
+def test_hostile_sets_are_refused_by_name(
+    make_repo: RepoFactory, tiny_model: Path, files: dict[str, Any], match: str
+) -> None:
+    from tasks.evalset import load_plan
+    from tasks.repo import RepoLocation, resolve_commit
+
+    extra = {k: v for k, v in files.items() if "." in k}
+    keys = {k: v for k, v in files.items() if "." not in k}
+    repo = make_repo({"textgen.yaml": settings(tiny_model, **keys), **extra})
+    commit = resolve_commit(RepoLocation.parse(str(repo.path)), "main", None)
+    with pytest.raises(SettingsError, match=match):
+        load_plan(commit)
