@@ -88,7 +88,9 @@ def running(experiment: Experiment) -> list[Any]:
 def history(experiment: Experiment, filters: list[str], limit: int | None) -> list[Any]:
     """The runs the `filters` (MLflow's syntax, joined with `and`) select, newest first: the
     first `limit`, or all of them for None."""
-    return experiment.search(" and ".join(filters), NEWEST_FIRST, limit)
+    # A matrix cell's run is part of its version, not a run of its own.
+    query = " and ".join([*filters, f"tags.`{T.PARENT_RUN}` IS NULL"])
+    return experiment.search(query, NEWEST_FIRST, limit)
 
 
 def ended_run_of(experiment: Experiment, sha: str, triggers: Collection[str]) -> bool:

@@ -201,3 +201,52 @@ def test_hostile_sets_are_refused_by_name(
     commit = resolve_commit(RepoLocation.parse(str(repo.path)), "main", None)
     with pytest.raises(SettingsError, match=match):
         load_plan(commit)
+
+
+def test_run_json_and_compare_read_cells_and_prompts(
+    make_repo: RepoFactory, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deployments.cli import main
+    from deployments.reports.compare import compare, render_markdown, render_text
+    from deployments.reports.history import history_rows
+
+    matrix = {"random_seed": [42, 7]}
+    repo = make_repo({"textgen.yaml": settings(tiny_model, prompts=PROMPTS[:2], matrix=matrix)})
+    assert main(["run", "--repo", str(repo.path), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["version"] == 1 and printed["run_id"]
+    assert [c["cell"] for c in printed["cells"]] == ["random_seed=42", "random_seed=7"]
+    cell = printed["cells"][0]
+    assert cell["settings"]["random_seed"] == 42 and cell["run_id"] != printed["run_id"]
+    assert [o["prompt"] for o in cell["outputs"]] == PROMPTS[:2]
+    assert all(o["generated"] and o["from_version"] == 1 for o in cell["outputs"])
+
+    prompts = [*PROMPTS[:2], "A third prompt"]
+    repo.commit({"textgen.yaml": settings(tiny_model, prompts=prompts, matrix=matrix)}, "one more")
+    assert main(["run", "--repo", str(repo.path), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    outputs = printed["cells"][1]["outputs"]
+    assert [(o["generated"], o["from_version"]) for o in outputs] == [
+        (False, 1),
+        (False, 1),
+        (True, 2),
+    ]
+    # history lists the two versions, not their cells' runs
+    assert [row["version"] for row in history_rows(str(repo.path), None)] == ["2", "1"]
+
+    report = compare(str(repo.path), "1", "2")
+    assert [s.status for s in report.shown] == ["new", "new"]
+    assert {s.status for s in report.sections} == {"new", "same"}
+    reused = [s for s in report.sections if s.status == "same"]
+    assert {s.note for s in reused} == {"reused from v1"}
+    text = render_text(report)
+    assert "Cells:" in text and "random_seed=7" in text
+    assert "== cell random_seed=42 | prompt " in text and "(new): A third prompt" in text
+    assert "4 unchanged (cell, prompt) texts not shown; --all shows them" in text
+    assert render_text(compare(str(repo.path), "1", "2", show_all=True)).count("== cell") == 6
+    markdown = render_markdown(report)
+    assert "#### cell random\\_seed=7 \\| prompt" in markdown
+    assert "| `random\\_seed=42` |" in markdown
+    found = report.as_dict()
+    assert {s["status"] for s in found["sections"]} == {"new", "same"}
+    assert any(c["cell"] == "random_seed=7" for c in found["cells"])

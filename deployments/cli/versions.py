@@ -169,14 +169,18 @@ def compare(
             "--markdown", help="Print the report as Markdown (what a pull request comment shows)."
         ),
     ] = False,
+    all_: Annotated[
+        bool,
+        typer.Option("--all", help="For evaluation sets: the texts of unchanged prompts too."),
+    ] = False,
     json_: Json = False,
 ) -> int:
     """Compare two versions (or a pull request's preview run): settings, commits, metrics
-    and texts side by side."""
+    and texts side by side; for evaluation sets, per cell and prompt."""
     from deployments.reports.compare import compare as compare_versions
     from deployments.reports.compare import render_html, render_markdown, render_text
 
-    comparison = compare_versions(location(repo).url, a, b, chart=bool(html))
+    comparison = compare_versions(location(repo).url, a, b, chart=bool(html), show_all=all_)
     if html:
         Path(html).write_text(render_html(comparison), encoding="utf-8")
         print(f"wrote {html}", file=sys.stderr)

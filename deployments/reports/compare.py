@@ -3,6 +3,10 @@
 A and B are versions (`3`, `v3`), commits (full or short SHA) or MLflow run ids. The report
 shows the settings that differ, the commits between the two, the metric deltas, and the texts
 side by side with the changed words marked; `--html` writes it as a self-contained page.
+
+For evaluation sets (`tasks.evalset`) it shows a cell x metric table, then the texts per cell
+and prompt: the prompts whose texts changed, were added or were removed (`show_all`: every
+one), each saying where its texts came from when they were reused.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from deployments.reports.tables import render_table
 from tasks import tags as T
 from tasks import versions
 from tasks.errors import TrackingError, UsageError
+from tasks.evalset import prompt_id
+from tasks.evaluation import QUALITY, Row
 from tasks.machine import shared as is_shared
 from tasks.repo import RepoLocation, is_ancestor, resolve_commit
 from tasks.settings import GenerationSettings
@@ -55,11 +61,41 @@ class Side:
     version: int | None
     sha: str
     texts: list[str]
+    rows: dict[tuple[str, str], Row] = field(default_factory=dict)
+    """The texts per (cell, prompt id); a one-prompt version has one row, cell `""`."""
+    cells: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluation: bool = False
 
     @property
     def started(self) -> str:
         started = datetime.fromtimestamp(self.run.info.start_time / 1000, UTC)
         return started.strftime("%Y-%m-%d %H:%M")
+
+
+@dataclass
+class Section:
+    """The texts of one prompt in one cell, on both sides."""
+
+    cell: str
+    prompt_id: str
+    prompt: str
+    status: str
+    """`same`, `changed`, `new` (only in the second) or `removed` (only in the first)."""
+    note: str
+    """Where the second's texts came from when they were reused (`reused from v2`)."""
+    pairs: list[tuple[Pieces, Pieces]]
+
+    @property
+    def title(self) -> str:
+        """`cell random_seed=7 | prompt q1 (changed, reused from v2): Hello, I'm`."""
+        where = f"cell {self.cell} | " if self.cell else ""
+        status = ", ".join(x for x in (self.status, self.note) if x)
+        first = self.prompt.splitlines()[0] if self.prompt else ""
+        return f"{where}prompt {self.prompt_id} ({status}): {first}"
+
+
+CELL_METRICS = (*QUALITY, "tokens_per_second", "new_tokens", "prompts_generated")
+"""What the cell x metric table of an evaluation set shows."""
 
 
 @dataclass
@@ -80,6 +116,24 @@ class Comparison:
     """Where the repository was reached from, when that is not its name (a checkout)."""
     chart: str = ""
     """The SVG chart of every version's metrics, with the two compared marked."""
+    sections: list[Section] = field(default_factory=list)
+    cell_metrics: list[tuple[str, str, float | None, float | None]] = field(default_factory=list)
+    """(cell, metric, first, second) for evaluation sets; empty for two one-prompt versions."""
+    show_all: bool = False
+    """Whether the texts of unchanged prompts are shown too (evaluation sets)."""
+
+    @property
+    def evaluation(self) -> bool:
+        """Whether either side is an evaluation set."""
+        return self.a.evaluation or self.b.evaluation
+
+    @property
+    def shown(self) -> list[Section]:
+        """The sections the report prints: for evaluation sets, those that changed (all of them
+        with `show_all`); for two one-prompt versions, the one section."""
+        if not self.evaluation or self.show_all:
+            return self.sections
+        return [s for s in self.sections if s.status != "same"]
 
     def speed_note(self, key: str, x: float | None, y: float | None) -> str:
         """For a timing: why its change says nothing about the change between the two (the
@@ -136,11 +190,28 @@ class Comparison:
                 | {"change": _change(x, y), "note": self.speed_note(k, x, y)}
                 for k, x, y in self.metrics
             ],
-            "texts": [
-                {"a": _text(left, "ins"), "b": _text(right, "del"), "identical": _same(left, right)}
-                for left, right in self.pairs
+            "texts": [_pair_dict(pair) for pair in self.pairs],
+            "cells": [
+                {"cell": cell, "metric": k, "a": x, "b": y, "change": _change(x, y)}
+                for cell, k, x, y in self.cell_metrics
+            ],
+            "sections": [
+                {
+                    "cell": s.cell,
+                    "prompt_id": s.prompt_id,
+                    "prompt": s.prompt,
+                    "status": s.status,
+                    "note": s.note,
+                    "texts": [_pair_dict(pair) for pair in s.pairs],
+                }
+                for s in self.sections
             ],
         }
+
+
+def _pair_dict(pair: tuple[Pieces, Pieces]) -> dict[str, Any]:
+    left, right = pair
+    return {"a": _text(left, "ins"), "b": _text(right, "del"), "identical": _same(left, right)}
 
 
 def _same(left: Pieces, right: Pieces) -> bool:
@@ -220,13 +291,65 @@ def _side(tracker: Experiment, run: Any) -> Side:
         label = f"PR #{tags[T.PREVIEW_PR]}"
     else:
         label = str(run.info.run_id[:8])
+    evaluation = T.CELLS in tags
     try:
-        texts = versions.texts_of(tracker, run.info.run_id)
+        if evaluation:
+            rows = {(r.cell, r.prompt_id): r for r in versions.rows_of(tracker, run)}
+            texts = [text for row in rows.values() for text in row.texts]
+            cells = versions.cell_metrics_of(tracker, run)
+        else:
+            texts = versions.texts_of(tracker, run.info.run_id)
+            prompt = run.data.params.get("initial_sentence", "")
+            one = Row("", prompt_id(prompt), prompt, "", texts, [], {})
+            rows, cells = {("", one.prompt_id): one}, {"": dict(run.data.metrics)}
     except Exception as exc:
         raise TrackingError(
             f"cannot read the texts of {_label(run)} (run {run.info.run_id}): {exc}"
         ) from exc
-    return Side(run, label, int(version) if version else None, tags.get(T.COMMIT, ""), texts)
+    number = int(version) if version else None
+    return Side(run, label, number, tags.get(T.COMMIT, ""), texts, rows, cells, evaluation)
+
+
+def _pairs(left: list[str], right: list[str]) -> list[tuple[Pieces, Pieces]]:
+    return [_word_diff(x, y) for x, y in itertools.zip_longest(left, right, fillvalue="")]
+
+
+def _sections(a: Side, b: Side) -> list[Section]:
+    """The texts per (cell, prompt), in the second's order, then those only the first has."""
+    if not (a.evaluation or b.evaluation):
+        (left,), (right,) = a.rows.values(), b.rows.values()
+        pairs = _pairs(left.texts, right.texts)
+        status = "same" if all(_same(x, y) for x, y in pairs) else "changed"
+        return [Section("", right.prompt_id, right.prompt, status, "", pairs)]
+    sections = []
+    for key in [*b.rows, *(k for k in a.rows if k not in b.rows)]:
+        old, new = a.rows.get(key), b.rows.get(key)
+        row = new or old
+        assert row is not None
+        note = ""
+        if new is not None and not new.generated and new.from_version is not None:
+            note = f"reused from v{new.from_version}"
+        pairs = _pairs(old.texts if old else [], new.texts if new else [])
+        if old is None:
+            status = "new"
+        elif new is None:
+            status = "removed"
+        else:
+            status = "same" if all(_same(x, y) for x, y in pairs) else "changed"
+        sections.append(Section(row.cell, row.prompt_id, row.prompt, status, note, pairs))
+    return sections
+
+
+def _cell_metrics(a: Side, b: Side) -> list[tuple[str, str, float | None, float | None]]:
+    if not (a.evaluation or b.evaluation):
+        return []
+    cells = [*b.cells, *(c for c in a.cells if c not in b.cells)]
+    return [
+        (cell, name, a.cells.get(cell, {}).get(name), b.cells.get(cell, {}).get(name))
+        for cell in cells
+        for name in CELL_METRICS
+        if name in a.cells.get(cell, {}) or name in b.cells.get(cell, {})
+    ]
 
 
 def _differences(a: dict[str, str], b: dict[str, str], keys: list[str]) -> list[Difference]:
@@ -283,9 +406,12 @@ def _word_diff(left: str, right: str) -> tuple[Pieces, Pieces]:
     return out_a, out_b
 
 
-def compare(repo_url: str, ref_a: str, ref_b: str, chart: bool = False) -> Comparison:
+def compare(
+    repo_url: str, ref_a: str, ref_b: str, chart: bool = False, show_all: bool = False
+) -> Comparison:
     """Resolve both references in the repository's experiment and gather the report (`chart`:
-    with the chart of the latest versions, which only the HTML report shows)."""
+    with the chart of the latest versions, which only the HTML report shows; `show_all`: with
+    the texts of an evaluation set's unchanged prompts too)."""
     tracker = Experiment.for_repo(repo_url, create=False)
     a = _side(tracker, resolve_reference(tracker, ref_a))
     b = _side(tracker, resolve_reference(tracker, ref_b))
@@ -296,6 +422,7 @@ def compare(repo_url: str, ref_a: str, ref_b: str, chart: bool = False) -> Compa
     commits, note = _commits(tracker.repo_url, a, b)
     reached = tracker.repo_url if tracker.repo_url != tracker.name else ""
     marked = tuple(v for v in (a.version, b.version) if v is not None)
+    sections = _sections(a, b)
     return Comparison(
         repo=tracker.name,
         reached_from=reached,
@@ -306,7 +433,10 @@ def compare(repo_url: str, ref_a: str, ref_b: str, chart: bool = False) -> Compa
         commits=commits,
         commits_note=note,
         metrics=[(k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))],
-        pairs=[_word_diff(x, y) for x, y in itertools.zip_longest(a.texts, b.texts, fillvalue="")],
+        pairs=[pair for section in sections for pair in section.pairs],
+        sections=sections,
+        cell_metrics=_cell_metrics(a, b),
+        show_all=show_all,
         chart=(
             render_svg(version_points(tracker), f"Versions of {tracker.name}", marked)
             if chart
@@ -355,22 +485,47 @@ def render_text(c: Comparison, width: int | None = None, color: bool = False) ->
     lines += [f"  {line}" for line in c.commits] or ["  none"]
     lines += ["", "Metrics:"]
     lines += render_table(["metric", c.a.label, c.b.label, "delta"], _metric_rows(c), indent=2)
+    if c.cell_metrics:
+        lines += ["", "Cells:"]
+        header = ["cell", "metric", c.a.label, c.b.label, "delta"]
+        lines += render_table(header, _cell_rows(c), indent=2)
     column = max(20, (width - 5) // 2)
 
     def marked(pieces: Pieces) -> list[str]:
         return _wrap("".join(marks[k][0] + p + marks[k][1] for k, p in pieces), column, color)
 
-    for index, (left, right) in enumerate(c.pairs, start=1):
-        lines += ["", f"Output {index} of {len(c.pairs)}:"]
-        if _same(left, right):
-            wrapped = textwrap.wrap("".join(p for _, p in left), width - 14)
-            lines += [f"  (identical) {line}" for line in wrapped]
-            continue
-        lines.append(f"  {c.a.label.ljust(column)} | {c.b.label}")
-        for l_line, r_line in itertools.zip_longest(marked(left), marked(right), fillvalue=""):
-            pad = column - len(ANSI.sub("", l_line))
-            lines.append(f"  {l_line}{' ' * max(0, pad)} | {r_line}")
+    for section in c.shown:
+        if section.title and c.evaluation:
+            lines += ["", f"== {section.title}"]
+        for index, (left, right) in enumerate(section.pairs, start=1):
+            lines += ["", f"Output {index} of {len(section.pairs)}:"]
+            if _same(left, right):
+                wrapped = textwrap.wrap("".join(p for _, p in left), width - 14)
+                lines += [f"  (identical) {line}" for line in wrapped]
+                continue
+            lines.append(f"  {c.a.label.ljust(column)} | {c.b.label}")
+            for l_line, r_line in itertools.zip_longest(marked(left), marked(right), fillvalue=""):
+                pad = column - len(ANSI.sub("", l_line))
+                lines.append(f"  {l_line}{' ' * max(0, pad)} | {r_line}")
+    if summary := _unchanged_note(c):
+        lines += ["", summary]
     return "\n".join(lines) + "\n"
+
+
+def _unchanged_note(c: Comparison) -> str:
+    """For an evaluation set: how many prompts' texts are the same, when they are not shown."""
+    hidden = len(c.sections) - len(c.shown)
+    return f"{hidden} unchanged (cell, prompt) texts not shown; --all shows them" if hidden else ""
+
+
+def _cell_rows(c: Comparison) -> list[list[str]]:
+    return [
+        [cell or "-", name, _fmt(x), _fmt(y), _delta(x, y)] for cell, name, x, y in c.cell_metrics
+    ]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 MARKDOWN_CHARS = 60_000
@@ -378,8 +533,7 @@ MARKDOWN_CHARS = 60_000
 
 
 def _metric_rows(c: Comparison) -> list[list[str]]:
-    def fmt(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4g}"
+    fmt = _fmt
 
     def delta(key: str, x: float | None, y: float | None) -> str:
         note = c.speed_note(key, x, y)
@@ -398,17 +552,29 @@ def render_markdown(c: Comparison, title: str | None = None) -> str:
             f"{mark}{md_piece(p)}{mark}" if k == kind else md_piece(p) for k, p in pieces
         )
 
-    pairs = []
-    for left, right in c.pairs:
-        same = _same(left, right)
-        old = " ".join(_text(left, "ins").split()).replace("```", fence)
-        new = " ".join(_text(right, "del").split()).replace("```", fence)
-        diff = [f"  {old}"] if same else [f"- {old}", f"+ {new}"]
-        texts = {"old": marked(left, "del", "~~"), "new": marked(right, "ins", "**")}
-        pairs.append({"same": same, "diff": diff, **texts})
+    sections = []
+    for section in c.shown:
+        pairs = []
+        for left, right in section.pairs:
+            same = _same(left, right)
+            old = " ".join(_text(left, "ins").split()).replace("```", fence)
+            new = " ".join(_text(right, "del").split()).replace("```", fence)
+            diff = [f"  {old}"] if same else [f"- {old}", f"+ {new}"]
+            texts = {"old": marked(left, "del", "~~"), "new": marked(right, "ins", "**")}
+            pairs.append({"same": same, "diff": diff, **texts})
+        title_text = section.title if c.evaluation else ""
+        sections.append({"title": title_text, "pairs": pairs})
     context = {"title": title or f"{c.a.label} → {c.b.label}", "a": c.a.label, "b": c.b.label}
     text = render(
-        "compare.md", c=c, metrics=_metric_rows(c), changed=c.changed, pairs=pairs, **context
+        "compare.md",
+        c=c,
+        metrics=_metric_rows(c),
+        cells=_cell_rows(c),
+        changed=c.changed,
+        total=len(c.pairs),
+        sections=sections,
+        unchanged=_unchanged_note(c),
+        **context,
     )
     if len(text) > MARKDOWN_CHARS:
         text = text[: MARKDOWN_CHARS - 80] + "\n\n… (cut: the full report is `textgen compare`)\n"
@@ -435,5 +601,19 @@ def render_html(c: Comparison) -> str:
     """The same report as a self-contained HTML page (no scripts, no remote assets)."""
     from markupsafe import Markup
 
-    pairs = [(left, right, _same(left, right)) for left, right in c.pairs]
-    return render("compare.html", c=c, metrics=_metric_rows(c), chart=Markup(c.chart), pairs=pairs)
+    sections = [
+        {
+            "title": s.title if c.evaluation else "",
+            "pairs": [(left, right, _same(left, right)) for left, right in s.pairs],
+        }
+        for s in c.shown
+    ]
+    return render(
+        "compare.html",
+        c=c,
+        metrics=_metric_rows(c),
+        cells=_cell_rows(c),
+        chart=Markup(c.chart),
+        sections=sections,
+        unchanged=_unchanged_note(c),
+    )
