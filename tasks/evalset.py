@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks import config
 from tasks.bounded import show
 from tasks.config import OperatorLimits
 from tasks.errors import SettingsError
@@ -218,7 +219,7 @@ def _file_entries(commit: CommitInfo, path: str, label: str, limits: OperatorLim
         if len(entries) == limits.max_prompts:
             raise SettingsError(
                 f"{where}: more than {limits.max_prompts} prompts; allowed: at most "
-                f"{limits.max_prompts} a version (operator limit TEXTGEN_MAX_PROMPTS)"
+                f"{limits.max_prompts} a version (operator limit {config.MAX_PROMPTS.name})"
             )
         if path.endswith(".jsonl"):
             try:
@@ -243,7 +244,7 @@ def parse_prompts(
         if len(value) > limits.max_prompts:
             raise SettingsError(
                 f"{label}: prompts has {len(value)} entries; allowed: at most "
-                f"{limits.max_prompts} a version (operator limit TEXTGEN_MAX_PROMPTS)"
+                f"{limits.max_prompts} a version (operator limit {config.MAX_PROMPTS.name})"
             )
         entries = [(item, f"{label}, prompts[{i}]") for i, item in enumerate(value)]
         source = "textgen.yaml"
@@ -263,7 +264,7 @@ def parse_prompts(
         if len(text) > limits.max_prompt_chars:
             raise SettingsError(
                 f"{where}: the prompt has {len(text)} characters, over the operator limit "
-                f"{limits.max_prompt_chars} (TEXTGEN_MAX_PROMPT_CHARS)"
+                f"{limits.max_prompt_chars} ({config.MAX_PROMPT_CHARS.name})"
             )
         pid = given or prompt_id(text)
         if pid in seen:
@@ -380,7 +381,7 @@ def expand_matrix(value: Any, label: str, limit: int) -> list[dict[str, Any]]:
 def _too_many(label: str, cells: int, limit: int) -> str:
     return (
         f"{label}: the matrix makes {cells} cells; allowed: at most {limit} a version "
-        "(operator limit TEXTGEN_MAX_CELLS)"
+        f"(operator limit {config.MAX_CELLS.name})"
     )
 
 
@@ -410,7 +411,7 @@ def _check_budget(plan: Plan, label: str, limits: OperatorLimits) -> None:
         raise SettingsError(
             f"{label}: {len(plan.cells)} cells x {len(plan.prompts)} prompts come to up to "
             f"{total} new tokens; allowed: at most {limits.max_version_tokens} a version "
-            "(operator limit TEXTGEN_MAX_VERSION_TOKENS)"
+            f"(operator limit {config.MAX_VERSION_TOKENS.name})"
         )
 
 

@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from deployments.cli import main
-from deployments.reports.compare import _delta, _word_diff, compare, render_html, render_text
+from deployments.reports.compare import _word_diff, compare
+from deployments.reports.compare_views import _delta, render_html, render_text
 from flows.text_generation import nlp_text_generation
 from tasks.errors import UsageError
 from tests.conftest import GitRepo, settings_yaml

@@ -207,7 +207,8 @@ def test_run_json_and_compare_read_cells_and_prompts(
     make_repo: RepoFactory, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from deployments.cli import main
-    from deployments.reports.compare import compare, render_markdown, render_text
+    from deployments.reports.compare import compare
+    from deployments.reports.compare_views import render_markdown, render_text
     from deployments.reports.history import history_rows
 
     matrix = {"random_seed": [42, 7]}

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from deployments.reports.compare import compare, render_markdown
+from deployments.reports.compare import compare
+from deployments.reports.compare_views import render_markdown
 from deployments.reports.history import history_rows
 from flows.text_generation import nlp_text_generation
 from tasks.errors import SettingsError

@@ -178,7 +178,7 @@ def compare(
     """Compare two versions (or a pull request's preview run): settings, commits, metrics
     and texts side by side; for evaluation sets, per cell and prompt."""
     from deployments.reports.compare import compare as compare_versions
-    from deployments.reports.compare import render_html, render_markdown, render_text
+    from deployments.reports.compare_views import render_html, render_markdown, render_text
 
     comparison = compare_versions(location(repo).url, a, b, chart=bool(html), show_all=all_)
     if html:

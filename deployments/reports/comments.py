@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deployments.reports.compare import compare, render_markdown
+from deployments.reports.compare import compare
+from deployments.reports.compare_views import render_markdown
 from tasks import tags as T
 
 
