@@ -53,8 +53,10 @@ def main() -> None:
     from deployments.service.receiver import Receiver
     from tasks.bounded import load_yaml
     from tasks.errors import SettingsError
+    from tasks.evalset import Cell, Prompt, load_plan
     from tasks.gates import parse_gate, parse_gates
     from tasks.generate import run_generation
+    from tasks.generate_set import check_prompts
     from tasks.globs import matches_patterns
     from tasks.model import build_generator, folder_digest, locate_model
     from tasks.repo import RepoLocation, resolve_commit
@@ -73,6 +75,12 @@ def main() -> None:
         commit = resolve_commit(RepoLocation.parse(str(repo.path)), "main", None)
         return lambda: load_settings(commit)
 
+    def plan_at(text: str, files: dict[str, str] | None = None) -> Callable[[], Any]:
+        repo = GitRepo(root / f"repo{next(counter)}")
+        repo.commit({"textgen.yaml": text, **(files or {})})
+        commit = resolve_commit(RepoLocation.parse(str(repo.path)), "main", None)
+        return lambda: load_plan(commit)
+
     def model_at(model: str) -> Callable[[], Any]:
         repo = GitRepo(root / f"repo{next(counter)}")
         repo.commit({"textgen.yaml": f"model: {model}\n"})
@@ -82,6 +90,9 @@ def main() -> None:
 
     generator = build_generator(parse_settings({"model": str(tiny)}, "t"))
     long_settings = parse_settings({"model": str(tiny), "max_length": 400}, "t")
+    long_prompt = Prompt("p1", "a long prompt " * 30, "prompts.txt at commit 1a2b3c4, line 7")
+    cell = Cell("", {}, parse_settings({"model": str(tiny), "max_new_tokens": 8}, "t"))
+    axes = "matrix: {random_seed: [%s], top_k: [%s]}\n" % ((",".join(map(str, range(1000))),) * 2)
     many = root / "many-files"
     many.mkdir()
     for index in range(12_000):
@@ -128,6 +139,20 @@ def main() -> None:
         (
             "max_length 400 on a 128-position model",
             lambda: run_generation(generator, long_settings),
+        ),
+        ("matrix of 1000 x 1000 cells", plan_at(axes)),
+        (
+            "prompts.txt of 10 MB",
+            plan_at("prompts: prompts.txt\n", {"prompts.txt": "x" * (10 << 20)}),
+        ),
+        (
+            "prompts.txt of 100,000 lines",
+            plan_at("prompts: prompts.txt\n", {"prompts.txt": "a prompt\n" * 100_000}),
+        ),
+        ("prompts: a missing file", plan_at("prompts: missing.jsonl\n")),
+        (
+            "a prompt past the model's context (tiny, 128 positions)",
+            lambda: check_prompts(generator, cell, [long_prompt]),
         ),
         (
             "paths-ignore '*a' x 20 + '*b' vs a 5000-char name",

@@ -310,7 +310,7 @@ def _run_set(
             tracker, commit.sha, plan.digest(), revisions_digest(revisions)
         )
         if existing is not None:
-            record = tracker.finish_reused(run_id, existing, plan.settings)
+            record = tracker.finish_reused(run_id, existing, plan.settings, plan.digest())
             earlier = versions.rows_of(tracker, existing)
             cells = record_cells(plan, earlier, _cell_runs(tracker, existing), None)
             return replace(record, cells=cells)

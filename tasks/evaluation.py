@@ -53,6 +53,8 @@ class Row:
     from_version: int | None = None
     """The version whose run generated the texts (None until this version has its number)."""
     from_run_id: str | None = None
+    started_at: float | None = None
+    """When its generation started (seconds since the epoch)."""
     token_ids: tuple[list[int], list[list[int]]] | None = field(default=None, repr=False)
     """(prompt ids, new ids) of a row generated now: for traces, never stored."""
 
@@ -81,6 +83,7 @@ class Row:
             generated=False,
             from_version=self.from_version,
             from_run_id=self.from_run_id,
+            started_at=self.started_at,
         )
 
 
@@ -92,7 +95,12 @@ def row_key(cell: Cell, prompt: Prompt, revision: str | None) -> str:
 
 
 def generated_row(
-    cell: Cell, prompt: Prompt, key: str, generations: Generations, quality: dict[str, float]
+    cell: Cell,
+    prompt: Prompt,
+    key: str,
+    generations: Generations,
+    quality: dict[str, float],
+    started_at: float | None = None,
 ) -> Row:
     """The row of texts generated now."""
     metrics = {
@@ -112,6 +120,7 @@ def generated_row(
         list(generations.texts),
         generations.new_tokens,
         metrics,
+        started_at=started_at,
         token_ids=(generations.prompt_token_ids, generations.new_token_ids),
     )
 

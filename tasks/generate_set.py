@@ -3,6 +3,8 @@ scored the same way, as one Prefect task per cell (not one per prompt)."""
 
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -37,9 +39,11 @@ def generate_cell(
     check_prompts(generator, cell, prompts)
     rows = []
     for prompt in prompts:
+        started = time.time()
         generations = run_generation(generator, cell.for_prompt(prompt))
         quality = quality_metrics(generator.pipeline.model, generations)
-        rows.append(generated_row(cell, prompt, keys[prompt.id], generations, quality))
+        row = generated_row(cell, prompt, keys[prompt.id], generations, quality, started)
+        rows.append(row)
     seconds = sum(r.metrics["generation_seconds"] for r in rows)
     tokens = sum(r.metrics["new_tokens"] for r in rows)
     logger.info(

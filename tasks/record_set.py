@@ -26,6 +26,7 @@ from tasks.evaluation import (
     ordered,
     version_metrics,
 )
+from tasks.genai import session_name, trace_set
 from tasks.recovery import worker_tags
 from tasks.repo import CommitInfo
 from tasks.store import as_metrics, as_params, as_tags
@@ -236,6 +237,7 @@ def log_evaluation(
     if preview is not None:
         record = tracker.finish_preview(run_id, commit, plan.digest(), output_digest, preview)
         logger.info("Recorded the preview of PR #%s as MLflow run %s", preview, run_id)
+        trace_set(tracker, run_id, plan, rows, runs, session_name(None, preview, commit.sha))
         return _with_cells(record, plan, rows, runs, None), per_cell
     version = numbering.allocate(tracker, run_id)
     note = (
@@ -255,6 +257,7 @@ def log_evaluation(
         len(plan.prompts),
         reused_rows,
     )
+    trace_set(tracker, run_id, plan, rows, runs, session_name(version, None, commit.sha))
     record = RunRecord(
         T.NEW,
         run_id,

@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import numbering
 from tasks import tags as T
-from tasks.evaluation import format_output
+from tasks.evaluation import format_output, generated_row
+from tasks.genai import session_name, trace_one
 from tasks.generate import Generations
 from tasks.model import Generator
 from tasks.recovery import worker_tags
@@ -175,11 +176,14 @@ class Tracker(Experiment):
         }
         self.client.log_batch(run_id, tags=as_tags(preview))
 
-    def finish_reused(self, run_id: str, existing: Any, settings: GenerationSettings) -> RunRecord:
-        """End a run whose output already exists, pointing at that version."""
+    def finish_reused(
+        self, run_id: str, existing: Any, settings: GenerationSettings, digest: str | None = None
+    ) -> RunRecord:
+        """End a run whose output already exists, pointing at that version (`digest`: of the
+        inputs, when they are more than `settings`: an evaluation set's)."""
         version = int(existing.data.tags[T.VERSION])
         sha = existing.data.tags[T.COMMIT]
-        digest = settings.digest()
+        digest = digest or settings.digest()
         reused = {
             T.OUTCOME: T.REUSED,
             T.DIGEST: digest,
@@ -278,6 +282,25 @@ class Tracker(Experiment):
         )
 
 
+def _trace(
+    tracker: Tracker,
+    run_id: str,
+    settings: GenerationSettings,
+    generations: Generations,
+    quality: dict[str, float] | None,
+    session: str,
+) -> None:
+    """The version's one trace on MLflow's GenAI side (`tasks.genai`)."""
+    from tasks.evalset import Cell, Prompt, prompt_id
+
+    prompt = Prompt(prompt_id(generations.prompt), generations.prompt, "initial_sentence")
+    cell = Cell("", {}, settings)
+    row = generated_row(cell, prompt, "", generations, quality or {})
+    values = {k: v for k, v in settings.effective().model_dump().items() if v is not None}
+    values.pop("initial_sentence", None)
+    trace_one(tracker, run_id, row, values, session)
+
+
 @task(name="log-to-mlflow", cache_policy=NO_CACHE)
 def log_to_mlflow(
     tracker: Tracker,
@@ -327,6 +350,9 @@ def log_to_mlflow(
     if preview is not None:
         record = tracker.finish_preview(run_id, commit, digest, output_digest, preview)
         get_run_logger().info("Recorded the preview of PR #%s as MLflow run %s", preview, run_id)
+        _trace(
+            tracker, run_id, settings, generations, quality, session_name(None, preview, commit.sha)
+        )
         return record
     version = numbering.allocate(tracker, run_id)
     first = generations.texts[0] if generations.texts else ""
@@ -340,6 +366,7 @@ def log_to_mlflow(
         tracker, run_id, version, commit.sha, {T.NOTE: note, T.OUTPUT_DIGEST: output_digest}
     )
     get_run_logger().info("Recorded version %s as MLflow run %s", version, run_id)
+    _trace(tracker, run_id, settings, generations, quality, session_name(version, None, commit.sha))
     url = tracker.url(run_id)
     return RunRecord(
         T.NEW,

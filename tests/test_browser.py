@@ -301,3 +301,66 @@ def test_every_link_printed_after_serve_and_a_push_opens(
     finally:
         service.stop()
         prefect.stop()
+
+
+def test_an_evaluation_set_is_at_home_on_the_genai_side(
+    browser: Any,
+    make_repo: RepoFactory,
+    tiny_model: Path,
+    mlflow_ui: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    shots = screenshots(tmp_path_factory, "genai")
+    prompts = ["Hello, I'm a language model,", "Once upon a time"]
+    values = {"prompts": prompts, "matrix": {"random_seed": [42, 7]}, "max_new_tokens": 8}
+    repo = make_repo({"textgen.yaml": settings_yaml(tiny_model, **values)}, "two prompts")
+    first = nlp_text_generation(repo_url=str(repo.path))
+    values["prompts"] = [*prompts, "The weather today"]
+    repo.commit({"textgen.yaml": settings_yaml(tiny_model, **values)}, "one more prompt")
+    second = nlp_text_generation(repo_url=str(repo.path))
+    experiment = f"{mlflow_ui}/#/experiments/{first.experiment_id}"
+    page = browser.new_page(viewport={"width": 1800, "height": 1100})
+    try:
+        page.goto(f"{experiment}/traces")
+        page.get_by_text("Once upon a time").first.wait_for(timeout=30000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(shots / "traces.png"))
+        body = page.inner_text("body")
+        for name in ("distinct_2", "perplexity"):
+            assert name in body, f"the traces table has no {name} column"
+        # Each version is a session (MLflow 3.17 shows sessions as a column of the traces).
+        assert {"v1", "v2"} <= set(body.split()), "the traces name no session per version"
+
+        page.goto(f"{experiment}/evaluation-runs")
+        page.get_by_text("evaluation v2").first.wait_for(timeout=30000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(shots / "evaluation-runs.png"))
+        assert "evaluation v1" in page.inner_text("body")
+
+        # The overview's panels count the traces, their tokens and their assessments.
+        expected = {
+            "usage": ["Traces\n10", "Token Usage", "240 output"],
+            "quality": ["Quality Summary", "distinct_2", "repetition_rate"],
+        }
+        for tab, words in expected.items():
+            page.goto(f"{experiment}/overview/{tab}")
+            page.get_by_text(words[1]).first.wait_for(timeout=30000)
+            if (got_it := page.get_by_text("Got it", exact=True)).count():
+                got_it.first.click()
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(shots / f"overview-{tab}.png"), full_page=True)
+            body = page.inner_text("body")
+            for word in words:
+                assert word in body, f"the overview's {tab} tab shows no {word!r}"
+
+        page.goto(f"{experiment}/runs?workflowType=machine_learning")
+        page.get_by_text(f"v{second.version} {second.commit_sha[:7]}").first.wait_for(
+            timeout=30000
+        )
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(shots / "runs.png"))
+    except Exception:
+        page.screenshot(path=str(shots / "failure.png"), full_page=True)
+        print(f"screenshots in {shots}")
+        raise
+    print(f"screenshots in {shots}")

@@ -128,6 +128,13 @@ def test_adding_reordering_and_removing_reuse_every_unchanged_text(
     assert texts_by_prompt(third) == {k: v for k, v in after.items() if k[0] == "random_seed=7"}
     assert {o["from_version"] for c in third.as_dict()["cells"] for o in c["outputs"]} == {1, 2}
 
+    again = nlp_text_generation(repo_url=str(repo.path))
+    assert (again.outcome, again.version) == ("reused", 3)
+    assert (
+        client().get_run(again.run_id).data.tags["textgen.settings_digest"] == third.settings_digest
+    )
+    assert texts_by_prompt(again) == texts_by_prompt(third)
+
     forced = nlp_text_generation(repo_url=str(repo.path), force=True)
     assert all(generated(forced).values())
     assert texts_by_prompt(forced) == texts_by_prompt(third)
@@ -251,3 +258,87 @@ def test_run_json_and_compare_read_cells_and_prompts(
     found = report.as_dict()
     assert {s["status"] for s in found["sections"]} == {"new", "same"}
     assert any(c["cell"] == "random_seed=7" for c in found["cells"])
+
+
+def test_the_new_token_budget_bounds_a_version(
+    make_repo: RepoFactory, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.evalset import load_plan
+    from tasks.repo import RepoLocation, resolve_commit
+
+    monkeypatch.setenv("TEXTGEN_MAX_VERSION_TOKENS", "60")
+    matrix = {"random_seed": [1, 2]}
+    repo = make_repo({"textgen.yaml": settings(tiny_model, prompts=PROMPTS, matrix=matrix)})
+    commit = resolve_commit(RepoLocation.parse(str(repo.path)), "main", None)
+    # 2 cells x 3 prompts x 2 sequences x 8 new tokens
+    with pytest.raises(SettingsError, match="up to 96 new tokens; allowed: at most 60"):
+        load_plan(commit)
+
+
+def test_a_version_is_at_home_on_mlflows_genai_side(
+    make_repo: RepoFactory, tiny_model: Path
+) -> None:
+    import mlflow
+
+    matrix = {"random_seed": [42, 7]}
+    repo = make_repo({"textgen.yaml": settings(tiny_model, prompts=PROMPTS[:2], matrix=matrix)})
+    record = nlp_text_generation(repo_url=str(repo.path))
+    experiment_id = record.experiment_id
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    traces = mlflow.search_traces(
+        locations=[experiment_id],
+        filter_string="metadata.`mlflow.trace.session` = 'v1'",
+        return_type="list",
+    )
+    assert len(traces) == 4  # 2 cells x 2 prompts
+    cells = {c["cell"]: c["run_id"] for c in record.as_dict()["cells"]}
+    by_prompt = {}
+    for trace in traces:
+        span = trace.data.spans[0]
+        assert trace.info.trace_metadata["mlflow.sourceRun"] == cells[span.inputs["cell"]]
+        assert span.outputs["texts"] and span.get_attribute("textgen.generated") is True
+        assert span.get_attribute("mlflow.chat.tokenUsage")["output_tokens"] > 0
+        names = {a.name for a in trace.info.assessments}
+        assert {"distinct_2", "repetition_rate", "perplexity"} <= names
+        by_prompt[(span.inputs["cell"], span.inputs["prompt"])] = span.outputs["texts"]
+    assert by_prompt == texts_by_prompt(record)
+    (evaluation,) = client().search_runs([experiment_id], "tags.`mlflow.runName` = 'evaluation v1'")
+    assert evaluation.data.tags["mlflow.parentRunId"] == record.run_id
+    assert "distinct_2/mean" in evaluation.data.metrics
+    from mlflow.genai.datasets import search_datasets
+
+    (dataset,) = search_datasets(experiment_ids=[experiment_id])
+    assert len(dataset.to_df()) == 2
+    # A push that changes nothing but one prompt traces every row again, the copied ones
+    # without token usage and naming the version they came from.
+    repo.commit(
+        {"textgen.yaml": settings(tiny_model, prompts=[*PROMPTS[:2], "New"], matrix=matrix)}
+    )
+    second = nlp_text_generation(repo_url=str(repo.path))
+    traces = mlflow.search_traces(
+        locations=[experiment_id],
+        filter_string="metadata.`mlflow.trace.session` = 'v2'",
+        return_type="list",
+    )
+    every = mlflow.search_traces(locations=[experiment_id], return_type="list")
+    assert len(every) == 10, [t.info.trace_metadata.get("mlflow.trace.session") for t in every]
+    copied = [t for t in traces if not t.data.spans[0].get_attribute("textgen.generated")]
+    assert len(traces) == 6 and len(copied) == 4
+    assert {t.data.spans[0].get_attribute("textgen.from_version") for t in copied} == {1}
+    assert all(t.data.spans[0].get_attribute("mlflow.chat.tokenUsage") is None for t in copied)
+    assert second.version == 2 and len(search_datasets(experiment_ids=[experiment_id])) == 2
+
+
+def test_a_one_prompt_version_is_one_trace(make_repo: RepoFactory, tiny_model: Path) -> None:
+    import mlflow
+
+    repo = make_repo({"textgen.yaml": settings(tiny_model)})
+    record = nlp_text_generation(repo_url=str(repo.path))
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    (trace,) = mlflow.search_traces(locations=[record.experiment_id], return_type="list")
+    assert trace.info.trace_metadata["mlflow.trace.session"] == "v1"
+    assert trace.info.trace_metadata["mlflow.sourceRun"] == record.run_id
+    assert (
+        trace.data.spans[0].outputs["texts"] == record.as_dict()["cells"][0]["outputs"][0]["texts"]
+    )
+    assert {a.name for a in trace.info.assessments} >= {"distinct_2", "perplexity"}
