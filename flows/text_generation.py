@@ -318,7 +318,8 @@ def _run_set(
     logger = get_run_logger()
     rows: list[Row] = []
     loaded: Loaded = {}
-    for cell in plan.cells:
+    # Cell by cell, those of one model together: one model is loaded at a time, once.
+    for cell in sorted(plan.cells, key=lambda c: (c.settings.model, c.settings.revision or "")):
         keys = {p.id: row_key(cell, p, revisions[cell.key]) for p in plan.prompts}
         todo = [p for p in plan.prompts if keys[p.id] not in previous]
         rows += [
@@ -336,6 +337,7 @@ def _run_set(
         if generator.load_shared_cores is not None:
             load["load_shared_cores"] = generator.load_shared_cores
         loaded[cell.key] = {"params": generator.describe(), "metrics": load}
+        del generator  # the model cache holds it, while it has room
     per_cell = {
         c.key: cell_metrics(
             [row for row in rows if row.cell == c.key], loaded.get(c.key, {}).get("metrics")

@@ -183,6 +183,9 @@ DEVICE = Variable("TEXTGEN_DEVICE", TEXT, "auto", "cpu, cuda, cuda:N, mps or aut
 MODEL = Variable("TEXTGEN_MODEL", TEXT, "", "this machine's model, over the settings' own")
 MODEL_CACHE_SIZE = Variable("TEXTGEN_MODEL_CACHE_SIZE", COUNT, 1, "models a process keeps")
 PACKED_WEIGHTS = Variable("TEXTGEN_PACKED_WEIGHTS", SWITCH, True, "pack weights for CPU")
+BATCH_PROMPTS = Variable(
+    "TEXTGEN_BATCH_PROMPTS", SWITCH, True, "generate a set's prompts of one length together"
+)
 GIT_TIMEOUT = Variable("TEXTGEN_GIT_TIMEOUT", SECONDS, 300.0, "seconds a git fetch may take")
 GIT_CREDENTIALS = Variable("TEXTGEN_GIT_CREDENTIALS", SECRET, "", "user:token for http(s) git")
 WEBHOOK_SECRET = Variable("TEXTGEN_WEBHOOK_SECRET", SECRET, "", "the webhooks' signing secret")

@@ -8,10 +8,12 @@ import time
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import config
+from tasks.batching import batches, generate_batch, plan_call
 from tasks.errors import SettingsError
 from tasks.evalset import Cell, Prompt
 from tasks.evaluation import Row, generated_row
-from tasks.generate import check_context, run_generation
+from tasks.generate import Generations, check_context, run_generation
 from tasks.machine import shared
 from tasks.model import Generator
 from tasks.quality import quality_metrics
@@ -37,13 +39,24 @@ def generate_cell(
     prompt, then its quality metrics; `keys` maps prompt ids to their rows' keys."""
     logger = get_run_logger()
     check_prompts(generator, cell, prompts)
+    made: dict[int, tuple[Generations, float]] = {}
+    plan = plan_call(generator, cell.settings) if config.BATCH_PROMPTS.get() else None
+    if plan is None:
+        for index, prompt in enumerate(prompts):
+            started = time.time()
+            made[index] = (run_generation(generator, cell.for_prompt(prompt)), started)
+    else:
+        for batch in batches(generator, [p.text for p in prompts], plan["rows"]):
+            started = time.time()
+            settings = [cell.for_prompt(prompts[i]) for i in batch]
+            texts = generate_batch(generator, settings, plan)
+            for index, generations in zip(batch, texts, strict=True):
+                made[index] = (generations, started)
     rows = []
-    for prompt in prompts:
-        started = time.time()
-        generations = run_generation(generator, cell.for_prompt(prompt))
+    for index, prompt in enumerate(prompts):
+        generations, started = made[index]
         quality = quality_metrics(generator.pipeline.model, generations)
-        row = generated_row(cell, prompt, keys[prompt.id], generations, quality, started)
-        rows.append(row)
+        rows.append(generated_row(cell, prompt, keys[prompt.id], generations, quality, started))
     seconds = sum(r.metrics["generation_seconds"] for r in rows)
     tokens = sum(r.metrics["new_tokens"] for r in rows)
     logger.info(

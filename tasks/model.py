@@ -7,6 +7,7 @@ it is: the model as written in the settings, its resolved revision, the folder a
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -386,6 +387,13 @@ def build_generator(
         _CACHE.move_to_end(key)
         return replace(_CACHE[key], load_seconds=0.0, cache_hit=True, load_shared_cores=None)
 
+    keep = config.MODEL_CACHE_SIZE.get()
+    if keep and len(_CACHE) >= keep:
+        # Room first: the model that leaves is freed before the next one loads, so a switch
+        # of models holds one of them at a time, not both.
+        while len(_CACHE) >= keep:
+            _CACHE.popitem(last=False)
+        gc.collect()
     with CoreShare() as share:
         pipe, source, packing = _load_pipeline(settings, kind, path, device)
     if kind == "hub":
@@ -403,10 +411,8 @@ def build_generator(
         fast_path=packing.describe(),
         load_shared_cores=share.elsewhere,
     )
-    if keep := config.MODEL_CACHE_SIZE.get():
+    if keep:
         _CACHE[key] = generator
-        while len(_CACHE) > keep:
-            _CACHE.popitem(last=False)
     return generator
 
 

@@ -354,9 +354,7 @@ def test_an_evaluation_set_is_at_home_on_the_genai_side(
                 assert word in body, f"the overview's {tab} tab shows no {word!r}"
 
         page.goto(f"{experiment}/runs?workflowType=machine_learning")
-        page.get_by_text(f"v{second.version} {second.commit_sha[:7]}").first.wait_for(
-            timeout=30000
-        )
+        page.get_by_text(f"v{second.version} {second.commit_sha[:7]}").first.wait_for(timeout=30000)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(shots / "runs.png"))
     except Exception:

@@ -59,7 +59,8 @@ def test_a_matrix_is_one_version_with_a_child_run_per_cell(
     assert parent.data.tags["textgen.cells"] == "2"
     assert parent.data.tags["textgen.prompts"] == "3"
     children = client().search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{record.run_id}'"
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{record.run_id}' and tags.`textgen.cell` IS NOT NULL",
     )
     assert sorted(c.data.tags["textgen.cell"] for c in children) == [
         "random_seed=42",
@@ -342,3 +343,23 @@ def test_a_one_prompt_version_is_one_trace(make_repo: RepoFactory, tiny_model: P
         trace.data.spans[0].outputs["texts"] == record.as_dict()["cells"][0]["outputs"][0]["texts"]
     )
     assert {a.name for a in trace.info.assessments} >= {"distinct_2", "perplexity"}
+
+
+def test_a_prompt_past_the_context_fails_by_name_and_loses_nothing(
+    make_repo: RepoFactory, tiny_model: Path
+) -> None:
+    repo = make_repo(
+        {
+            "textgen.yaml": settings(tiny_model, prompts="prompts.txt"),
+            "prompts.txt": "\n".join(PROMPTS) + "\n",
+        }
+    )
+    first = nlp_text_generation(repo_url=str(repo.path))
+    long = "a long prompt " * 12  # the tiny model has 128 positions
+    repo.commit({"prompts.txt": "\n".join([*PROMPTS, long]) + "\n"}, "a prompt too long")
+    with pytest.raises(SettingsError, match=r"prompts.txt at commit \w+, line 4 \(prompt p\w+\)"):
+        nlp_text_generation(repo_url=str(repo.path))
+    kept = client().get_run(first.run_id)
+    assert kept.info.status == "FINISHED" and kept.data.tags["textgen.version"] == "1"
+    again = nlp_text_generation(repo_url=str(repo.path), commit_sha=first.commit_sha)
+    assert (again.outcome, again.version) == ("reused", 1)

@@ -4,7 +4,9 @@ test fails loudly, naming what changed, when a new version of the library moves 
 - Prefect: how a served run's process starts (`service.warm`), `run_flow_in_subprocess` of
   `prefect.runner._starter_direct` (the override point of its `DirectSubprocessStarter`).
 - transformers: what generate() will use for a pipeline call (`tasks.generate`), the pipeline's
-  `_prepare_generate_kwargs` and `GenerationConfig._get_default_generation_params`.
+  `_prepare_generate_kwargs` and `GenerationConfig._get_default_generation_params`; for
+  batched prompts (`tasks.batching`), `_prepare_generation_config` and the order of the
+  sampling warpers in `_get_logits_processor`, and how `_sample` draws.
 - torch: oneDNN's packed linear weights (`tasks.packing`).
 - uvicorn: the open connections of a server, which the receiver's deadline watches.
 """
@@ -52,6 +54,35 @@ def test_the_recorded_generation_config_is_the_one_generate_uses(tiny_model: obj
     # generate()'s defaults.
     assert recorded["do_sample"] is True and recorded["temperature"] == 0.5
     assert recorded["max_new_tokens"] == 8 and recorded["num_beams"] == 1
+
+
+def test_transformers_samples_as_batched_prompts_reproduce() -> None:
+    from transformers.generation.utils import GenerationMixin
+
+    assert callable(getattr(GenerationMixin, "_prepare_generation_config", None)), (
+        "GenerationMixin._prepare_generation_config is gone (tasks/batching.py)"
+    )
+    source = inspect.getsource(GenerationMixin._get_logits_processor)
+    order = [
+        "TemperatureLogitsWarper",
+        "TopHLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+    ]
+    found = [source.find(f"{name}(") for name in order]
+    assert -1 not in found and found == sorted(found), (
+        "generate()'s sampling warpers changed (tasks/batching.py reproduces their order)"
+    )
+    merged = source.find("_merge_criteria_processor_list")
+    assert 0 < merged < found[0], "custom logits processors no longer come before the warpers"
+    sample = inspect.getsource(GenerationMixin._sample)
+    assert "torch.multinomial(probs, num_samples=1)" in sample and "softmax" in sample, (
+        "generate() samples differently (tasks/batching.py draws as it does)"
+    )
 
 
 def test_torch_has_the_packed_linear_operators() -> None:
