@@ -312,7 +312,7 @@ def _run_set(
         if existing is not None:
             record = tracker.finish_reused(run_id, existing, plan.settings, plan.digest())
             earlier = versions.rows_of(tracker, existing)
-            cells = record_cells(plan, earlier, _cell_runs(tracker, existing), None)
+            cells = record_cells(plan, earlier, _cell_runs(tracker, existing), record.version)
             return replace(record, cells=cells)
     previous = {} if r.force else versions.reusable_rows(tracker)
     logger = get_run_logger()
@@ -345,10 +345,9 @@ def _run_set(
         for c in plan.cells
     }
     tags = _check_gates(tracker, r.branch, gates, per_cell)
-    record, _ = log_evaluation(
-        tracker, run_id, commit, plan, rows, loaded, revisions, tags, preview
+    return log_evaluation(
+        tracker, run_id, commit, plan, rows, loaded, per_cell, revisions, tags, preview
     )
-    return record
 
 
 @contextmanager

@@ -21,7 +21,6 @@ from tasks.evaluation import (
     CELLS_FILE,
     OUTPUTS_FILE,
     Row,
-    cell_metrics,
     format_sections,
     ordered,
     version_metrics,
@@ -108,9 +107,7 @@ def cell_settings(cell: Cell) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None and k != "initial_sentence"}
 
 
-def _child(
-    tracker: Tracker, parent_id: str, commit: CommitInfo, cell: Cell, rows: list[Row]
-) -> str:
+def _child(tracker: Tracker, parent_id: str, commit: CommitInfo, cell: Cell) -> str:
     """A cell's child run, written whole and ended FINISHED."""
     from prefect.runtime import flow_run
 
@@ -138,11 +135,13 @@ def log_evaluation(
     plan: Plan,
     rows: list[Row],
     loaded: Loaded,
+    per_cell: dict[str, dict[str, float]],
     revisions: dict[str, str],
     extra_tags: dict[str, str] | None = None,
     preview: int | None = None,
-) -> tuple[RunRecord, dict[str, dict[str, float]]]:
-    """Record an evaluation set's version and end its run; the record and each cell's metrics."""
+) -> RunRecord:
+    """Record an evaluation set's version (`per_cell`: each cell's metrics, `cell_metrics`)
+    and end its run."""
     import torch
     import transformers
 
@@ -150,12 +149,6 @@ def log_evaluation(
     for row in rows:
         if row.generated:
             row.from_run_id = run_id
-    per_cell = {
-        c.key: cell_metrics(
-            [r for r in rows if r.cell == c.key], loaded.get(c.key, {}).get("metrics")
-        )
-        for c in plan.cells
-    }
     versions = {
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
@@ -168,7 +161,7 @@ def log_evaluation(
         if not plan.matrix:
             runs[cell.key] = run_id
             continue
-        child = _child(tracker, run_id, commit, cell, cell_rows)
+        child = _child(tracker, run_id, commit, cell)
         runs[cell.key] = child
         params = {
             **cell.settings.as_params(),
@@ -238,7 +231,7 @@ def log_evaluation(
         record = tracker.finish_preview(run_id, commit, plan.digest(), output_digest, preview)
         logger.info("Recorded the preview of PR #%s as MLflow run %s", preview, run_id)
         trace_set(tracker, run_id, plan, rows, runs, session_name(None, preview, commit.sha))
-        return _with_cells(record, plan, rows, runs, None), per_cell
+        return _with_cells(record, plan, rows, runs, None)
     version = numbering.allocate(tracker, run_id)
     note = (
         f"**Version {version}** from commit `{commit.short_sha}` on `{commit.branch}`: "
@@ -268,7 +261,7 @@ def log_evaluation(
         tracker.url(run_id),
         output_url=tracker.url(run_id, OUTPUT_FILE),
     )
-    return _with_cells(record, plan, rows, runs, version), per_cell
+    return _with_cells(record, plan, rows, runs, version)
 
 
 def _with_cells(
