@@ -30,6 +30,7 @@ from tasks import config
 from tasks import tags as T
 from tasks.evalset import Plan
 from tasks.evaluation import Row
+from tasks.recovery import owner_tags
 from tasks.store import Experiment
 
 logger = logging.getLogger(__name__)
@@ -146,18 +147,13 @@ def trace_set(
     id is returned); never raises."""
     try:
         mlflow = _fluent(experiment)
-        settings = {c.key: _settings_of(c.settings) for c in plan.cells}
+        settings = {c.key: c.settings.without_prompt() for c in plan.cells}
         for row in rows:
             _trace(mlflow, experiment, row, runs[row.cell], session, settings[row.cell])
         return _evaluate(mlflow, experiment, parent_id, plan, session)
     except Exception as exc:  # a view of a recorded version: never its failure
         logger.warning("Could not write the version to MLflow's GenAI view: %s", exc)
         return None
-
-
-def _settings_of(settings: Any) -> dict[str, Any]:
-    values = settings.effective().model_dump()
-    return {k: v for k, v in values.items() if v is not None and k != "initial_sentence"}
 
 
 def _evaluate(mlflow: Any, experiment: Experiment, parent_id: str, plan: Plan, session: str) -> str:
@@ -173,7 +169,7 @@ def _evaluate(mlflow: Any, experiment: Experiment, parent_id: str, plan: Plan, s
         max_results=len(plan.cells) * len(plan.prompts) + 10,
     )
     dataset = _prompt_dataset(experiment, plan)
-    tags = {T.PARENT_RUN: parent_id, T.RUN_NAME: f"evaluation {session}"}
+    tags = {T.PARENT_RUN: parent_id, T.RUN_NAME: f"evaluation {session}", **owner_tags()}
     run = experiment.client.create_run(experiment.experiment_id, tags=tags)
     eval_id = str(run.info.run_id)
     # evaluate prints a banner and a progress bar: kept out of the run's output.

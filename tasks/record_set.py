@@ -26,7 +26,7 @@ from tasks.evaluation import (
     version_metrics,
 )
 from tasks.genai import session_name, trace_set
-from tasks.recovery import worker_tags
+from tasks.recovery import owner_tags
 from tasks.repo import CommitInfo
 from tasks.store import as_metrics, as_params, as_tags
 from tasks.tracking import OUTPUT_FILE, RunRecord, Tracker
@@ -103,14 +103,11 @@ def record_cells(
 
 def cell_settings(cell: Cell) -> dict[str, Any]:
     """A cell's settings that have a value (the prompt is the row's)."""
-    values = cell.settings.effective().model_dump()
-    return {k: v for k, v in values.items() if v is not None and k != "initial_sentence"}
+    return cell.settings.without_prompt()
 
 
 def _child(tracker: Tracker, parent_id: str, commit: CommitInfo, cell: Cell) -> str:
     """A cell's child run, written whole and ended FINISHED."""
-    from prefect.runtime import flow_run
-
     tags = {
         T.PARENT_RUN: parent_id,
         T.CELL: cell.key,
@@ -120,8 +117,7 @@ def _child(tracker: Tracker, parent_id: str, commit: CommitInfo, cell: Cell) -> 
         T.COMMIT: commit.sha,
         T.BRANCH: commit.branch,
         T.DIGEST: cell.settings.digest(),
-        **worker_tags(),
-        **({T.FLOW_RUN_ID: str(flow_run.id)} if flow_run.id else {}),
+        **owner_tags(),
     }
     run = tracker.client.create_run(tracker.experiment_id, tags=tags, run_name=cell.key)
     return str(run.info.run_id)

@@ -45,6 +45,15 @@ def worker_tags() -> dict[str, str]:
     }
 
 
+def owner_tags() -> dict[str, str]:
+    """`worker_tags` and the Prefect flow run this process runs, if any: the tags of a run a
+    flow run opens besides its own (a matrix cell's, an evaluation's), so that it is ended
+    like the flow run's own when its process dies."""
+    from prefect.runtime import flow_run
+
+    return {**worker_tags(), **({T.FLOW_RUN_ID: str(flow_run.id)} if flow_run.id else {})}
+
+
 def process_gone(found: dict[str, str]) -> str | None:
     """Why the process that ran a run (on this machine) is gone; None if alive or elsewhere."""
     host, pid_tag = found.get(T.WORKER_HOST), found.get(T.WORKER_PID, "")

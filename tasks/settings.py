@@ -117,6 +117,11 @@ class GenerationSettings(BaseModel):
         values = {k: str(v) for k, v in self.effective().model_dump().items() if v is not None}
         return values | self.model_choice
 
+    def without_prompt(self) -> dict[str, Any]:
+        """The effective settings that have a value, the prompt left out: a cell's settings."""
+        values = self.effective().model_dump()
+        return {k: v for k, v in values.items() if v is not None and k != "initial_sentence"}
+
     def digest(self) -> str:
         """A stable SHA-256 of the effective settings, the identity of an output's inputs."""
         canonical = json.dumps(self.effective().model_dump(), sort_keys=True, separators=(",", ":"))

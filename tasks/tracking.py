@@ -296,9 +296,7 @@ def _trace(
     prompt = Prompt(prompt_id(generations.prompt), generations.prompt, "initial_sentence")
     cell = Cell("", {}, settings)
     row = generated_row(cell, prompt, "", generations, quality or {})
-    values = {k: v for k, v in settings.effective().model_dump().items() if v is not None}
-    values.pop("initial_sentence", None)
-    trace_one(tracker, run_id, row, values, session)
+    trace_one(tracker, run_id, row, settings.without_prompt(), session)
 
 
 @task(name="log-to-mlflow", cache_policy=NO_CACHE)

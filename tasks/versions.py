@@ -63,7 +63,8 @@ def last_handled_commit(
 ) -> str | None:
     """The commit of the latest automatic run on `branch` that was not superseded: changes since
     it are what a new push brings, even when pushes in between were superseded before they ran."""
-    for run in experiment.search(FINISHED, NEWEST_FIRST, 200):
+    top_level = f"{FINISHED} and tags.`{T.PARENT_RUN}` IS NULL"  # not a version's cell runs
+    for run in experiment.search(top_level, NEWEST_FIRST, 200):
         found = run.data.tags
         handled = found.get(T.BRANCH) == branch and found.get(T.TRIGGER) in triggers
         superseded = found.get(T.OUTCOME) == T.SKIPPED and found.get(T.SKIP_KIND) == "superseded"
