@@ -363,3 +363,50 @@ def test_a_prompt_past_the_context_fails_by_name_and_loses_nothing(
     assert kept.info.status == "FINISHED" and kept.data.tags["textgen.version"] == "1"
     again = nlp_text_generation(repo_url=str(repo.path), commit_sha=first.commit_sha)
     assert (again.outcome, again.version) == ("reused", 1)
+
+
+def test_a_run_killed_while_it_evaluates_keeps_its_version_and_leaves_nothing_running(
+    make_repo: RepoFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.reports.history import history_rows
+    from tests.servers import wait_for
+
+    prompts = [f"Prompt number {i} is here" for i in range(12)]
+    matrix = {"random_seed": [42, 7]}
+    repo = make_repo({"textgen.yaml": settings(tiny_model, prompts=prompts, matrix=matrix)})
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    log = (tmp_path / "run.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "run", "--repo", str(repo.path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+    def evaluating() -> Any:
+        found = [e for e in client().search_experiments() if e.name.endswith(repo.path.name)]
+        if not found:
+            return None
+        query = "tags.`mlflow.runName` = 'evaluation v1' and attributes.status = 'RUNNING'"
+        return client().search_runs([found[0].experiment_id], query) or None
+
+    try:
+        # The bad moment: the version is numbered, its evaluation run is being written.
+        (evaluation,) = wait_for(evaluating, 300, "the version's evaluation run", interval=0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+        log.close()
+    rows = history_rows(str(repo.path), None)  # as any later command: ends dead runs first
+    assert [(r["version"], r["status"]) for r in rows] == [("1", "FINISHED")]
+    experiment_id = evaluation.info.experiment_id
+    assert not client().search_runs([experiment_id], "attributes.status = 'RUNNING'")
+    assert client().get_run(evaluation.info.run_id).info.status == "FAILED"
+    cells = client().search_runs([experiment_id], "tags.`textgen.cell` IS NOT NULL")
+    assert sorted(c.info.status for c in cells) == ["FINISHED", "FINISHED"]
