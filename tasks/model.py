@@ -16,6 +16,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -393,7 +394,11 @@ def build_generator(
         # of models holds one of them at a time, not both.
         while len(_CACHE) >= keep:
             _CACHE.popitem(last=False)
-        gc.collect()
+        with warnings.catch_warnings():
+            # Collecting also finalises others' garbage (GitPython's unclosed pipes): their
+            # ResourceWarnings, ignored by default, are not this load's to report.
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
     with CoreShare() as share:
         pipe, source, packing = _load_pipeline(settings, kind, path, device)
     if kind == "hub":
