@@ -27,7 +27,7 @@ from tasks.links import link_for
 from tasks.model import load_generator, local_revision, locate_model
 from tasks.names import AUTOMATIC_TRIGGERS, FLOW_NAME, MANUAL, PREVIEW_TRIGGER, SKIPPED, SUPERSEDED
 from tasks.quality import score_text
-from tasks.record_set import Loaded, cell_settings, log_evaluation, record_cells, revisions_digest
+from tasks.record_set import Loaded, log_evaluation, record_cells, revisions_digest
 from tasks.repo import CommitInfo, RepoLocation
 from tasks.store import storable
 from tasks.tracking import RunRecord, Tracker, log_to_mlflow, output_metrics
@@ -272,15 +272,8 @@ def _one_cell(
     if texts is None:
         texts = versions.texts_of(tracker, run_id)
     prompt = plan.prompts[0]
-    output = {
-        "id": prompt.id,
-        "prompt": prompt.text,
-        "texts": texts,
-        "generated": generated,
-        "from_version": version,
-    }
-    cell = plan.cells[0]
-    return ({"cell": "", "settings": cell_settings(cell), "run_id": run_id, "outputs": [output]},)
+    row = Row("", prompt.id, prompt.text, "", texts, [], {}, generated, version)
+    return record_cells(plan, [row], {"": run_id}, version)
 
 
 def _run_set(

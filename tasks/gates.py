@@ -39,15 +39,11 @@ from tasks import tags as T
 from tasks.bounded import load_yaml, show
 from tasks.errors import SettingsError
 from tasks.evalset import parse_cell_selector, select_cells
+from tasks.evaluation import QUALITY
 from tasks.repo import CommitInfo
 
 GATE_METRICS = (
-    "distinct_1",
-    "distinct_2",
-    "repetition_rate",
-    "mean_new_tokens",
-    "mean_log_likelihood",
-    "perplexity",
+    *QUALITY,
     "new_tokens",
     "tokens_per_second",
     "generation_seconds",
