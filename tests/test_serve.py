@@ -136,7 +136,14 @@ def test_git_push_through_the_hook_makes_a_version(setup: Setup) -> None:
     assert run.data.tags["textgen.trigger"] == "push"
     assert run.data.tags["textgen.version"] == "1"
     assert run.data.params["random_seed"] == "2"
-    (flow_run,) = [r for r in setup.deployment_runs() if r["parameters"].get("commit_sha") == sha]
+
+    # The version is numbered before the flow run ends: its trace on MLflow's GenAI side is
+    # written after (tasks.genai), so the flow run is waited for.
+    def ended() -> Any:
+        runs = [r for r in setup.deployment_runs() if r["parameters"].get("commit_sha") == sha]
+        return runs if runs and runs[0]["state_type"] in TERMINAL else None
+
+    (flow_run,) = wait_for(ended, 60, "the push's flow run to end")
     assert flow_run["state_type"] == "COMPLETED"
     assert run.data.tags["textgen.prefect.flow_run_id"] == flow_run["id"]
 
