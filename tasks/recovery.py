@@ -105,6 +105,21 @@ def recover(experiment: Experiment, run: Any, reason: str) -> str:
     return "failed"
 
 
+def end_runs_of_flow_run(repo: str, flow_run_id: Any, reason: str) -> int:
+    """End the runs a Prefect flow run's process left RUNNING in the repository's experiment,
+    its worker having seen the process die (`recover` each). Returns how many."""
+    from tasks.errors import NoExperimentError
+
+    try:
+        experiment = Experiment.for_repo(repo, create=False)
+    except NoExperimentError:
+        return 0
+    found = versions.of_flow_run(experiment, flow_run_id, running=True)
+    for run in found:
+        recover(experiment, run, reason)
+    return len(found)
+
+
 def recover_dead_runs(experiment: Experiment) -> int:
     """End every RUNNING run of the experiment whose process is gone, and publish numbers taken
     by runs that ended before publishing them. Returns how many runs were ended or published.

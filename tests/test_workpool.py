@@ -1,4 +1,5 @@
-"""deployments/prefect.yaml on a process work pool: `prefect deploy`, a worker, `textgen receive`."""
+"""deployments/prefect.yaml on a work pool of warm workers: `prefect deploy`, a worker of type
+`textgen-warm` (found by Prefect through the project's entry point), `textgen receive`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tasks.store import experiment_name
 from tests.conftest import GitRepo, build_tiny_gpt2, settings_yaml
 from tests.servers import PrefectServer, Service, free_port, wait_for
 
-# A process worker starts each run in a fresh interpreter: slow, run by CI after the default run.
+# The worker's fork server imports the stack at its start: slow, run by CI after the default run.
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -70,12 +71,13 @@ def pool(
     }
     services: list[Service] = []
     try:
-        prefect_cli(["work-pool", "create", "textgen", "--type", "process"], env)
+        prefect_cli(["work-pool", "create", "textgen", "--type", "textgen-warm"], env)
         deployed = prefect_cli(
             ["deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], env
         )
         assert "nlp-text-generation/on-push" in deployed
         worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "textgen"]
+        worker += ["--type", "textgen-warm", "--limit", "1"]
         services.append(Service(worker, env, root / "worker.log", cwd=PROJECT))
         port = free_port()
         receiver = Service.textgen(
@@ -91,7 +93,14 @@ def pool(
         secret_file = root / "secret"
         secret_file.write_text(SECRET)
         install(bare, f"http://127.0.0.1:{port}/webhooks/github", secret_file)
-        yield {"work": work, "model": model, "bare": bare, "env": env, "tracking_uri": tracking_uri}
+        yield {
+            "work": work,
+            "model": model,
+            "bare": bare,
+            "env": env,
+            "tracking_uri": tracking_uri,
+            "worker": services[0],
+        }
     finally:
         for service in services:
             service.stop()
@@ -122,6 +131,25 @@ def test_a_push_runs_on_a_worker(pool: dict[str, object]) -> None:
     )
     assert run.data.tags["textgen.outcome"] == "new"  # type: ignore[attr-defined]
     assert run.data.tags["textgen.trigger"] == "push"  # type: ignore[attr-defined]
+
+
+def test_the_worker_starts_runs_warm_with_the_last_model_loaded(pool: dict[str, object]) -> None:
+    work, model, worker = pool["work"], pool["model"], pool["worker"]
+    assert isinstance(work, GitRepo) and isinstance(worker, Service)
+    shas = []
+    for seed in (10, 11):
+        shas.append(work.commit({"textgen.yaml": settings_yaml(model, random_seed=seed)}))
+        work.git("push", "--quiet", "origin", "main")
+        wait_for(
+            lambda: run_of(str(pool["tracking_uri"]), Path(str(pool["bare"])), shas[-1]),
+            180,
+            f"a run of {shas[-1][:7]}",
+        )
+    second = run_of(str(pool["tracking_uri"]), Path(str(pool["bare"])), shas[-1])
+    assert "Runs start warm" in worker.output()
+    # Forked from the fork server that loaded the model the run before used: nothing to load.
+    assert second.data.metrics["load_seconds"] == 0.0  # type: ignore[attr-defined]
+    assert second.data.tags["textgen.outcome"] == "new"  # type: ignore[attr-defined]
 
 
 def test_prefect_deployment_run_with_a_quoted_sha(pool: dict[str, object]) -> None:

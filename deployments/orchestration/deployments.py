@@ -4,7 +4,6 @@ triggers, their one-run-at-a-time concurrency, and the set-up of a work pool's d
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -79,19 +78,36 @@ def add_to_runner(runner: Any, repo_url: str, branch: str, name: str) -> Any:
 def apply_links(
     links: list[Link],
     pool: str,
-    zombie_seconds: float = 90,
+    zombie_seconds: float = 60,
     notify_url: str | None = None,
     mlflow_ui: str = "",
+    pool_type: str = "process",
+    job_template: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Create or update the work pool, one deployment per link (and remove those of links
-    that were removed), and the automations. Returns each link's deployment id by name."""
+    """Create the work pool (of `pool_type`, with its workers' `job_template`) if missing, one
+    deployment per link (and remove those of links that were removed), and the automations.
+    Returns each link's deployment id by name."""
     from prefect import Flow
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
     from prefect.exceptions import ObjectAlreadyExists
 
-    with queries.client() as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    with queries.client() as client:
+        try:
+            client.create_work_pool(
+                WorkPoolCreate(name=pool, type=pool_type, base_job_template=job_template or {})
+            )
+        except ObjectAlreadyExists:
+            existing = client.read_work_pool(pool)
+            if existing.type != pool_type:
+                logger.warning(
+                    "Work pool %s is of type %s, not %s: its workers start runs as that type "
+                    "does (`prefect work-pool delete %s`, then apply again, to change it)",
+                    pool,
+                    existing.type,
+                    pool_type,
+                    pool,
+                )
     flow = Flow.from_source(source=str(PROJECT), entrypoint=ENTRYPOINT)
     ids: dict[str, Any] = {}
     for link in links:

@@ -213,20 +213,16 @@ _servers: list[WarmServers] = []
 """The fork servers of this process, once `enable` started them."""
 
 
-def enable(preload: Sequence[str] = PRELOAD) -> bool:
-    """Start the fork server (importing `preload` there) and route served runs through it;
-    False, leaving Prefect's own starter in place, where forkserver is unavailable."""
+def enable(preload: Sequence[str] = PRELOAD, runner: bool = True) -> bool:
+    """Start the fork server (importing `preload` there), so that `launch` starts runs warm;
+    with `runner`, route the runs of this process's Prefect runner (`textgen serve`) through
+    `launch`. False, leaving Prefect's own starter in place, where forkserver is unavailable."""
     if not enabled() or "forkserver" not in multiprocessing.get_all_start_methods():
         return False
-    import prefect.flow_engine as engine
-    import prefect.runner._starter_direct as starter
-
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(preload))
     multiprocessing.forkserver.ensure_running()  # import once now: the first run is warm too
-    real = engine.run_flow_in_subprocess
-    shim = _ForkingMultiprocessing(context)
-    servers = None
+    _shim.append(_ForkingMultiprocessing(context))
     if config.WARM_MODEL_START.get():
         folder = tempfile.mkdtemp(prefix="textgen-warm-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -234,29 +230,42 @@ def enable(preload: Sequence[str] = PRELOAD) -> bool:
         os.environ[config.WARM_HINT.name] = str(hint)  # the runs are forked with it
         servers = WarmServers(preload, hint)
         _servers.append(servers)
-    module = multiprocessing.forkserver
-
-    def run_flow_in_warm_process(*args: Any, **kwargs: Any) -> Any:
-        with _lock:
-            if servers is not None:
-                _check(servers)
-                _check(servers, settle=True)
-                module.connect_to_new_process = servers.current.connect_to_new_process
-            engine.multiprocessing = shim  # type: ignore[assignment]
-            try:
-                process = real(*args, **kwargs)
-                if servers is not None:
-                    servers.launched(process)
-                return process
-            finally:
-                engine.multiprocessing = multiprocessing
-                module.connect_to_new_process = module._forkserver.connect_to_new_process
-
-    starter.run_flow_in_subprocess = run_flow_in_warm_process
-    if servers is not None:
         _start_checker(servers)
+    if runner:
+        import prefect.runner._starter_direct as starter
+
+        starter.run_flow_in_subprocess = launch
     logger.info("Runs start warm: forked from a server that imported %s", ", ".join(preload))
     return True
+
+
+_shim: list[_ForkingMultiprocessing] = []
+"""The stand-in for `multiprocessing` that gives the fork server's context, once enabled."""
+
+
+def launch(*args: Any, **kwargs: Any) -> Any:
+    """Prefect's `run_flow_in_subprocess(flow, flow_run, env=...)`, the run's process forked
+    from the fork server holding the last model (cold, as Prefect starts it, until `enable`)."""
+    import prefect.flow_engine as engine
+
+    if not _shim:
+        return engine.run_flow_in_subprocess(*args, **kwargs)
+    servers = _servers[0] if _servers else None
+    module = multiprocessing.forkserver
+    with _lock:
+        if servers is not None:
+            _check(servers)
+            _check(servers, settle=True)
+            module.connect_to_new_process = servers.current.connect_to_new_process
+        engine.multiprocessing = _shim[0]  # type: ignore[assignment]
+        try:
+            process = engine.run_flow_in_subprocess(*args, **kwargs)
+            if servers is not None:
+                servers.launched(process)
+            return process
+        finally:
+            engine.multiprocessing = multiprocessing
+            module.connect_to_new_process = module._forkserver.connect_to_new_process
 
 
 def _check(servers: WarmServers, settle: bool = False) -> None:
