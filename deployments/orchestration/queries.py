@@ -33,8 +33,8 @@ def flow_runs(
     limit: int = 200,
     flow_name: str | None = None,
 ) -> list[Any]:
-    """Flow runs of a deployment (or of a flow), in `states` (any when empty), newest first
-    by expected start time (oldest first without `newest_first`)."""
+    """Flow runs of a deployment (a list: of any of them; or of a flow), in `states` (any when
+    empty), newest first by expected start time (oldest first without `newest_first`)."""
     from prefect.client.schemas import filters as F
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
@@ -43,7 +43,8 @@ def flow_runs(
     flows = F.FlowFilter(name=F.FlowFilterName(any_=[flow_name])) if flow_name else None
     deployments = None
     if deployment_id is not None:
-        deployments = F.DeploymentFilter(id=F.DeploymentFilterId(any_=[deployment_id]))
+        ids = list(deployment_id) if isinstance(deployment_id, list | tuple) else [deployment_id]
+        deployments = F.DeploymentFilter(id=F.DeploymentFilterId(any_=ids))
     runs = F.FlowRunFilter(state=F.FlowRunFilterState(type=F.FlowRunFilterStateType(any_=wanted)))
     newest, oldest = FlowRunSort.EXPECTED_START_TIME_DESC, FlowRunSort.EXPECTED_START_TIME_ASC
     return list(

@@ -47,31 +47,39 @@ class Watched:
     branch: str
 
 
-def supersede_queued_runs(deployment_id: Any, newest_sha: str) -> int:
-    """Mark the queued push/poll runs of a deployment whose commit is not the newest push's,
-    `newest_sha`, Cancelled (`Superseded: ...`, naming it), and name them after their commit:
-    the newest push's run runs instead. Manual runs are never touched. Returns how many."""
+def supersede_queued_runs(api: Any, queued: list[Any], newest_sha: str) -> int:
+    """Mark the queued push/poll runs (`queued`: a deployment's Scheduled runs) whose commit is
+    not the newest push's, `newest_sha`, Cancelled (`Superseded: ...`, naming it), and name them
+    after their commit: the newest push's run runs instead. Manual runs are never touched.
+    Returns how many."""
     from prefect.states import Cancelled
 
     marked = 0
     message = f"{SUPERSEDED}: by the newer push of {newest_sha[:7]}, which runs instead"
-    with queries.client() as api:
-        for run in queries.flow_runs(api, deployment_id, ["SCHEDULED"]):
-            if not queries.automatic(run) or queries.commit_of(run) == newest_sha:
-                continue
-            api.set_flow_run_state(run.id, Cancelled(message=message), force=True)
-            # Named after its commit, as the runs that start are (a queued run has the name
-            # Prefect gave it, and a superseded one never starts).
-            commit = str(run.parameters.get("commit_sha") or "")
-            name = f"{run.parameters.get('trigger', PUSH)}-{commit[:12]}"
-            try:
-                api.update_flow_run(run.id, name=name)
-            except Exception as exc:  # a name is cosmetic: the run is superseded all the same
-                logger.warning("Could not rename superseded flow run %s: %s", run.id, exc)
-            marked += 1
+    for run in queued:
+        if not queries.automatic(run) or queries.commit_of(run) == newest_sha:
+            continue
+        api.set_flow_run_state(run.id, Cancelled(message=message), force=True)
+        # Named after its commit, as the runs that start are (a queued run has the name
+        # Prefect gave it, and a superseded one never starts).
+        commit = str(run.parameters.get("commit_sha") or "")
+        name = f"{run.parameters.get('trigger', PUSH)}-{commit[:12]}"
+        try:
+            api.update_flow_run(run.id, name=name)
+        except Exception as exc:  # a name is cosmetic: the run is superseded all the same
+            logger.warning("Could not rename superseded flow run %s: %s", run.id, exc)
+        marked += 1
     if marked:
         logger.info("Marked %d queued run(s) superseded by %s", marked, newest_sha[:7])
     return marked
+
+
+def by_deployment(runs: list[Any]) -> dict[Any, list[Any]]:
+    """Flow runs (of several deployments, read at once) grouped by their deployment's id."""
+    grouped: dict[Any, list[Any]] = {}
+    for run in runs:
+        grouped.setdefault(run.deployment_id, []).append(run)
+    return grouped
 
 
 def recover_after_restart(deployment_id: Any, repo: RepoLocation) -> int:
@@ -101,18 +109,23 @@ def recover_after_restart(deployment_id: Any, repo: RepoLocation) -> int:
 
 
 def start_missing_runs(item: Watched, outbox: Outbox, grace: float = RUN_GRACE_SECONDS) -> int:
-    """Start the runs Prefect's trigger did not: a push event the API took (2xx) whose flow run
-    did not appear within `grace` seconds gets one, with the parameters the trigger would have
-    given (runs of older pushes are then superseded as usual). Returns how many were started."""
-    pending = outbox.without_run(item.repo, item.branch, grace)
+    """Note the push events the API took (2xx) whose flow run has appeared, and start the runs
+    Prefect's trigger did not: an event whose run did not appear within `grace` seconds gets
+    one, with the parameters the trigger would have given (runs of older pushes are then
+    superseded as usual). Reads Prefect only while an event waits for its run. Returns how
+    many runs were started."""
+    pending = outbox.without_run(item.repo, item.branch, 0)
     if not pending:
         return 0
+    overdue = {d for _, d, _ in outbox.without_run(item.repo, item.branch, grace)}
     started = 0
     with queries.client() as api:
         seen = {queries.commit_of(r) for r in queries.flow_runs(api, item.deployment_id)}
         for provider, delivery, event in pending:
             payload = event["payload"]
             if payload["after"] not in seen:
+                if delivery not in overdue:
+                    continue  # the trigger still has time
                 api.create_flow_run_from_deployment(
                     item.deployment_id,
                     parameters={
@@ -136,19 +149,22 @@ def start_missing_runs(item: Watched, outbox: Outbox, grace: float = RUN_GRACE_S
     return started
 
 
-def retry_crashed_runs(item: Watched, newest: str | None) -> int:
+def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str | None]) -> int:
     """Start a crashed push run once more (on whichever worker takes it) when its commit is
-    still the branch's newest push, at most once per run, never a retry's retry. Returns how
-    many runs were started."""
+    still its branch's newest push (`newest`), at most once per run, never a retry's retry: one
+    read for every watched deployment. Returns how many runs were started."""
+    items = {item.deployment_id: item for item in watched}
     started = 0
     with queries.client() as api:
-        for run in queries.flow_runs(api, item.deployment_id, ["CRASHED"], limit=50):
-            if RETRIED_TAG in run.tags or not queries.automatic(run):
+        for run in queries.flow_runs(api, list(items), ["CRASHED"], limit=50):
+            item = items.get(run.deployment_id)
+            if item is None or RETRIED_TAG in run.tags or not queries.automatic(run):
                 continue
             # Marked first: a reaper that dies here loses a retry, never doubles one.
             api.update_flow_run(run.id, tags=[*run.tags, RETRIED_TAG])
             sha = queries.commit_of(run)
-            if run.parameters.get("attempt", 1) >= 2 or (newest and sha != newest):
+            latest = newest(item)
+            if run.parameters.get("attempt", 1) >= 2 or (latest and sha != latest):
                 continue
             api.create_flow_run_from_deployment(
                 item.deployment_id,
@@ -222,41 +238,62 @@ class RepairLoop(threading.Thread):
 
 
 class Janitor(RepairLoop):
-    """Keeps at most one queued automatic run per deployment: the newest push's."""
+    """Keeps at most one queued automatic run per deployment: the newest push's. It reads
+    Prefect only while a push event waits for its run, and once more after the last one
+    appeared (the runs of older pushes may be queued then): an idle service asks nothing."""
 
     loop = "janitor"
 
     def __init__(self, watched: list[Watched], outbox: Outbox, seconds: float = 1.0) -> None:
         super().__init__(watched, outbox, seconds)
         self.wake = threading.Event()
+        self.again: list[Watched] = []
+        """The links whose last events got their runs in the previous pass."""
 
     def run(self) -> None:
         """Check after each emitted push and every `seconds`."""
         while not self.stopping.is_set():
-            for item in self.watched:
-                where = item.repo.url
-                missing = partial(start_missing_runs, item, self.outbox)
-                self.attempt(f"check {where} for missing runs", missing)
-                self.attempt(f"supersede queued runs of {where}", partial(self.supersede, item))
+            self.step()
             self.wake.wait(self.seconds)
             self.wake.clear()
 
-    def supersede(self, item: Watched) -> None:
-        """Mark the deployment's queued runs older than the newest push superseded."""
-        if newest := self.outbox.latest(item.repo, item.branch):
-            supersede_queued_runs(item.deployment_id, newest)
+    def step(self) -> None:
+        """One pass: the links with events waiting for their runs, and those done last pass."""
+        waiting = [i for i in self.watched if self.outbox.without_run(i.repo, i.branch, 0)]
+        for item in waiting:
+            missing = partial(start_missing_runs, item, self.outbox)
+            self.attempt(f"check {item.repo.url} for missing runs", missing)
+        due = [i for i in self.watched if i in waiting or i in self.again]
+        self.again = waiting
+        if due:
+            self.attempt("supersede queued runs", partial(self.supersede, due))
+
+    def supersede(self, items: list[Watched]) -> None:
+        """Mark the queued runs older than each deployment's newest push superseded."""
+        newest = {i.deployment_id: self.outbox.latest(i.repo, i.branch) for i in items}
+        with queries.client() as api:
+            queued = queries.flow_runs(api, [i.deployment_id for i in items], ["SCHEDULED"])
+            for deployment, runs in by_deployment(queued).items():
+                if sha := newest.get(deployment):
+                    supersede_queued_runs(api, runs, sha)
 
 
 class Reaper(RepairLoop):
     """Ends what dead workers left: MLflow runs of crashed flow runs end FAILED with the reason
     (or are published, when they held their number), and crashed push runs run once more.
-    Prefect itself marks a run whose worker died Crashed (the heartbeat automation), which frees
-    its deployment's slot; this thread does the rest, from the receiver's machine."""
+    Prefect itself marks a run whose worker died Crashed (the heartbeat automation), and a warm
+    worker marks a run whose process died Crashed at once and ends its MLflow runs; this
+    thread does the rest, from the receiver's machine: the retries every `seconds` (one read
+    for every deployment), the dead runs' MLflow records every `dead_every` passes."""
 
     loop = "reaper"
 
-    def __init__(self, watched: list[Watched], outbox: Outbox, seconds: float = 5.0) -> None:
+    def __init__(
+        self, watched: list[Watched], outbox: Outbox, seconds: float = 5.0, dead_every: int = 3
+    ) -> None:
         super().__init__(watched, outbox, seconds)
+        self.dead_every = dead_every
+        self.passes = 0
 
     def run(self) -> None:
         """Check every `seconds`."""
@@ -264,15 +301,17 @@ class Reaper(RepairLoop):
             self.check()
 
     def check(self) -> None:
-        """One pass over every watched deployment."""
-        for item in self.watched:
-            where = item.repo.url
-            self.attempt(f"retry crashed runs of {where}", partial(self.retry, item))
-            self.attempt(f"end the dead runs of {where}", partial(self.end_dead_runs, item))
+        """One pass: the retries, and every `dead_every` passes the dead runs."""
+        self.attempt("retry crashed runs", self.retry)
+        if self.passes % self.dead_every == 0:
+            for item in self.watched:
+                dead = partial(self.end_dead_runs, item)
+                self.attempt(f"end the dead runs of {item.repo.url}", dead)
+        self.passes += 1
 
-    def retry(self, item: Watched) -> None:
-        """Run the deployment's crashed push runs once more, when they are still the newest."""
-        retry_crashed_runs(item, self.outbox.latest(item.repo, item.branch))
+    def retry(self) -> None:
+        """Run the crashed push runs once more, when they are still the newest."""
+        retry_crashed_runs(self.watched, lambda i: self.outbox.latest(i.repo, i.branch))
 
     @staticmethod
     def end_dead_runs(item: Watched) -> None:
