@@ -193,12 +193,15 @@ WEBHOOK_SECRET = Variable("TEXTGEN_WEBHOOK_SECRET", SECRET, "", "the webhooks' s
 # The service
 RUNNER_POLL_SECONDS = Variable("TEXTGEN_RUNNER_POLL_SECONDS", SECONDS, 0.5, "serve's run polls")
 OUTBOX_RETENTION_DAYS = Variable("TEXTGEN_OUTBOX_RETENTION_DAYS", DAYS, 14.0, "handled kept")
-WARM_START = Variable("TEXTGEN_WARM_START", SWITCH, True, "serve forks runs warm")
-WARM_MODEL_START = Variable("TEXTGEN_WARM_MODEL_START", SWITCH, True, "serve keeps the model")
+WARM_START = Variable("TEXTGEN_WARM_START", SWITCH, True, "serve and warm workers fork runs")
+WARM_MODEL_START = Variable(
+    "TEXTGEN_WARM_MODEL_START", SWITCH, True, "serve and warm workers keep the model"
+)
 WARM_HINT = Variable("TEXTGEN_WARM_HINT", PATH, None, "set by serve: the loaded-model note")
 WARM_MODEL = Variable("TEXTGEN_WARM_MODEL", TEXT, "", "set by serve: a fork server's model")
 WARM_READY = Variable("TEXTGEN_WARM_READY", PATH, None, "set by serve: a fork server's answer")
 VERBOSE = Variable("TEXTGEN_VERBOSE", SWITCH, False, "set by -v: runs log library chatter")
+TEAM_HOME = Variable("TEXTGEN_TEAM_HOME", PATH, None, "set by team up: the team of a process")
 
 VARIABLES = tuple(value for value in list(globals().values()) if isinstance(value, Variable))
 LIMITS: dict[str, Variable[Any]] = {v.limit: v for v in VARIABLES if v.limit}

@@ -1,5 +1,6 @@
-"""The team service with real processes: PostgreSQL, Prefect and MLflow servers on it, two
-process workers with their own data folders, and one receiver for two linked repositories.
+"""The team service with real processes under supervisord: PostgreSQL, Prefect and MLflow
+servers on it, two warm workers with their own data folders, and one receiver for two linked
+repositories.
 
 Uses the real offline model, whose generation takes seconds: runs overlap, and a kill lands
 mid-generation.
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -326,6 +328,84 @@ def test_processes_writing_at_once_get_unique_gap_free_numbers_on_postgresql(
     assert sorted(int(r.data.tags["textgen.version"]) for r in published) == list(range(1, 41))
 
 
+def _running_run(topology: Topology, name: str, sha: str, attempt: str = "1") -> Any:
+    for run in topology.runs(name):
+        tags = run.data.tags
+        if (
+            tags.get("mlflow.source.git.commit") == sha
+            and tags.get("textgen.attempt", "1") == attempt
+            and run.info.status == "RUNNING"
+        ):
+            return run
+    return None
+
+
+def _seconds(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_runs_process_killed_is_crashed_and_rerun_on_the_other_worker_within_15_s(
+    topology: Topology,
+) -> None:
+    alpha = topology.repos["alpha"]
+    sha = alpha.push(topology.model, 31, tokens=400)
+    run = wait_for(lambda: _running_run(topology, "alpha", sha), 300, "the run to be generating")
+    flow_pid = int(run.data.tags["textgen.worker.pid"])
+    (worker,) = [w for w in topology.team.workers if w.pid in _ancestors(flow_pid)]
+    os.kill(flow_pid, signal.SIGKILL)  # the run's process alone: its worker lives on
+    killed = time.time()
+    crashed = wait_for(
+        lambda: [r for r in topology.flow_runs_of("alpha", sha) if r["state_type"] == "CRASHED"],
+        15,
+        "the flow run to be marked Crashed",
+    )[0]
+    assert "status code" in crashed["state"]["message"], crashed["state"]
+    assert _seconds(crashed["state"]["timestamp"]) - killed < 5  # seen at once, not by heartbeats
+    # Its worker ends its MLflow run right after, with the reason.
+    wait_for(
+        lambda: topology.mlflow.get_run(run.info.run_id).info.status == "FAILED",
+        10,
+        "the MLflow run to end FAILED",
+    )
+    failed = topology.mlflow.get_run(run.info.run_id)
+    assert "SIGKILL" in failed.data.tags["textgen.failure"], failed.data.tags
+    # The push runs once more, on the other worker, within 15 s of the kill.
+    retried = wait_for(
+        lambda: [
+            r
+            for r in topology.flow_runs_of("alpha", sha)
+            if r["parameters"].get("attempt") == 2 and r["start_time"]
+        ],
+        30,
+        "the retry to start",
+    )[0]
+    assert _seconds(retried["start_time"]) - killed <= 15, retried["start_time"]
+    second = wait_for(
+        lambda: _running_run(topology, "alpha", sha, attempt="2"), 60, "the retry's record"
+    )
+    (other,) = [
+        w
+        for w in topology.team.workers
+        if w.pid in _ancestors(int(second.data.tags["textgen.worker.pid"]))
+    ]
+    assert other is not worker
+    version = wait_for(lambda: topology.version_of("alpha", sha), 300, "the retried push's version")
+    assert version.data.tags["textgen.attempt"] == "2"
+    wait_for(
+        lambda: (
+            not [
+                r for r in topology.flow_runs("alpha") if r["state_type"] in {"RUNNING", "PENDING"}
+            ]
+        ),
+        60,
+        "the retry's flow run to end",
+    )
+    assert [r.info.run_id for r in topology.runs("alpha") if r.info.status == "RUNNING"] == []
+    assert worker.alive()
+
+
 def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> None:
     beta = topology.repos["beta"]
     before = [
@@ -346,9 +426,11 @@ def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> N
     flow_pid = int(run.data.tags["textgen.worker.pid"])
     ancestors = _ancestors(flow_pid)
     (worker,) = [w for w in topology.team.workers if w.pid in ancestors]
-    # The machine dies: the worker and the flow run process it started, at once.
-    os.killpg(os.getpgid(flow_pid), signal.SIGKILL)
-    worker.kill()
+    # The machine dies: the worker and the flow run process it started, at once (one process
+    # group: the worker, its fork server and the runs forked from it).
+    assert os.getpgid(flow_pid) == worker.pid
+    old_pid = worker.kill()
+    killed = time.time()
     # Prefect marks it Crashed when its heartbeats stop; the reaper ends its MLflow run.
     crashed = wait_for(
         lambda: [r for r in topology.flow_runs_of("beta", sha) if r["state_type"] == "CRASHED"],
@@ -356,6 +438,18 @@ def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> N
         "the flow run to be marked Crashed",
     )
     assert "heartbeat" in crashed[0]["state"]["message"]
+    # Running again on the other worker within 75 s: heartbeats every 30 s, the zombie
+    # automation's 45 s, the reaper's pass.
+    retry = wait_for(
+        lambda: [
+            r
+            for r in topology.flow_runs_of("beta", sha)
+            if r["parameters"].get("attempt") == 2 and r["start_time"]
+        ],
+        120,
+        "the retry to start",
+    )[0]
+    assert _seconds(retry["start_time"]) - killed <= 75, retry["start_time"]
     failed = wait_for(
         lambda: topology.mlflow.get_run(run.info.run_id).info.status == "FAILED",
         120,
@@ -391,7 +485,9 @@ def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> N
     assert str(beta.bare) in note["body"] and "heartbeats" in note["body"]
     assert "/runs/flow-run/" in note["body"]
     assert f"{topology.team.mlflow_uri}/#/experiments/" in note["body"]
-    topology.team.start_worker(topology.team.workers.index(worker))
+    # Nobody started the worker again: supervisord did.
+    wait_for(lambda: worker.pid not in (0, old_pid), 60, "supervisord to restart the worker")
+    assert topology.team.states()[worker.name] == "RUNNING"
 
 
 def test_a_deployment_runs_only_its_own_repository(topology: Topology) -> None:

@@ -6,11 +6,13 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from deployments.cli import parse_command
 from deployments.ops.team import POOL
 from deployments.orchestration.automations import AUTOMATIONS, automations
+from tasks.errors import ServeError
 
 PROJECT = Path(__file__).resolve().parents[1]
 COMPOSE = PROJECT / "deployments" / "compose.yaml"
@@ -107,3 +109,54 @@ def test_the_image_installs_what_the_bootstrap_installs() -> None:
     assert '".[gguf,team]"' in dockerfile and '".[gguf,team]"' in bootstrap
     compose = yaml.safe_load(COMPOSE.read_text())
     assert compose["x-textgen"]["build"]["dockerfile"] == "deployments/Dockerfile"
+
+
+def test_compose_and_the_supervised_topology_have_the_same_policies(tmp_path: Path) -> None:
+    """What restarts, what is waited on to be healthy, and in which order: the same in
+    compose.yaml and in the supervisord configuration `team up` runs."""
+    import configparser
+
+    from deployments.ops.team import SERVERS, WORKER_TYPE, Team
+    from deployments.service.worker import WarmWorker
+
+    pytest.importorskip("supervisor")
+    team = Team(tmp_path / "home", tmp_path / "links.yaml", workers=2)
+    try:
+        programs = team.programs()
+    except ServeError as exc:  # no PostgreSQL on this machine: its command cannot be named
+        pytest.skip(str(exc))
+    team.supervisor.write(programs)
+    conf = configparser.RawConfigParser()
+    conf.read(team.supervisor.conf)
+    sections = {
+        s.removeprefix("program:"): conf[s] for s in conf.sections() if s.startswith("program:")
+    }
+    assert set(sections) == {*SERVERS.values(), "worker-0", "worker-1"}
+    for name, section in sections.items():
+        # Started in order by `team up`, then restarted whenever it dies, its group with it.
+        assert section["autostart"] == "false" and section["autorestart"] == "true", name
+        assert section["stopasgroup"] == section["killasgroup"] == "true", name
+    order = {name: int(section["priority"]) for name, section in sections.items()}
+    assert order["postgres"] < order["prefect-server"] == order["mlflow-server"]
+    assert order["mlflow-server"] < order["receiver"] < order["worker-0"] == order["worker-1"]
+    # No secret in the file supervisord reads: environments are files of their own (0600).
+    assert "PGPASSWORD" not in team.supervisor.conf.read_text()
+    for env_file in (team.home / "env").iterdir():
+        assert env_file.stat().st_mode & 0o077 == 0, env_file
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert services["setup"]["restart"] == "no"
+    for service in ("postgres", "prefect", "mlflow", "receiver", "worker"):
+        assert services[service]["restart"] == "unless-stopped", service  # (merged anchors)
+    # Waited on to be healthy: the servers and the receiver, as `team up` waits on them.
+    for service in ("postgres", "prefect", "mlflow", "receiver"):
+        assert "healthcheck" in services[service], service
+    needs = {name: set(services[name].get("depends_on", {})) for name in services}
+    assert needs["prefect"] == needs["mlflow"] == {"postgres"}
+    assert needs["setup"] == {"prefect", "mlflow"} and needs["receiver"] == {"setup"}
+    assert needs["worker"] == {"setup", "receiver"}
+    # The same worker type everywhere.
+    assert WarmWorker.type == WORKER_TYPE
+    assert _command(services["worker"])[_command(services["worker"]).index("--type") + 1] == (
+        WORKER_TYPE
+    )

@@ -68,38 +68,82 @@ class Postgres:
         """A connection URL without the password (clients take PGPASSWORD)."""
         return f"{driver}://{DB_USER}@127.0.0.1:{self.port}/{database}"
 
-    def start(self) -> None:
-        """Initialise the cluster once, start it, and create the databases it lacks."""
-        data = str(self.folder / "data")
-        if not (self.folder / "PG_VERSION").exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            password = self.password
-            with tempfile.NamedTemporaryFile("w", delete=False, dir=self.folder) as pw:
-                pw.write(password)
-            if os.geteuid() == 0:
-                shutil.chown(self.folder, "postgres", "postgres")
-                shutil.chown(pw.name, "postgres", "postgres")
-                probe = subprocess.run(self._as_owner(["test", "-w", str(self.folder)]))
-                if probe.returncode != 0:
-                    raise ServeError(
-                        f"the postgres user cannot reach {self.folder}: choose a folder whose "
-                        f"parents it may enter (for example under /var/lib or /tmp)"
-                    )
-            auth = [f"--pwfile={pw.name}", "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"]
-            try:
-                self._run("initdb", ["-D", data, "-U", DB_USER, *auth], "initdb")
-            finally:
-                os.unlink(pw.name)
-            (self.folder / "PG_VERSION").write_text("see data/\n")
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} "
-            f"-c unix_socket_directories={data} -c max_connections=200"
-        )
-        start = ["-D", data, "-l", f"{data}/postgres.log", "-o", options, "-w", "-t", "60", "start"]
-        self._run("pg_ctl", start, "pg_ctl start")
-        self._create_databases()
+    @property
+    def data(self) -> Path:
+        """The cluster's data folder."""
+        return self.folder / "data"
 
-    def _create_databases(self) -> None:
+    def init(self) -> None:
+        """Initialise the cluster once (initdb, password authentication)."""
+        if (self.folder / "PG_VERSION").exists():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        password = self.password
+        with tempfile.NamedTemporaryFile("w", delete=False, dir=self.folder) as pw:
+            pw.write(password)
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+            shutil.chown(pw.name, "postgres", "postgres")
+            probe = subprocess.run(self._as_owner(["test", "-w", str(self.folder)]))
+            if probe.returncode != 0:
+                raise ServeError(
+                    f"the postgres user cannot reach {self.folder}: choose a folder whose "
+                    f"parents it may enter (for example under /var/lib or /tmp)"
+                )
+        auth = [f"--pwfile={pw.name}", "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"]
+        try:
+            self._run("initdb", ["-D", str(self.data), "-U", DB_USER, *auth], "initdb")
+        finally:
+            os.unlink(pw.name)
+        (self.folder / "PG_VERSION").write_text("see data/\n")
+
+    def options(self) -> list[str]:
+        """The server's options: 127.0.0.1 only, its socket in its data folder."""
+        return [
+            "-c", "listen_addresses=127.0.0.1", "-p", str(self.port),
+            "-c", f"unix_socket_directories={self.data}", "-c", "max_connections=200",
+        ]  # fmt: skip
+
+    def server_command(self) -> list[str]:
+        """The server in the foreground (for a supervisor; run it as `user`): SIGINT stops it
+        fast, as `pg_ctl stop -m fast` does."""
+        return [postgres_tool("postgres"), "-D", str(self.data), *self.options()]
+
+    @property
+    def user(self) -> str | None:
+        """Who the server runs as: Debian's `postgres` user when we are root."""
+        return "postgres" if os.geteuid() == 0 else None
+
+    def ready(self) -> bool:
+        """Whether the server takes connections."""
+        import psycopg2
+
+        try:
+            connection = psycopg2.connect(
+                host="127.0.0.1",
+                port=self.port,
+                user=DB_USER,
+                password=self.password,
+                dbname="postgres",
+                connect_timeout=2,
+            )
+        except psycopg2.Error:
+            return False
+        connection.close()
+        return True
+
+    def start(self) -> None:
+        """Initialise the cluster once, start it in the background, and create the databases
+        it lacks."""
+        self.init()
+        options = " ".join(self.options())
+        log = f"{self.data}/postgres.log"
+        start = ["-D", str(self.data), "-l", log, "-o", options, "-w", "-t", "60", "start"]
+        self._run("pg_ctl", start, "pg_ctl start")
+        self.create_databases()
+
+    def create_databases(self) -> None:
+        """Create the databases the cluster lacks."""
         import psycopg2
 
         server = {"host": "127.0.0.1", "port": self.port, "user": DB_USER}
@@ -114,11 +158,21 @@ class Postgres:
         finally:
             connection.close()
 
+    def postmaster(self) -> int | None:
+        """The running server's pid, by its pid file; None when none runs (a pid file a killed
+        server left says nothing)."""
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid
+
     def stop(self) -> None:
         """Stop the cluster (fast shutdown), if it runs."""
-        if not (self.folder / "data" / "postmaster.pid").exists():
+        if self.postmaster() is None:
             return
-        stop = ["-D", str(self.folder / "data"), "-m", "fast", "-w", "stop"]
+        stop = ["-D", str(self.data), "-m", "fast", "-w", "stop"]
         self._run("pg_ctl", stop, "pg_ctl stop")
 
     def environment(self) -> dict[str, str]:
