@@ -3,7 +3,7 @@
 Rows, in one invocation on one machine:
 - baseline: the embedded default, `textgen serve --links` (SQLite Prefect and MLflow, one run
   at a time);
-- team, W workers: PostgreSQL-backed Prefect and MLflow servers, the receiver, and W process
+- team, W workers: PostgreSQL-backed Prefect and MLflow servers, the receiver, and W warm
   workers, each its own process and data folder (`deployments/ops/team.py`, as compose.yaml).
 
 Each row gets the same push schedule (seeded): `--pushes` pushes to `--repos` repositories in
@@ -14,7 +14,8 @@ repository are unique and gap-free; nothing is left RUNNING in MLflow or unfinis
 each repository's last push is a version. It reports generations executed against pushes,
 push → Running latency (p50/p95), throughput, CPU seconds spent by the workers and by the
 servers per generation, and the servers' database work (PostgreSQL transactions and rows
-inserted) per push and per version.
+inserted) per push and per version, the HTTP requests each server served per push (from their
+access logs), and per second once the service is idle.
 
     .venv/bin/python benchmarks/scale.py [--repos 6] [--pushes 120] [--seconds 120] [--workers 1,3]
 """
@@ -222,6 +223,8 @@ class Target:
     tracking_uri: str
     workers: list[int]
     servers: list[int]
+    logs: dict[str, Path] = field(default_factory=dict)
+    """The servers' access logs, by server."""
 
 
 def flow_runs(api: str) -> list[dict[str, Any]]:
@@ -275,6 +278,7 @@ def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[s
     for run in prefect:
         by_sha.setdefault(str(run["parameters"].get("commit_sha") or ""), []).append(run)
     outcomes: Counter[str] = Counter()
+    lost: list[str] = []
     latencies = []
     for push in pushes:
         if not push.accepted:
@@ -297,6 +301,7 @@ def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[s
             outcomes["failed (recorded)"] += 1
         else:
             outcomes["lost"] += 1
+            lost.append(push.sha)
         # Runs superseded while they waited never ran (their start_time is the cancellation).
         started = [
             api_seconds(f.get("start_time"))
@@ -345,6 +350,7 @@ def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[s
         "accepted": sum(p.accepted for p in pushes),
         "outcomes": dict(outcomes),
         "lost": outcomes["lost"],
+        "lost pushes": lost,
         "duplicate versions": duplicates,
         "missing versions": missing,
         "left RUNNING (MLflow)": running,
@@ -364,7 +370,12 @@ def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[s
 def embedded(root: Path, repos: Repos) -> Iterator[Target]:
     """`textgen serve --links` on a local SQLite Prefect server and SQLite MLflow store."""
     prefect = PrefectServer(root / "prefect")
-    prefect.start()
+    # Its access log (a line per request), as the team's servers write theirs.
+    os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
+    try:
+        prefect.start()
+    finally:
+        os.environ.pop("PREFECT_SERVER_LOGGING_LEVEL")
     port = free_port()
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     env = {
@@ -389,7 +400,8 @@ def embedded(root: Path, repos: Repos) -> Iterator[Target]:
         assert service.alive(), service.output()[-3000:]
         repos.hook(f"http://127.0.0.1:{port}/webhooks/github")
         assert service.process is not None and prefect.pid
-        yield Target(prefect.api_url, tracking_uri, [service.process.pid], [prefect.pid])
+        logs = {"prefect": prefect.home / "server.log"}
+        yield Target(prefect.api_url, tracking_uri, [service.process.pid], [prefect.pid], logs)
     finally:
         service.stop()
         prefect.stop()
@@ -416,6 +428,7 @@ def team(root: Path, repos: Repos, workers: int) -> Iterator[tuple[Target, Team]
             service.mlflow_uri,
             [w.pid for w in service.workers],
             [service.servers["prefect"].pid, service.servers["mlflow"].pid],
+            {name: service.servers[name].log for name in ("prefect", "mlflow")},
         )
         yield target, service
     finally:
@@ -442,9 +455,7 @@ def measure(
         pg_pid = postmaster_pid(service.postgres) if service else None
         pg_cpu_before = tree_cpu(pg_pid) if pg_pid else 0.0
         stats_before = pg_stats(service.postgres) if service else None
-        logs = (
-            {name: service.servers[name].log for name in ("prefect", "mlflow")} if service else {}
-        )
+        logs = target.logs
         requests_before = {name: requests_served(log) for name, log in logs.items()}
         row.pushes = run_pushes(repos, plan, args.seconds)
         wait_for(lambda: settled(target, repos, row.pushes), 900, f"{name}: drain", interval=2)
@@ -463,9 +474,15 @@ def measure(
                 delta = {k: after[db][k] - stats_before[db][k] for k in after[db]}
                 row.result[f"{db} db transactions per push"] = delta["transactions"] / pushes
                 row.result[f"{db} db rows per version"] = delta["rows"] / generations
-            for name, log in logs.items():
-                served = requests_served(log) - requests_before[name]
-                row.result[f"{name} server requests per push"] = served / pushes
+        for name, log in logs.items():
+            served = requests_served(log) - requests_before[name]
+            row.result[f"{name} server requests per push"] = served / max(1, row.result["accepted"])
+        # The service idle: nothing pushed, nothing running.
+        idle_before = {name: requests_served(log) for name, log in logs.items()}
+        time.sleep(args.idle)
+        for name, log in logs.items():
+            idle = (requests_served(log) - idle_before[name]) / args.idle
+            row.result[f"{name} server requests per s, idle"] = idle
     return row
 
 
@@ -476,6 +493,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--workers", default="1,3", help="team rows: worker counts")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--idle", type=float, default=30.0, help="seconds idle, counted after")
     args = parser.parse_args()
     print_header(
         f"scale: {args.repos} repositories, {args.pushes} pushes in bursts over {args.seconds:g} s"

@@ -66,3 +66,44 @@ def test_a_taken_event_without_a_run_gets_one_after_the_grace_period(tmp_path: P
     ]
     assert "textgen-recovered-event" in started[0].tags
     assert [d for _, d, _ in outbox.without_run(repo, "main", 0)] == [f"d-{recent[:6]}"]
+
+
+def test_a_crashed_run_is_retried_once_when_newest_and_else_marked_superseded() -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.states import Crashed
+
+    from deployments.service.repair import RETRIED_TAG, retry_crashed_runs
+    from tasks.names import is_superseded
+
+    @flow(name="reaper-target")
+    def target(commit_sha: str = "", trigger: str = "manual", attempt: int = 1) -> None:
+        pass
+
+    old, new = "c" * 40, "d" * 40
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(client.create_flow(target), "reaper")
+        for sha in (old, new):
+            run = client.create_flow_run_from_deployment(
+                deployment_id, parameters={"commit_sha": sha, "trigger": "push"}
+            )
+            client.set_flow_run_state(run.id, Crashed(message="its worker died"), force=True)
+    item = Watched(deployment_id, RepoLocation.parse("https://example.com/org/r.git"), "main")
+
+    assert retry_crashed_runs([item], lambda _: new) == 1
+    assert retry_crashed_runs([item], lambda _: new) == 0  # each crash is looked at once
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+    by_commit: dict[tuple[str, int], object] = {
+        (r.parameters["commit_sha"], r.parameters.get("attempt", 1)): r for r in runs
+    }
+    assert set(by_commit) == {(old, 1), (new, 1), (new, 2)}
+    superseded = by_commit[(old, 1)].state  # type: ignore[attr-defined]
+    assert superseded.type.value == "CANCELLED" and is_superseded(superseded.message)
+    assert "its worker died" in superseded.message and new[:7] in superseded.message
+    crashed = by_commit[(new, 1)]
+    assert crashed.state.type.value == "CRASHED" and RETRIED_TAG in crashed.tags  # type: ignore[attr-defined]
+    assert by_commit[(new, 2)].state.type.value == "SCHEDULED"  # type: ignore[attr-defined]

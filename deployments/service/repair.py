@@ -151,8 +151,11 @@ def start_missing_runs(item: Watched, outbox: Outbox, grace: float = RUN_GRACE_S
 
 def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str | None]) -> int:
     """Start a crashed push run once more (on whichever worker takes it) when its commit is
-    still its branch's newest push (`newest`), at most once per run, never a retry's retry: one
-    read for every watched deployment. Returns how many runs were started."""
+    still its branch's newest push (`newest`), at most once per run, never a retry's retry; one
+    a newer push replaced is marked superseded (Cancelled, the message saying why). One read
+    for every watched deployment. Returns how many runs were started."""
+    from prefect.states import Cancelled
+
     items = {item.deployment_id: item for item in watched}
     started = 0
     with queries.client() as api:
@@ -164,14 +167,25 @@ def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str |
             api.update_flow_run(run.id, tags=[*run.tags, RETRIED_TAG])
             sha = queries.commit_of(run)
             latest = newest(item)
-            if run.parameters.get("attempt", 1) >= 2 or (latest and sha != latest):
+            why = run.state.message if run.state else ""
+            if run.parameters.get("attempt", 1) >= 2:
+                continue
+            if latest and sha != latest:
+                # Not run again: recorded as a queued run a newer push replaced is (its crash
+                # stays in the run's state history).
+                message = (
+                    f"{SUPERSEDED}: it crashed ({why}); the newer push of {latest[:7]} runs instead"
+                )
+                api.set_flow_run_state(run.id, Cancelled(message=message), force=True)
+                logger.info(
+                    "Flow run %s of %s crashed; superseded by %s", run.name, sha[:7], latest[:7]
+                )
                 continue
             api.create_flow_run_from_deployment(
                 item.deployment_id,
                 parameters={**run.parameters, "attempt": 2},
                 tags=[*(t for t in run.tags if t != RETRIED_TAG), "retry"],
             )
-            why = run.state.message if run.state else ""
             logger.warning(
                 "Flow run %s of %s crashed (%s); started it once more", run.name, sha[:7], why
             )
