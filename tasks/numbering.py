@@ -63,7 +63,15 @@ def allocate(experiment: Experiment, run_id: str) -> int:
 
     source = experiment.client.get_run(run_id).info.artifact_uri
 
+    tried = False
+
     def take() -> int:
+        nonlocal tried
+        # The try before may have taken a number whose answer was lost (the server died or
+        # stalled mid-request): the run keeps that one; a second would leave a gap.
+        if tried and (existing := allocated(experiment, run_id)) is not None:
+            return int(existing.version)
+        tried = True
         try:
             _ensure_registry(experiment)
             mv = experiment.client.create_model_version(

@@ -521,3 +521,31 @@ def test_a_deployment_runs_only_its_own_repository(topology: Topology) -> None:
         60,
         "the failure's notification",
     )
+
+
+def test_team_down_stops_what_is_alive_after_the_supervisor_and_postgres_died(
+    topology: Topology,
+) -> None:
+    """Last in the module: it ends the topology. supervisord and PostgreSQL are SIGKILLed;
+    `textgen team down` then stops every process of the team that is still alive."""
+    from deployments.ops.supervisor import marked
+
+    team = topology.team
+    alive = marked(team.home)
+    assert len(alive) >= 4  # servers, receiver, workers (and the workers' fork servers)
+    assert team.supervisor.child is not None
+    os.kill(team.supervisor.child.pid, signal.SIGKILL)
+    postmaster = team.postgres.postmaster()
+    assert postmaster is not None
+    os.kill(postmaster, signal.SIGKILL)  # and no supervisor left to start it again
+    wait_for(lambda: team.postgres.postmaster() is None, 30, "PostgreSQL to be gone")
+    down = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "team", "down", "--home", str(team.home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "left by a dead supervisord" in down.stdout, down.stdout
+    assert marked(team.home) == []
+    assert not (team.home / "team.json").exists()
