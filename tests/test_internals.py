@@ -2,7 +2,9 @@
 test fails loudly, naming what changed, when a new version of the library moves the hook.
 
 - Prefect: how a served run's process starts (`service.warm`), `run_flow_in_subprocess` of
-  `prefect.runner._starter_direct` (the override point of its `DirectSubprocessStarter`).
+  `prefect.runner._starter_direct` (the override point of its `DirectSubprocessStarter`); the
+  executor a warm worker runs its runs through (`service.worker`), as Prefect's process worker
+  does: `FlowRunExecutorContext.create_executor`, its control channel, `ProcessHandle`.
 - transformers: what generate() will use for a pipeline call (`tasks.generate`), the pipeline's
   `_prepare_generate_kwargs` and `GenerationConfig._get_default_generation_params`; for
   batched prompts (`tasks.batching`), `_prepare_generation_config` and the order of the
@@ -26,6 +28,23 @@ def test_prefects_subprocess_starter_keeps_its_override_point() -> None:
     )
     assert callable(engine.run_flow_in_subprocess)
     assert "multiprocessing" in vars(engine), "the flow engine no longer uses multiprocessing"
+
+
+def test_prefects_process_worker_keeps_the_executor_the_warm_worker_uses() -> None:
+    from prefect.runner._control_channel import ControlChannel
+    from prefect.runner._flow_run_executor import FlowRunExecutorContext, ProcessStarter
+    from prefect.runner._process_manager import ProcessHandle
+
+    create = inspect.signature(FlowRunExecutorContext.create_executor).parameters
+    assert {"flow_run", "starter", "resolve_flow", "propose_submitting"} <= set(create), (
+        "FlowRunExecutorContext.create_executor changed (deployments/service/worker.py)"
+    )
+    start = inspect.signature(ProcessStarter.start).parameters
+    assert list(start)[1:] == ["flow_run", "task_status"], "Prefect's ProcessStarter changed"
+    assert {"register", "unregister"} <= set(vars(ControlChannel)), "ControlChannel changed"
+    handle = inspect.signature(ProcessHandle).parameters.values()
+    required = [p for p in handle if p.default is inspect.Parameter.empty]
+    assert len(required) == 1, "ProcessHandle no longer wraps a process alone"
 
 
 def test_transformers_says_what_generate_will_use() -> None:
