@@ -181,6 +181,8 @@ class Supervisor:
         try:
             self.call("shutdown")
         except OSError:
+            if self.child is not None:  # ours, and dead or deaf: reaped, its group stopped
+                self.child.stop(grace=5)
             return False
         if self.child is not None and self.child.process is not None:
             with contextlib.suppress(Exception):
