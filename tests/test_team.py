@@ -340,6 +340,19 @@ def _running_run(topology: Topology, name: str, sha: str, attempt: str = "1") ->
     return None
 
 
+def _retry_started(topology: Topology, name: str, sha: str, seconds: float) -> dict[str, Any]:
+    """The flow run of a push's second attempt, once it has started."""
+    return wait_for(
+        lambda: [
+            r
+            for r in topology.flow_runs_of(name, sha)
+            if r["parameters"].get("attempt") == 2 and r["start_time"]
+        ],
+        seconds,
+        "the retry to start",
+    )[0]
+
+
 def _seconds(stamp: str) -> float:
     from datetime import datetime
 
@@ -372,15 +385,7 @@ def test_a_runs_process_killed_is_crashed_and_rerun_on_the_other_worker_within_1
     failed = topology.mlflow.get_run(run.info.run_id)
     assert "SIGKILL" in failed.data.tags["textgen.failure"], failed.data.tags
     # The push runs once more, on the other worker, within 15 s of the kill.
-    retried = wait_for(
-        lambda: [
-            r
-            for r in topology.flow_runs_of("alpha", sha)
-            if r["parameters"].get("attempt") == 2 and r["start_time"]
-        ],
-        30,
-        "the retry to start",
-    )[0]
+    retried = _retry_started(topology, "alpha", sha, 30)
     assert _seconds(retried["start_time"]) - killed <= 15, retried["start_time"]
     second = wait_for(
         lambda: _running_run(topology, "alpha", sha, attempt="2"), 60, "the retry's record"
@@ -414,15 +419,7 @@ def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> N
         if r.data.tags.get("textgen.outcome") == "new"
     ]
     sha = beta.push(topology.model, 6, tokens=400)
-
-    def running() -> Any:
-        for run in topology.runs("beta"):
-            tags = run.data.tags
-            if tags.get("mlflow.source.git.commit") == sha and run.info.status == "RUNNING":
-                return run
-        return None
-
-    run = wait_for(running, 300, "the run to be generating")
+    run = wait_for(lambda: _running_run(topology, "beta", sha), 300, "the run to be generating")
     flow_pid = int(run.data.tags["textgen.worker.pid"])
     ancestors = _ancestors(flow_pid)
     (worker,) = [w for w in topology.team.workers if w.pid in ancestors]
@@ -438,17 +435,9 @@ def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> N
         "the flow run to be marked Crashed",
     )
     assert "heartbeat" in crashed[0]["state"]["message"]
-    # Running again on the other worker within 75 s: heartbeats every 30 s, the zombie
-    # automation's 45 s, the reaper's pass.
-    retry = wait_for(
-        lambda: [
-            r
-            for r in topology.flow_runs_of("beta", sha)
-            if r["parameters"].get("attempt") == 2 and r["start_time"]
-        ],
-        120,
-        "the retry to start",
-    )[0]
+    # Running again within 75 s: heartbeats every 30 s, the zombie automation's 45 s, the
+    # reaper's pass.
+    retry = _retry_started(topology, "beta", sha, 120)
     assert _seconds(retry["start_time"]) - killed <= 75, retry["start_time"]
     failed = wait_for(
         lambda: topology.mlflow.get_run(run.info.run_id).info.status == "FAILED",

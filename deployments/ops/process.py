@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 from urllib.error import URLError
 from urllib.request import urlopen
 
@@ -85,10 +86,7 @@ class Child:
 
     def tail(self, lines: int = 30) -> str:
         """The end of its log."""
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return tail(self.log, lines)
 
     def stop(self, grace: float = 30) -> None:
         """SIGTERM its process group, then SIGKILL what is left after `grace` seconds."""
@@ -141,11 +139,30 @@ def command_line(pid: int) -> list[bytes]:
         return []
 
 
+def tail(log: Path, lines: int = 30) -> str:
+    """The end of a log file (empty when there is none)."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Watched(Protocol):
+    """A process a wait watches: a `Child`, or one supervisord runs."""
+
+    @property
+    def log(self) -> Path: ...
+
+    def alive(self) -> bool: ...
+
+    def tail(self, lines: int = 30) -> str: ...
+
+
 def wait_until(
     check: Callable[[], bool],
     seconds: float,
     what: str,
-    process: Child | None = None,
+    process: Watched | None = None,
     interval: float = 0.3,
 ) -> None:
     """Poll `check()` until true; a ServeError naming `what` after `seconds`, or at once when

@@ -20,7 +20,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class Program:
     user: str | None = None
     stopsignal: str = "TERM"
     directory: Path | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -60,7 +59,6 @@ class Supervisor:
         self.socket = home / "supervisor.sock"
         self.logs = home / "logs"
         self.child: Child | None = None
-        self.programs: dict[str, Program] = {}
 
     def log(self, name: str) -> Path:
         """Where a program's output goes."""
@@ -71,7 +69,6 @@ class Supervisor:
         self.logs.mkdir(parents=True, exist_ok=True)
         envs = self.home / "env"
         envs.mkdir(mode=0o700, exist_ok=True)
-        self.programs = {p.name: p for p in programs}
         sections = [
             ("unix_http_server", {"file": str(self.socket), "chmod": "0700"}),
             (
@@ -114,7 +111,6 @@ class Supervisor:
                 "stdout_logfile_backups": "2",
                 **({"user": program.user} if program.user else {}),
                 **({"directory": str(program.directory)} if program.directory else {}),
-                **program.extra,
             }
             sections.append((f"program:{program.name}", options))
         text = "\n".join(

@@ -28,14 +28,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deployments.ops.postgres import Postgres
-from deployments.ops.process import command_line, free_port, healthy, stop_pid
+from deployments.ops.process import command_line, free_port, healthy, stop_pid, tail, wait_until
 from deployments.ops.supervisor import Program, Supervisor, stop_marked
 from tasks import config
 from tasks.errors import ServeError
@@ -99,10 +98,7 @@ class Supervised:
 
     def tail(self, lines: int = 30) -> str:
         """The end of its log."""
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return tail(self.log, lines)
 
 
 class Team:
@@ -256,14 +252,7 @@ class Team:
         """Start one of the servers and wait until it answers."""
         handle = self.servers[server]
         self.supervisor.start_program(handle.name)
-        deadline = time.monotonic() + seconds
-        while not check():
-            if time.monotonic() > deadline:
-                raise ServeError(
-                    f"{handle.name} did not come up within {seconds:.0f} s; see {handle.log}:\n"
-                    f"{handle.tail()}"
-                )
-            time.sleep(0.3)
+        wait_until(check, seconds, handle.name, handle)
 
     def _create_mlflow_tables(self) -> None:
         """Create the MLflow tables once, before the server's workers open the database."""
