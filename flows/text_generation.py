@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -14,16 +12,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 from prefect.utilities.timeout import timeout as deadline
 
-from tasks import config, logs, recovery, versions
+from tasks import cells, config, logs, recovery, versions
 from tasks import tags as T
-from tasks.errors import RunTimeoutError, SettingsError, TextgenError
-from tasks.evalset import Cell, Plan
-from tasks.evaluation import CELLS_FILE, Row, cell_metrics, row_key
+from tasks.errors import RunTimeoutError, SettingsError
+from tasks.evalset import Plan
+from tasks.evaluation import CELLS_FILE, Row, cell_metrics, model_revision, row_key
 from tasks.gates import evaluate, gate_tags, gate_values, load_gates, resolve_cells
 from tasks.generate import generate_text
-from tasks.generate_set import generate_cell
 from tasks.inputs import fetch_repo_commit, read_settings
-from tasks.links import link_for
+from tasks.links import run_link_settings
 from tasks.model import load_generator, local_revision, locate_model
 from tasks.names import AUTOMATIC_TRIGGERS, FLOW_NAME, MANUAL, PREVIEW_TRIGGER, SKIPPED, SUPERSEDED
 from tasks.quality import score_text
@@ -159,23 +156,9 @@ def nlp_text_generation(
         repo_url, branch, commit_sha, overrides, trigger, force, before, changed_paths, attempt, pr
     )
     repo = config.default_repo() if repo_url is None else repo_url
-    with config.overrides(_link_settings(repo, branch, trigger)):
+    required = trigger in AUTOMATIC_TRIGGERS or trigger == PREVIEW_TRIGGER
+    with config.overrides(run_link_settings(repo, branch, required)):
         return _tracked(request)
-
-
-def _link_settings(repo_url: str, branch: str, trigger: str) -> dict[str, str]:
-    """The operator limits and git credentials of the linked repository this run is for, for the
-    length of its run; runs of a deployment and pushes must be linked."""
-    from prefect.runtime import deployment
-
-    required = trigger in AUTOMATIC_TRIGGERS or trigger == PREVIEW_TRIGGER or bool(deployment.id)
-    link = link_for(RepoLocation.parse(repo_url).url, branch, required)
-    if link is None:
-        return {}
-    values = link.limit_env()
-    if credentials := link.git_credentials():
-        values[config.GIT_CREDENTIALS.name] = credentials
-    return values
 
 
 def _tracked(request: Request) -> RunRecord:
@@ -291,13 +274,10 @@ def _run_set(
     preview = pr.number if pr else None
     paths, local = {}, {}
     for cell in plan.cells:
-        with _naming(cell):
+        with cells.naming(cell):
             paths[cell.key] = locate_model(cell.settings, commit)
             local[cell.key] = local_revision(cell.settings, paths[cell.key])
-    revisions = {
-        c.key: local[c.key] or f"hub:{c.settings.model}@{c.settings.revision or 'main'}"
-        for c in plan.cells
-    }
+    revisions = {c.key: model_revision(c.settings, local[c.key]) for c in plan.cells}
     if not r.force and pr is None:
         existing = versions.find_version(
             tracker, commit.sha, plan.digest(), revisions_digest(revisions)
@@ -305,32 +285,46 @@ def _run_set(
         if existing is not None:
             record = tracker.finish_reused(run_id, existing, plan.settings, plan.digest())
             earlier = versions.rows_of(tracker, existing)
-            cells = record_cells(plan, earlier, _cell_runs(tracker, existing), record.version)
-            return replace(record, cells=cells)
+            found = record_cells(plan, earlier, _cell_runs(tracker, existing), record.version)
+            return replace(record, cells=found)
     previous = {} if r.force else versions.reusable_rows(tracker)
     logger = get_run_logger()
     rows: list[Row] = []
-    loaded: Loaded = {}
-    # Cell by cell, those of one model together: one model is loaded at a time, once.
+    work: list[cells.Work] = []
+    # Cells of one model together: one model is loaded at a time, once, in each process.
     for cell in sorted(plan.cells, key=lambda c: (c.settings.model, c.settings.revision or "")):
         keys = {p.id: row_key(cell, p, revisions[cell.key]) for p in plan.prompts}
-        todo = [p for p in plan.prompts if keys[p.id] not in previous]
         rows += [
             previous[keys[p.id]].reused_in(cell.key, p)
             for p in plan.prompts
             if keys[p.id] in previous
         ]
-        if not todo:
+        todo = [p for p in plan.prompts if keys[p.id] not in previous]
+        if todo:
+            work.append(cells.Work(cell, todo, revisions[cell.key]))
+        else:
             logger.info("Cell %s: all %d prompts reused", cell.key or "-", len(plan.prompts))
-            continue
-        with _naming(cell):
-            generator = load_generator(cell.settings, local[cell.key], paths[cell.key])
-            rows += generate_cell(generator, cell, todo, keys)
-        load = {"load_seconds": generator.load_seconds}
-        if generator.load_shared_cores is not None:
-            load["load_shared_cores"] = generator.load_shared_cores
-        loaded[cell.key] = {"params": generator.describe(), "metrics": load}
-        del generator  # the model cache holds it, while it has room
+    pool = None
+    if len(work) > 1:
+        base = {
+            "repo_url": commit.repo_url,
+            "branch": r.branch,
+            "commit_sha": commit.sha,
+            "overrides": r.overrides,
+            "pull_ref": pr.ref if pr else None,
+        }
+        pool = cells.PrefectPool.for_run(tracker, run_id, base)
+
+    def here(item: cells.Work) -> cells.Done:
+        return cells.generate(item, paths[item.cell.key], local[item.cell.key])
+
+    done = cells.run_all(work, here, pool)
+    loaded: Loaded = {
+        key: {**made.loaded, "made_by": {"flow_run": made.flow_run_id, "pid": made.pid}}
+        for key, made in done.items()
+    }
+    for made in done.values():
+        rows += made.rows
     per_cell = {
         c.key: cell_metrics(
             [row for row in rows if row.cell == c.key], loaded.get(c.key, {}).get("metrics")
@@ -343,24 +337,13 @@ def _run_set(
     )
 
 
-@contextmanager
-def _naming(cell: Cell) -> Iterator[None]:
-    """The project's errors raised for a matrix cell, saying which cell."""
-    try:
-        yield
-    except TextgenError as exc:
-        if not cell.key:
-            raise
-        raise type(exc)(f"cell {cell.key}: {exc}") from exc
-
-
 def _cell_runs(tracker: Tracker, run: Any) -> dict[str, str]:
     """Each cell's run of a version (the version's own run without a matrix)."""
     try:
-        cells = versions.artifact_json(tracker, run.info.run_id, CELLS_FILE)["cells"]
+        stored = versions.artifact_json(tracker, run.info.run_id, CELLS_FILE)["cells"]
     except Exception:  # an older record: every cell is the version's run
         return defaultdict(lambda: run.info.run_id)
-    return {c["cell"]: c["run_id"] for c in cells}
+    return {c["cell"]: c["run_id"] for c in stored}
 
 
 def _check_gates(

@@ -22,6 +22,7 @@ from tasks.evalset import Cell, Plan, Prompt
 
 if TYPE_CHECKING:
     from tasks.generate import Generations
+    from tasks.settings import GenerationSettings
 
 QUALITY = (
     "distinct_1",
@@ -87,10 +88,15 @@ class Row:
         )
 
 
+def model_revision(settings: GenerationSettings, local: str | None) -> str:
+    """The revision rows are keyed with: a local model's digest, else its hub id and revision."""
+    return local or f"hub:{settings.model}@{settings.revision or 'main'}"
+
+
 def row_key(cell: Cell, prompt: Prompt, revision: str | None) -> str:
     """The identity of a row's inputs: settings for the prompt (seed included) and model."""
     settings = cell.for_prompt(prompt)
-    model = revision or f"hub:{settings.model}@{settings.revision or 'main'}"
+    model = model_revision(settings, revision)
     return hashlib.sha256(f"{settings.digest()}\0{model}".encode()).hexdigest()
 
 

@@ -344,3 +344,19 @@ def link_for(repo_url: str, branch: str, required: bool) -> Link | None:
             f"(add it with `textgen link add`)"
         )
     return None
+
+
+def run_link_settings(repo_url: str, branch: str, required: bool) -> dict[str, str]:
+    """The operator limits and git credentials of the linked repository a flow run is for, for
+    the length of its run; runs of a deployment, and `required` ones, must be linked."""
+    from prefect.runtime import deployment
+
+    from tasks.repo import RepoLocation
+
+    link = link_for(RepoLocation.parse(repo_url).url, branch, required or bool(deployment.id))
+    if link is None:
+        return {}
+    values = link.limit_env()
+    if credentials := link.git_credentials():
+        values[config.GIT_CREDENTIALS.name] = credentials
+    return values

@@ -32,8 +32,9 @@ from tasks.store import as_metrics, as_params, as_tags
 from tasks.tracking import OUTPUT_FILE, RunRecord, Tracker
 
 Loaded = dict[str, dict[str, Any]]
-"""Per cell name: `params` (the model's description) and `metrics` (its load), for the cells
-whose model was loaded."""
+"""Per cell name: `params` (the model's description), `metrics` (its load) and `made_by` (the
+cell's flow run, empty for the version's own, and process), for the cells whose model was
+loaded."""
 
 
 def revisions_digest(revisions: dict[str, str]) -> str:
@@ -170,6 +171,10 @@ def log_evaluation(
             T.REUSED_ROWS: str(reused),
             T.RUN_NAME: cell.key,
         }
+        if made := loaded.get(cell.key, {}).get("made_by"):
+            tags[T.CELL_PID] = str(made["pid"])
+            if made["flow_run"]:
+                tags[T.CELL_FLOW_RUN] = made["flow_run"]
         tracker.client.log_batch(
             child,
             metrics=as_metrics(per_cell[cell.key]),

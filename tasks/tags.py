@@ -49,6 +49,11 @@ PROMPTS = "textgen.prompts"
 PROMPTS_SOURCE = "textgen.prompts_source"
 REUSED_ROWS = "textgen.reused_rows"
 """How many (cell, prompt) rows of a version were copied from earlier versions."""
+CELL_FLOW_RUN = "textgen.cell.flow_run"
+"""On a cell's child run: the Prefect flow run that generated its rows on a worker of the pool
+(none: the version's own flow run did)."""
+CELL_PID = "textgen.cell.pid"
+"""On a cell's child run: the process that generated its rows."""
 
 # What the run was asked and what it resolved
 TRIGGER = "textgen.trigger"

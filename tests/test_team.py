@@ -96,11 +96,9 @@ class Topology:
                 return run
         return None
 
-    def flow_runs(self, name: str) -> list[dict[str, Any]]:
+    def flow_runs(self, name: str, flow: str = "nlp-text-generation") -> list[dict[str, Any]]:
         api = self.team.prefect_api
-        deployment = httpx.get(
-            f"{api}/deployments/name/nlp-text-generation/{name}", timeout=10
-        ).json()
+        deployment = httpx.get(f"{api}/deployments/name/{flow}/{name}", timeout=10).json()
         response = httpx.post(
             f"{api}/flow_runs/filter",
             json={"limit": 200, "deployments": {"id": {"any_": [deployment["id"]]}}},
@@ -477,6 +475,127 @@ def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> N
     # Nobody started the worker again: supervisord did.
     wait_for(lambda: worker.pid not in (0, old_pid), 60, "supervisord to restart the worker")
     assert topology.team.states()[worker.name] == "RUNNING"
+
+
+def _matrix(model: Path, seeds: list[int]) -> str:
+    return yaml.safe_dump(
+        {
+            "model": str(model),
+            "max_new_tokens": 150,
+            "do_sample": True,
+            "prompts": ["Once upon a time", "The harbour at dawn"],
+            "matrix": {"random_seed": seeds},
+        }
+    )
+
+
+def _cells(topology: Topology, version: Any) -> dict[str, dict[str, str]]:
+    """The child runs of a version, by cell: their tags."""
+    children = [
+        r
+        for r in topology.runs("alpha")
+        if r.data.tags.get("mlflow.parentRunId") == version.info.run_id
+    ]
+    return {r.data.tags["textgen.cell"]: r.data.tags for r in children}
+
+
+def _rows(topology: Topology, version: Any) -> list[dict[str, Any]]:
+    """The rows of a version's `outputs.json`."""
+    stored = topology.mlflow.download_artifacts(
+        version.info.run_id, "outputs.json", tempfile.mkdtemp()
+    )
+    return list(json.loads(Path(stored).read_text())["rows"])
+
+
+def _worker_of(topology: Topology, pid: int) -> str:
+    ancestors = _ancestors(pid)
+    (worker,) = [w.name for w in topology.team.workers if w.pid in ancestors]
+    return worker
+
+
+def test_a_matrixs_cells_run_on_both_workers_and_a_killed_workers_cell_runs_again(
+    topology: Topology,
+) -> None:
+    alpha = topology.repos["alpha"]
+    cell_runs = lambda: topology.flow_runs("alpha", "nlp-text-generation-cell")  # noqa: E731
+    # A push of three cells: the version's run makes one, the other worker the others, at once.
+    sha = alpha.work.commit({"textgen.yaml": _matrix(topology.model, [11, 12, 13])}, "matrix")
+    alpha.work.git("push", "--quiet", "origin", "main")
+    # While it runs: the version's run on one worker, a cell's run on the other.
+    parent = wait_for(lambda: _running_run(topology, "alpha", sha), 300, "the version's run")
+    own = _worker_of(topology, int(parent.data.tags["textgen.worker.pid"]))
+    cell_run = wait_for(
+        lambda: [
+            r for r in cell_runs() if r["state_type"] == "RUNNING" and r["infrastructure_pid"]
+        ],
+        120,
+        "a cell run to start",
+    )[0]
+    assert _worker_of(topology, int(cell_run["infrastructure_pid"])) != own
+    version = wait_for(lambda: topology.version_of("alpha", sha), 600, "the matrix's version")
+    cells = _cells(topology, version)
+    assert sorted(cells) == ["random_seed=11", "random_seed=12", "random_seed=13"], cells
+    handed = {
+        c: t["textgen.cell.flow_run"] for c, t in cells.items() if "textgen.cell.flow_run" in t
+    }
+    runs = {r["id"]: r for r in cell_runs()}
+    assert cell_run["id"] in handed.values(), handed
+    assert all(runs[i]["state_type"] == "COMPLETED" for i in handed.values()), runs
+    assert all(runs[i]["parent_task_run_id"] for i in handed.values())  # the version's subflows
+    # The two workers generated at once: the spans of the cells made by the version's run and
+    # of those made by cell runs overlap.
+    spans: dict[bool, list[float]] = {}
+    for row in _rows(topology, version):
+        start, end = row["started_at"], row["started_at"] + row["metrics"]["generation_seconds"]
+        span = spans.setdefault(row["cell"] in handed, [start, end])
+        span[:] = [min(span[0], start), max(span[1], end)]
+    assert sorted(spans) == [False, True], spans
+    (a_start, a_end), (b_start, b_end) = spans.values()
+    assert a_start < b_end and b_start < a_end, spans
+    assert version.data.tags["textgen.cells"] == "3"
+
+    # A second push; the worker making one of its cells for the version's run dies mid-cell.
+    sha = alpha.work.commit({"textgen.yaml": _matrix(topology.model, [21, 22, 23])}, "again")
+    alpha.work.git("push", "--quiet", "origin", "main")
+    before = set(runs)
+    running = wait_for(
+        lambda: [
+            r
+            for r in cell_runs()
+            if r["id"] not in before and r["state_type"] == "RUNNING" and r["infrastructure_pid"]
+        ],
+        300,
+        "a cell to be generating on a worker",
+    )[0]
+    time.sleep(2)  # mid-cell
+    worker = next(
+        w
+        for w in topology.team.workers
+        if w.name == _worker_of(topology, int(running["infrastructure_pid"]))
+    )
+    worker.kill()
+    version = wait_for(lambda: topology.version_of("alpha", sha), 600, "the version after the kill")
+    cells = _cells(topology, version)
+    assert sorted(cells) == ["random_seed=21", "random_seed=22", "random_seed=23"], cells
+    killed = next(r for r in cell_runs() if r["id"] == running["id"])
+    assert killed["state_type"] == "CRASHED", killed["state"]
+    # The killed cell was made again, elsewhere: by the version's run or a worker's new run.
+    cell = killed["parameters"]["cell"]
+    assert cells[cell].get("textgen.cell.flow_run") != running["id"]
+    rows = _rows(topology, version)
+    assert sorted((r["cell"], r["prompt_id"]) for r in rows) == sorted(
+        (c, p) for c in cells for p in {r["prompt_id"] for r in rows}
+    )
+    assert len(rows) == 6
+    wait_for(
+        lambda: (
+            not [r for r in cell_runs() if r["state_type"] in {"RUNNING", "PENDING", "SCHEDULED"}]
+        ),
+        120,
+        "every cell run to end",
+    )
+    assert [r.info.run_id for r in topology.runs("alpha") if r.info.status == "RUNNING"] == []
+    wait_for(lambda: topology.team.states()[worker.name] == "RUNNING", 120, "the worker back")
 
 
 def test_a_deployment_runs_only_its_own_repository(topology: Topology) -> None:

@@ -76,6 +76,7 @@ def pool(
             ["deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], env
         )
         assert "nlp-text-generation/on-push" in deployed
+        assert "nlp-text-generation-cell/on-push" in deployed  # its matrix cells
         worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "textgen"]
         worker += ["--type", "textgen-warm", "--limit", "1"]
         services.append(Service(worker, env, root / "worker.log", cwd=PROJECT))

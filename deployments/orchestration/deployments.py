@@ -11,6 +11,7 @@ from typing import Any
 from deployments.orchestration import queries
 from deployments.orchestration.automations import apply_automations
 from tasks import config
+from tasks.cells import CELL_ENTRYPOINT
 from tasks.links import Link
 from tasks.names import PREVIEW_TRIGGER, PULL_REQUEST_EVENT, PUSH_EVENT
 
@@ -109,27 +110,52 @@ def apply_links(
                     pool,
                 )
     flow = Flow.from_source(source=str(PROJECT), entrypoint=ENTRYPOINT)
+    cell_flow = Flow.from_source(source=str(PROJECT), entrypoint=CELL_ENTRYPOINT)
     ids: dict[str, Any] = {}
+    kept = set()
     for link in links:
+        # The flow checks every run against its link: no parameter can make it clone another
+        # repository. References only: the worker resolves them in its own environment.
+        env = {"env": {config.LINK.name: link.public_json()}}
         ids[link.name] = flow.deploy(  # type: ignore[union-attr]
             name=link.name,
             work_pool_name=pool,
             parameters={"repo_url": link.url, "branch": link.branch},
             triggers=triggers(link.url, link.branch),
             concurrency_limit=one_at_a_time(),
-            # The flow checks every run against its link: no parameter can make it clone another
-            # repository. References only: the worker resolves them in its own environment.
-            job_variables={"env": {config.LINK.name: link.public_json()}},
+            job_variables=env,
             description=f"Text generation for every push to {link.branch} of {link.url}",
             tags=["textgen", "on-push", LINK_TAG],
             build=False,
             push=False,
             print_next_steps=False,
         )
+        # Its matrix cells, on the pool's free workers while the version's run makes its own
+        # (tasks.cells): no trigger, no limit but the workers'.
+        kept.add(
+            cell_flow.deploy(  # type: ignore[union-attr]
+                name=link.name,
+                work_pool_name=pool,
+                job_variables=env,
+                description=f"Matrix cells of the versions of {link.url}@{link.branch}",
+                tags=["textgen", "cells", LINK_TAG],
+                build=False,
+                push=False,
+                print_next_steps=False,
+            )
+        )
+    kept |= set(ids.values())
     with queries.client() as client:
         tagged = DeploymentFilter(tags=DeploymentFilterTags(all_=[LINK_TAG]))
-        for deployment in client.read_deployments(deployment_filter=tagged, limit=200):
-            if deployment.id not in ids.values():
+        found: list[Any] = []
+        page = 200  # the most the API gives at once
+        while len(found) % page == 0:
+            batch = client.read_deployments(deployment_filter=tagged, limit=page, offset=len(found))
+            found += batch
+            if not batch:
+                break
+        for deployment in found:
+            if deployment.id not in kept:
                 client.delete_deployment(deployment.id)
                 logger.info("Removed the deployment of unlinked %s", deployment.name)
         apply_automations(client, zombie_seconds, notify_url, mlflow_ui)

@@ -9,9 +9,10 @@ in a process forked from the worker's fork server, which imported Prefect, MLflo
 transformers once and keeps the last model loaded (`deployments.service.warm`, the same start as
 `textgen serve`'s runs). Each run is still a process of its own, with the run's environment
 (the work pool's and the deployment's `env`, the run's deadline among them) and its state
-reported to Prefect by the flow engine, as with a process worker. A job configuration with an
-empty `warm_flow`, or a run whose deployment runs another flow, starts as the process worker
-starts it (`python -m prefect.engine`).
+reported to Prefect by the flow engine, as with a process worker. A deployment of the project's
+matrix cell flow starts warm too. A job configuration with an empty `warm_flow`, or a run whose
+deployment runs another flow, starts as the process worker starts it (`python -m
+prefect.engine`).
 
 When a run's process dies (SIGKILL, the kernel's OOM killer), the worker sees it at once: Prefect's
 executor marks the flow run Crashed, which frees the deployment's slot, and the worker ends the
@@ -45,9 +46,13 @@ logger = logging.getLogger(__name__)
 
 TYPE = "textgen-warm"
 FLOW = "flows.text_generation:nlp_text_generation"
-"""The flow a warm worker runs warm, as `module:attribute`."""
-DEPLOYED_ENTRYPOINT = "flows/text_generation.py:nlp_text_generation"
-"""The same flow, as its deployments name it."""
+"""The flow a warm worker runs warm, as `module:attribute`: by default, this project's."""
+WARM_FLOWS = {
+    "flows/text_generation.py:nlp_text_generation": FLOW,
+    "flows/cell.py:nlp_text_generation_cell": "flows.cell:nlp_text_generation_cell",
+}
+"""This project's flows, as their deployments name them, and as the warm process imports them:
+the version's and its matrix cells'."""
 CRASH_PAUSE_SECONDS = 15.0
 """How long a worker whose run's process died waits before it takes another run."""
 
@@ -189,14 +194,17 @@ class WarmWorker(ProcessWorker):
         warm starts off, no flow named, or a run of a deployment of another flow."""
         if not getattr(self, "_warm", False) or not configuration.warm_flow:
             return None
-        if configuration.warm_flow == FLOW and flow_run.deployment_id is not None:
+        target = configuration.warm_flow
+        if target == FLOW and flow_run.deployment_id is not None:
             entrypoints: dict[Any, str | None] = self.__dict__.setdefault("_entrypoints", {})
             if flow_run.deployment_id not in entrypoints:
                 deployment = await self.client.read_deployment(flow_run.deployment_id)
                 entrypoints[flow_run.deployment_id] = deployment.entrypoint
-            if entrypoints[flow_run.deployment_id] != DEPLOYED_ENTRYPOINT:
+            found = WARM_FLOWS.get(entrypoints[flow_run.deployment_id] or "")
+            if found is None:
                 return None
-        module, _, name = configuration.warm_flow.partition(":")
+            target = found
+        module, _, name = target.partition(":")
         return getattr(importlib.import_module(module), name)
 
 
