@@ -107,3 +107,37 @@ def test_a_crashed_run_is_retried_once_when_newest_and_else_marked_superseded() 
     crashed = by_commit[(new, 1)]
     assert crashed.state.type.value == "CRASHED" and RETRIED_TAG in crashed.tags  # type: ignore[attr-defined]
     assert by_commit[(new, 2)].state.type.value == "SCHEDULED"  # type: ignore[attr-defined]
+
+
+def test_the_reaper_looks_for_dead_runs_often_while_busy_and_seldom_when_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.service.repair import Reaper
+
+    repo = RepoLocation.parse("https://example.com/org/idle.git")
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    reaper = Reaper([Watched("d", repo, "main")], outbox, dead_every=3, idle_every=60)
+    looked: list[int] = []
+    started = [0]
+    monkeypatch.setattr(
+        "deployments.service.repair.retry_crashed_runs", lambda watched, newest: started[0]
+    )
+    monkeypatch.setattr(reaper, "end_dead_runs", lambda item: looked.append(reaper.passes))
+
+    def passes(count: int) -> list[int]:
+        looked.clear()
+        for _ in range(count):
+            reaper.check()
+        return list(looked)
+
+    # Idle from the start (no push ever): every 60th pass.
+    assert passes(120) == [0, 60]
+    # A push came: every 3rd pass, for BUSY_SECONDS after it.
+    _sent(outbox, repo, "c" * 40, seconds_ago=0)
+    assert passes(9) == [120, 123, 126]
+    with sqlite3.connect(outbox.path) as db:
+        db.execute("UPDATE deliveries SET received_at = ?", (time.time() - Reaper.BUSY_SECONDS,))
+    assert passes(60) == [180]
+    # A crashed run started again: the next passes look as when busy.
+    started[0] = 1
+    assert passes(6) == [189, 192]

@@ -298,26 +298,46 @@ class Reaper(RepairLoop):
     Prefect itself marks a run whose worker died Crashed (the heartbeat automation), and a warm
     worker marks a run whose process died Crashed at once and ends its MLflow runs; this
     thread does the rest, from the receiver's machine: the retries every `seconds` (one read
-    for every deployment), the dead runs' MLflow records every `dead_every` passes."""
+    for every deployment), the dead runs' MLflow records every `dead_every` passes while the
+    service is busy (a push in the last `BUSY_SECONDS`, or a crashed run retried in the last
+    pass), and every `idle_every` passes once it is idle: an idle service asks MLflow almost
+    nothing. (A version's run also ends its repository's dead runs as it starts.)"""
 
     loop = "reaper"
+    BUSY_SECONDS = 600.0
 
     def __init__(
-        self, watched: list[Watched], outbox: Outbox, seconds: float = 5.0, dead_every: int = 3
+        self,
+        watched: list[Watched],
+        outbox: Outbox,
+        seconds: float = 5.0,
+        dead_every: int = 3,
+        idle_every: int = 60,
     ) -> None:
         super().__init__(watched, outbox, seconds)
         self.dead_every = dead_every
+        self.idle_every = idle_every
         self.passes = 0
+        self.crashed = False
+        """Whether the last retry pass started a crashed run again."""
+        self.experiments: dict[str, Experiment] = {}
+        """Each repository's experiment, once it has one."""
 
     def run(self) -> None:
         """Check every `seconds`."""
         while not self.stopping.wait(self.seconds):
             self.check()
 
+    def busy(self) -> bool:
+        """A push came lately, or a run crashed: dead runs may be about."""
+        last = self.outbox.last_received()
+        return self.crashed or (last is not None and time.time() - last < self.BUSY_SECONDS)
+
     def check(self) -> None:
-        """One pass: the retries, and every `dead_every` passes the dead runs."""
+        """One pass: the retries, and now and then the dead runs."""
         self.attempt("retry crashed runs", self.retry)
-        if self.passes % self.dead_every == 0:
+        every = self.dead_every if self.busy() else self.idle_every
+        if self.passes % every == 0:
             for item in self.watched:
                 dead = partial(self.end_dead_runs, item)
                 self.attempt(f"end the dead runs of {item.repo.url}", dead)
@@ -325,13 +345,17 @@ class Reaper(RepairLoop):
 
     def retry(self) -> None:
         """Run the crashed push runs once more, when they are still the newest."""
-        retry_crashed_runs(self.watched, lambda i: self.outbox.latest(i.repo, i.branch))
+        self.crashed = False
+        started = retry_crashed_runs(self.watched, lambda i: self.outbox.latest(i.repo, i.branch))
+        self.crashed = started > 0
 
-    @staticmethod
-    def end_dead_runs(item: Watched) -> None:
+    def end_dead_runs(self, item: Watched) -> None:
         """End the MLflow runs of the repository whose process is gone (none before its first)."""
-        try:
-            experiment = Experiment.for_repo(item.repo, create=False)
-        except NoExperimentError:
-            return
+        experiment = self.experiments.get(item.repo.url)
+        if experiment is None:
+            try:
+                experiment = Experiment.for_repo(item.repo, create=False)
+            except NoExperimentError:
+                return
+            self.experiments[item.repo.url] = experiment
         recovery.recover_dead_runs(experiment)
