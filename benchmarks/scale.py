@@ -176,15 +176,25 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-_REQUEST = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) /api/')
+_REQUEST = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) /api/([^ ?"]*)')
+_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}|\d+")
+
+
+def endpoints_served(log: Path) -> Counter[str]:
+    """HTTP requests a server's access log holds so far, by method and path (ids as `{id}`)."""
+    found: Counter[str] = Counter()
+    try:
+        for line in log.open(errors="replace"):
+            if match := _REQUEST.search(line):
+                found[f"{match[1]} /api/{_ID.sub('{id}', match[2])}"] += 1
+    except OSError:
+        pass
+    return found
 
 
 def requests_served(log: Path) -> int:
     """HTTP requests a server's access log holds so far."""
-    try:
-        return sum(1 for line in log.open(errors="replace") if _REQUEST.search(line))
-    except OSError:
-        return 0
+    return sum(endpoints_served(log).values())
 
 
 def postmaster_pid(postgres: Postgres) -> int:
@@ -456,7 +466,7 @@ def measure(
         pg_cpu_before = tree_cpu(pg_pid) if pg_pid else 0.0
         stats_before = pg_stats(service.postgres) if service else None
         logs = target.logs
-        requests_before = {name: requests_served(log) for name, log in logs.items()}
+        requests_before = {name: endpoints_served(log) for name, log in logs.items()}
         row.pushes = run_pushes(repos, plan, args.seconds)
         wait_for(lambda: settled(target, repos, row.pushes), 900, f"{name}: drain", interval=2)
         row.result = check(target, repos, row.pushes, warm=len(warm))
@@ -475,8 +485,12 @@ def measure(
                 row.result[f"{db} db transactions per push"] = delta["transactions"] / pushes
                 row.result[f"{db} db rows per version"] = delta["rows"] / generations
         for name, log in logs.items():
-            served = requests_served(log) - requests_before[name]
-            row.result[f"{name} server requests per push"] = served / max(1, row.result["accepted"])
+            served = endpoints_served(log) - requests_before[name]
+            accepted = max(1, row.result["accepted"])
+            row.result[f"{name} server requests per push"] = served.total() / accepted
+            row.result[f"{name} server requests per push, top"] = {
+                path: round(count / accepted, 2) for path, count in served.most_common(8)
+            }
         # The service idle: nothing pushed, nothing running.
         idle_before = {name: requests_served(log) for name, log in logs.items()}
         time.sleep(args.idle)

@@ -45,6 +45,8 @@ POOL = "textgen"
 WORKER_TYPE = "textgen-warm"
 """The workers' type: `deployments.service.worker`, which starts runs warm."""
 PASSWORD_FILE = Path("secrets", "postgres-password")  # under the team's home
+LOG_BATCH_SECONDS = "10"
+"""How long a run's log lines gather before they are sent to Prefect (at the end, the rest)."""
 
 
 def initialise_mlflow_store(uri: str) -> None:
@@ -284,7 +286,9 @@ class Team:
         return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
     def worker_env(self, index: int) -> dict[str, str]:
-        """A worker's environment: its own data folder, the servers' URLs, heartbeats, and its
+        """A worker's environment: its own data folder, the servers' URLs, heartbeats, its runs'
+        log lines sent to Prefect in batches of `LOG_BATCH_SECONDS` (Prefect's 2 s send a run's
+        few lines one request at a time), and its
         share of the machine's cores for torch's threads: workers on one machine that each
         start a thread per core oversubscribe it, and OpenMP's spinning threads then slow
         every run many times over (measured: 6.7x with two workers on two cores)."""
@@ -294,6 +298,9 @@ class Team:
             OMP_NUM_THREADS=self.base_env.get("OMP_NUM_THREADS", threads),
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(self.heartbeat_seconds),
             PREFECT_WORKER_QUERY_SECONDS=self.base_env.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
+            PREFECT_LOGGING_TO_API_BATCH_INTERVAL=self.base_env.get(
+                "PREFECT_LOGGING_TO_API_BATCH_INTERVAL", LOG_BATCH_SECONDS
+            ),
             **{config.HOME.name: home, config.MLFLOW_UI_URL.name: self.mlflow_uri},
         )
 
