@@ -177,7 +177,9 @@ def tree_cpu(pid: int) -> float:
 
 
 _REQUEST = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) /api/([^ ?"]*)')
-_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}|\d+")
+_ID = re.compile(
+    r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}|[0-9a-f]{32}|(?<=/)tr-[0-9a-f]+|(?<=/)\d+(?=/|$)"
+)
 
 
 def endpoints_served(log: Path) -> Counter[str]:

@@ -172,6 +172,8 @@ def run_all(
         done[work[0].cell.key] = here(work[0])
         while out:
             states = pool.states(list(out))
+            # A run the pool no longer knows (deleted): as if it crashed.
+            states.update({i: ("CRASHED", "its run is gone") for i in out if i not in states})
             waiting = []
             for run_id, (state, message) in states.items():
                 item = out[run_id]

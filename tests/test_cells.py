@@ -142,3 +142,11 @@ def test_a_failure_here_stops_the_cells_handed_out() -> None:
     with pytest.raises(SettingsError, match="cell a"):
         run_all(work("a", "b", "c"), here, pool, sleep=lambda s: None)
     assert sorted(pool.cancelled) == [1, 2]
+
+
+def test_a_cell_run_the_pool_no_longer_knows_is_handed_out_again() -> None:
+    pool = Scripted(lambda cell, attempt: ["RUNNING", "COMPLETED"])
+    real = pool.states
+    pool.states = lambda ids: {i: s for i, s in real(ids).items() if i != 1}  # type: ignore[method-assign]
+    done = run_all(work("a", "b"), made_here([]), pool, sleep=lambda s: None)
+    assert done["b"].flow_run_id == "2"
