@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.utilities.timeout import timeout as deadline
 
 from tasks import config, logs
@@ -43,7 +43,12 @@ def nlp_text_generation_cell(
     from prefect.runtime import flow_run
 
     logs.quiet_console()
+    logger = get_run_logger()
     tracker = Tracker.for_repo(repo_url, create=False)
+    if (status := tracker.client.get_run(into_run).info.status) != "RUNNING":
+        # Its version's run died or ended while this run waited for a worker: nobody waits.
+        logger.info("The version's run %s is %s: cell %s is not needed", into_run, status, cell)
+        return ""
     path = f"{CELL_RUNS}/{flow_run.id}.json"
     seconds = float(config.RUN_TIMEOUT.get())
     try:
@@ -62,11 +67,19 @@ def nlp_text_generation_cell(
             f"cell {cell}: not generated within the run's deadline of {seconds:g} s "
             f"({config.RUN_TIMEOUT.name}); it was stopped"
         )
-        tracker.client.log_dict(into_run, error_doc(error), path)
+        _leave(tracker, into_run, error_doc(error), path)
         raise error from None
     except Exception as exc:
-        tracker.client.log_dict(into_run, error_doc(exc), path)
+        _leave(tracker, into_run, error_doc(exc), path)
         raise
     done = Done(done.rows, done.loaded, str(flow_run.id), os.getpid())
     tracker.client.log_dict(into_run, done.as_dict(), path)
     return path
+
+
+def _leave(tracker: Tracker, run_id: str, doc: dict[str, Any], path: str) -> None:
+    """Leave a failure for the version's run; the failure itself is what the run raises."""
+    try:
+        tracker.client.log_dict(run_id, doc, path)
+    except Exception as exc:  # the version's run then says the cell's run failed
+        get_run_logger().warning("Could not leave the cell's failure in %s: %s", run_id, exc)

@@ -3,14 +3,15 @@ when its deployment has a cell deployment on a work pool (`textgen team apply` m
 link), on the pool's other free workers at once, as one Prefect subflow run per cell.
 
 The version's run hands every cell but its first to the pool and generates the first itself.
-Each time it is free, it takes back a cell no worker has taken yet (its flow run still
-Scheduled, then Cancelled by the version's run) and generates it too; so one worker, or a pool
-whose workers are busy, makes the version as the run alone would, never waiting on itself. A
-cell run whose process or worker died (Crashed: at once for a killed process, through the zombie
-automation for a dead worker) is handed out again, up to `ATTEMPTS` times. A cell that fails
-(a prompt past the model's context, say) fails the version with the cell's error. Each cell run
-writes its rows into the version's MLflow run, as `cell-runs/<flow run id>.json`; the version
-is recorded, as without a pool, once every cell is in.
+Each time it is free, it takes back a cell no worker has taken yet (its flow run claimed
+Pending from Scheduled, as a worker claims one, then Cancelled) and generates it too; so one
+worker, or a pool whose workers are busy, makes the version as the run alone would, never
+waiting on itself. A cell run whose process or worker died (Crashed: at once for a killed
+process, through the zombie automation for a dead worker; or Pending for `PENDING_SECONDS`) is
+handed out again, up to `ATTEMPTS` times. A cell that fails (a prompt past the model's context,
+say) fails the version with the cell's error. Each cell run writes its rows into the version's
+MLflow run, as `cell-runs/<flow run id>.json`; the version is recorded, as without a pool, once
+every cell is in. A cell run that starts after its version's run ended does nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ ATTEMPTS = 3
 """How many times a cell is handed out before its crashes fail the version."""
 POLL_SECONDS = 1.0
 """How often the version's run reads its cell runs' states while it waits for them."""
+PENDING_SECONDS = 180.0
+"""A cell run Pending this long never started (its worker died as it took it): handed out
+again. (A run that started is Running; one whose worker then dies is Crashed by Prefect.)"""
+PAGE = 200
 
 
 @dataclass
@@ -154,6 +159,7 @@ def run_all(
     pool: Pool | None,
     poll: float = POLL_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Done]:
     """Every cell's rows, by cell name: generated here, or on the pool (see the module)."""
     if pool is None or len(work) < 2:
@@ -161,6 +167,7 @@ def run_all(
     done: dict[str, Done] = {}
     out: dict[Any, Work] = {}
     attempts: dict[str, int] = {}
+    pending_since: dict[Any, float] = {}
 
     def hand_out(item: Work) -> None:
         attempts[item.cell.key] = attempts.get(item.cell.key, 0) + 1
@@ -174,6 +181,11 @@ def run_all(
             states = pool.states(list(out))
             # A run the pool no longer knows (deleted): as if it crashed.
             states.update({i: ("CRASHED", "its run is gone") for i in out if i not in states})
+            for run_id, (state, _) in list(states.items()):
+                since = pending_since.setdefault(run_id, clock()) if state == "PENDING" else None
+                if since is not None and clock() - since > PENDING_SECONDS:
+                    pool.cancel([run_id])
+                    states[run_id] = ("CRASHED", f"Pending for {PENDING_SECONDS:g} s, not started")
             waiting = []
             for run_id, (state, message) in states.items():
                 item = out[run_id]
@@ -257,7 +269,6 @@ class PrefectPool:
 
     def submit(self, work: Work, attempt: int) -> Any:
         from prefect.deployments import run_deployment
-        from prefect.runtime import flow_run
 
         parameters = {
             **self.base,
@@ -271,8 +282,9 @@ class PrefectPool:
             parameters=parameters,
             timeout=0,
             flow_run_name=f"cell-{work.cell.key}"[:200],
-            # A submission retried after a lost answer makes no second run.
-            idempotency_key=f"{flow_run.id}:{work.cell.key}:{attempt}",
+            # A submission retried after a lost answer makes no second run; a rerun of the
+            # version's flow run (a new MLflow run) makes its own.
+            idempotency_key=f"{self.run_id}:{work.cell.key}:{attempt}",
         )
         return cast("FlowRun", run).id
 
@@ -280,10 +292,13 @@ class PrefectPool:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+        runs = []
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids)
-            )
+            for start in range(0, len(ids), PAGE):  # the most the API gives at once
+                page = ids[start : start + PAGE]
+                runs += client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)), limit=len(page)
+                )
         return {
             r.id: (
                 r.state.type.value if r.state else "SCHEDULED",
@@ -294,37 +309,44 @@ class PrefectPool:
 
     def take_back(self, run_id: Any) -> bool:
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.objects import StateType
-        from prefect.states import Cancelled
+        from prefect.states import Cancelled, Pending
 
         with get_client(sync_client=True) as client:
-            run = client.read_flow_run(run_id)
-            if run.state is None or run.state.type != StateType.SCHEDULED:
+            # Claimed as a worker claims a run: Prefect accepts Pending only from Scheduled, so
+            # either this run or one worker has it, never both.
+            claim: State[Any] = Pending()
+            if client.set_flow_run_state(run_id, claim).status.value != "ACCEPT":
                 return False
             message = "Taken back: the version's own run generated this cell"
             taken: State[Any] = Cancelled(message=message)
-            result = client.set_flow_run_state(run_id, taken)
-        return result.status.value == "ACCEPT"
+            client.set_flow_run_state(run_id, taken, force=True)
+        return True
 
     def result(self, run_id: Any) -> Done | TextgenError | None:
         from tasks.versions import artifact_json
 
-        try:
-            stored = artifact_json(self.tracker, self.run_id, f"{CELL_RUNS}/{run_id}.json")
-        except Exception:  # the run left nothing (it died before writing)
-            return None
+        path = f"{CELL_RUNS}/{run_id}.json"
+        for attempt in range(3):
+            try:
+                stored = artifact_json(self.tracker, self.run_id, path)
+                break
+            except Exception as exc:  # not written (the run died first), or MLflow away now
+                if attempt == 2:
+                    logger.warning("Could not read %s of run %s: %s", path, self.run_id, exc)
+                    return None
+                time.sleep(1 + attempt)
         return error_of(stored) if "error" in stored else Done.from_dict(stored)
 
     def cancel(self, ids: list[Any]) -> None:
         from prefect.client.orchestration import get_client
-        from prefect.states import Cancelled, Cancelling
+        from prefect.states import Cancelling
 
+        # Cancelling: Prefect ends one no worker started at once, and a started one's worker
+        # stops its process.
         message = "The version's run ended without this cell"
-        try:
-            for run_id, (state, _) in self.states(ids).items():
-                # One no worker started ends here; a started one is stopped by its worker.
-                stop = Cancelled if state in {"SCHEDULED", "PENDING"} else Cancelling
+        for run_id in ids:
+            try:
                 with get_client(sync_client=True) as client:
-                    client.set_flow_run_state(run_id, stop(message=message))
-        except Exception as exc:  # best effort: a cell run left over only writes its own file
-            logger.warning("Could not cancel %d cell run(s): %s", len(ids), exc)
+                    client.set_flow_run_state(run_id, Cancelling(message=message))
+            except Exception as exc:  # best effort: a cell run left over writes only its file
+                logger.warning("Could not cancel cell run %s: %s", run_id, exc)

@@ -150,3 +150,20 @@ def test_a_cell_run_the_pool_no_longer_knows_is_handed_out_again() -> None:
     pool.states = lambda ids: {i: s for i, s in real(ids).items() if i != 1}  # type: ignore[method-assign]
     done = run_all(work("a", "b"), made_here([]), pool, sleep=lambda s: None)
     assert done["b"].flow_run_id == "2"
+
+
+def test_a_cell_run_pending_too_long_is_handed_out_again() -> None:
+    from tasks.cells import PENDING_SECONDS
+
+    def script(cell: str, attempt: int) -> list[str]:
+        return ["PENDING"] if attempt == 1 else ["RUNNING", "COMPLETED"]
+
+    pool = Scripted(script)
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += 30.0
+
+    done = run_all(work("a", "b"), made_here([]), pool, sleep=sleep, clock=lambda: now[0])
+    assert done["b"].flow_run_id == "2" and pool.cancelled == [1]
+    assert now[0] > PENDING_SECONDS
