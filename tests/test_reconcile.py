@@ -91,8 +91,8 @@ def test_a_crashed_run_is_retried_once_when_newest_and_else_marked_superseded() 
             client.set_flow_run_state(run.id, Crashed(message="its worker died"), force=True)
     item = Watched(deployment_id, RepoLocation.parse("https://example.com/org/r.git"), "main")
 
-    assert retry_crashed_runs([item], lambda _: new) == 1
-    assert retry_crashed_runs([item], lambda _: new) == 0  # each crash is looked at once
+    assert retry_crashed_runs([item], lambda _: new) == (1, 0)  # started 1, none going
+    assert retry_crashed_runs([item], lambda _: new).started == 0  # each crash looked at once
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
@@ -112,32 +112,40 @@ def test_a_crashed_run_is_retried_once_when_newest_and_else_marked_superseded() 
 def test_the_reaper_looks_for_dead_runs_often_while_busy_and_seldom_when_idle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from deployments.service.repair import Reaper
+    from deployments.service.repair import Reaped, Reaper
 
     repo = RepoLocation.parse("https://example.com/org/idle.git")
     outbox = Outbox(tmp_path / "outbox.sqlite")
     reaper = Reaper([Watched("d", repo, "main")], outbox, dead_every=3, idle_every=60)
     looked: list[int] = []
-    started = [0]
-    monkeypatch.setattr(
-        "deployments.service.repair.retry_crashed_runs", lambda watched, newest: started[0]
-    )
+    seen = [Reaped(0, 0)]
+    now = [1000.0]
+
+    def read(watched: object, newest: object) -> Reaped:
+        if isinstance(seen[0], Exception):
+            raise seen[0]
+        return seen[0]
+
+    monkeypatch.setattr("deployments.service.repair.retry_crashed_runs", read)
+    monkeypatch.setattr("deployments.service.repair.time.monotonic", lambda: now[0])
     monkeypatch.setattr(reaper, "end_dead_runs", lambda item: looked.append(reaper.passes))
 
     def passes(count: int) -> list[int]:
         looked.clear()
         for _ in range(count):
             reaper.check()
+            now[0] += 5.0
         return list(looked)
 
-    # Idle from the start (no push ever): every 60th pass.
-    assert passes(120) == [0, 60]
-    # A push came: every 3rd pass, for BUSY_SECONDS after it.
-    _sent(outbox, repo, "c" * 40, seconds_ago=0)
+    assert passes(120) == [0, 60]  # idle from the start: every 60th pass (5 min)
+    seen[0] = Reaped(0, 1)  # a run going: every 3rd pass (15 s)
     assert passes(9) == [120, 123, 126]
-    with sqlite3.connect(outbox.path) as db:
-        db.execute("UPDATE deliveries SET received_at = ?", (time.time() - Reaper.BUSY_SECONDS,))
-    assert passes(60) == [180]
-    # A crashed run started again: the next passes look as when busy.
-    started[0] = 1
-    assert passes(6) == [189, 192]
+    seen[0] = Reaped(0, 0)  # and for BUSY_SECONDS after the last was seen
+    assert passes(15) == [129, 132, 135, 138]
+    assert passes(45) == [180]
+    seen[0] = Reaped(1, 0)  # a crashed run started again
+    assert passes(3) == [189]
+    seen[0] = Reaped(0, 0)
+    assert passes(60) == [192, 195, 198, 201, 240]
+    seen[0] = ConnectionError("Prefect away")  # what Prefect would say is unknown: busy
+    assert passes(3) == [252]

@@ -207,12 +207,6 @@ class Outbox:
         replaced = {before for _, before in rows if before}
         return str(next((after for after, _ in rows if after not in replaced), rows[0][0]))
 
-    def last_received(self) -> float | None:
-        """When the last delivery came (seconds since the epoch); None before the first."""
-        with self._connect() as db:
-            (when,) = db.execute("SELECT MAX(received_at) FROM deliveries").fetchone()
-        return None if when is None else float(when)
-
     def prune(self, older_than: float | None = None) -> int:
         """Forget deliveries handled more than `older_than` seconds ago (the operator's
         retention by default); returns how many."""

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from deployments.orchestration import queries
 from deployments.service.outbox import Outbox
@@ -149,17 +149,29 @@ def start_missing_runs(item: Watched, outbox: Outbox, grace: float = RUN_GRACE_S
     return started
 
 
-def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str | None]) -> int:
+class Reaped(NamedTuple):
+    """What a retry pass did and saw: runs started again, runs going (Pending, Running)."""
+
+    started: int
+    active: int
+
+
+ACTIVE = ("PENDING", "RUNNING", "CANCELLING")
+
+
+def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str | None]) -> Reaped:
     """Start a crashed push run once more (on whichever worker takes it) when its commit is
     still its branch's newest push (`newest`), at most once per run, never a retry's retry; one
     a newer push replaced is marked superseded (Cancelled, the message saying why). One read
-    for every watched deployment. Returns how many runs were started."""
+    for every watched deployment, which also counts their runs going."""
     from prefect.states import Cancelled
 
     items = {item.deployment_id: item for item in watched}
     started = 0
     with queries.client() as api:
-        for run in queries.flow_runs(api, list(items), ["CRASHED"], limit=50):
+        runs = queries.flow_runs(api, list(items), ["CRASHED", *ACTIVE], limit=100)
+        crashed = [r for r in runs if r.state_type.value == "CRASHED"]
+        for run in crashed:
             item = items.get(run.deployment_id)
             if item is None or RETRIED_TAG in run.tags or not queries.automatic(run):
                 continue
@@ -190,7 +202,7 @@ def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str |
                 "Flow run %s of %s crashed (%s); started it once more", run.name, sha[:7], why
             )
             started += 1
-    return started
+    return Reaped(started, len(runs) - len(crashed))
 
 
 class Failures:
@@ -299,12 +311,12 @@ class Reaper(RepairLoop):
     worker marks a run whose process died Crashed at once and ends its MLflow runs; this
     thread does the rest, from the receiver's machine: the retries every `seconds` (one read
     for every deployment), the dead runs' MLflow records every `dead_every` passes while the
-    service is busy (a push in the last `BUSY_SECONDS`, or a crashed run retried in the last
-    pass), and every `idle_every` passes once it is idle: an idle service asks MLflow almost
-    nothing. (A version's run also ends its repository's dead runs as it starts.)"""
+    service is busy (runs going, or a crashed run started again, in the last `BUSY_SECONDS`; or
+    Prefect not answering), and every `idle_every` passes once it is idle: an idle service asks
+    MLflow almost nothing. (A version's run also ends its repository's dead runs as it starts.)"""
 
     loop = "reaper"
-    BUSY_SECONDS = 600.0
+    BUSY_SECONDS = 60.0
 
     def __init__(
         self,
@@ -318,8 +330,8 @@ class Reaper(RepairLoop):
         self.dead_every = dead_every
         self.idle_every = idle_every
         self.passes = 0
-        self.crashed = False
-        """Whether the last retry pass started a crashed run again."""
+        self.busy_until = 0.0
+        """Until when (monotonic) what the last retry pass saw keeps the reaper busy."""
         self.experiments: dict[str, Experiment] = {}
         """Each repository's experiment, once it has one."""
 
@@ -328,15 +340,10 @@ class Reaper(RepairLoop):
         while not self.stopping.wait(self.seconds):
             self.check()
 
-    def busy(self) -> bool:
-        """A push came lately, or a run crashed: dead runs may be about."""
-        last = self.outbox.last_received()
-        return self.crashed or (last is not None and time.time() - last < self.BUSY_SECONDS)
-
     def check(self) -> None:
         """One pass: the retries, and now and then the dead runs."""
         self.attempt("retry crashed runs", self.retry)
-        every = self.dead_every if self.busy() else self.idle_every
+        every = self.dead_every if time.monotonic() < self.busy_until else self.idle_every
         if self.passes % every == 0:
             for item in self.watched:
                 dead = partial(self.end_dead_runs, item)
@@ -345,9 +352,16 @@ class Reaper(RepairLoop):
 
     def retry(self) -> None:
         """Run the crashed push runs once more, when they are still the newest."""
-        self.crashed = False
-        started = retry_crashed_runs(self.watched, lambda i: self.outbox.latest(i.repo, i.branch))
-        self.crashed = started > 0
+        busy = time.monotonic() + self.BUSY_SECONDS
+        try:
+            reaped = retry_crashed_runs(
+                self.watched, lambda i: self.outbox.latest(i.repo, i.branch)
+            )
+        except Exception:  # Prefect not answering: what it would say is unknown
+            self.busy_until = busy
+            raise
+        if reaped.started or reaped.active:
+            self.busy_until = busy
 
     def end_dead_runs(self, item: Watched) -> None:
         """End the MLflow runs of the repository whose process is gone (none before its first)."""
