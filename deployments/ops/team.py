@@ -161,13 +161,16 @@ class Team:
         """What any client of the servers needs: their URLs; and no CSRF token: the team's
         Prefect server runs without CSRF protection (an API for processes, not browsers'
         forms), and a client asks it for a token with each connection it opens (a third of
-        the requests per push, measured)."""
+        the requests per push, measured). No version handshake either: every process of the
+        team runs the Prefect its server runs (one install here, one image in compose.yaml),
+        and each run's process would ask again."""
         return {
             "PREFECT_API_URL": self.prefect_api,
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "false",
             "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "false",
+            "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
 
