@@ -45,6 +45,7 @@ POOL = "textgen"
 WORKER_TYPE = "textgen-warm"
 """The workers' type: `deployments.service.worker`, which starts runs warm."""
 PASSWORD_FILE = Path("secrets", "postgres-password")  # under the team's home
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 LOG_BATCH_SECONDS = "10"
 """How long a run's log lines gather before they are sent to Prefect (at the end, the rest)."""
 
@@ -191,6 +192,11 @@ class Team:
             PREFECT_API_URL=self.prefect_api,
             # Its access log (one line per request) is at INFO, off by default.
             PREFECT_SERVER_LOGGING_LEVEL="INFO" if self.access_log else "WARNING",
+            # The deployments' concurrency leases on disk (under its PREFECT_HOME), not in its
+            # memory: a server killed and started again still knows which run holds a slot,
+            # where one that forgot cancels a run starting then ("Deployment concurrency slot
+            # lost during provisioning": a push lost, seen in benchmarks/team_faults.py).
+            PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=LEASE_STORAGE,
         )
         mlflow_db = self.postgres.url("mlflow", "postgresql+psycopg2")
         artifacts = (self.home / "artifacts").as_uri()
