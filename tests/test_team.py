@@ -380,8 +380,10 @@ def test_a_runs_process_killed_is_crashed_and_rerun_on_the_other_worker_within_1
         10,
         "the MLflow run to end FAILED",
     )
-    failed = topology.mlflow.get_run(run.info.run_id)
-    assert "SIGKILL" in failed.data.tags["textgen.failure"], failed.data.tags
+    # With the reason: the worker's (killed by SIGKILL), or the reaper's when its pass came
+    # first (the process gone).
+    failed = topology.mlflow.get_run(run.info.run_id).data.tags["textgen.failure"]
+    assert "SIGKILL" in failed or f"process {flow_pid} " in failed, failed
     # The push runs once more, on the other worker, within 15 s of the kill.
     retried = _retry_started(topology, "alpha", sha, 30)
     assert _seconds(retried["start_time"]) - killed <= 15, retried["start_time"]
