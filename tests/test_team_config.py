@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from deployments.cli import parse_command
+from deployments.ops.prefect_server import SERVER_SETTINGS
 from deployments.ops.team import POOL
 from deployments.orchestration.automations import AUTOMATIONS, automations
 from tasks.errors import ServeError
@@ -71,6 +72,8 @@ def test_compose_runs_the_topology_the_tests_start() -> None:
     assert prefect["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
         "postgresql+asyncpg://textgen@postgres:5432/prefect"
     )
+    # The settings every Prefect server of the project has (leases on disk among them).
+    assert SERVER_SETTINGS.items() <= prefect["environment"].items()
     mlflow = _command(services["mlflow"])
     assert mlflow[:2] == ["mlflow", "server"]
     store = mlflow[mlflow.index("--backend-store-uri") + 1]

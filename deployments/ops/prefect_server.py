@@ -33,6 +33,18 @@ from tasks.files import file_lock, write_atomic
 
 logger = logging.getLogger(__name__)
 
+SERVER_SETTINGS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The deployments' concurrency leases on disk (under the server's PREFECT_HOME), not in its
+    # memory: a server killed and started again still knows which run holds a slot, where one
+    # that forgot cancels a run starting then ("Deployment concurrency slot lost during
+    # provisioning": a push lost, seen in benchmarks/team_faults.py).
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+        "prefect.server.concurrency.lease_storage.filesystem"
+    ),
+}
+"""What every Prefect server the project runs is set to: serve's, the team's, compose's."""
+
 
 def prefect_home() -> Path:
     """Where the embedded Prefect server keeps its database and logs."""
@@ -83,8 +95,8 @@ class LocalPrefectServer:
         """The server's environment: ours less the secrets it never needs, with its home and URL."""
         return {
             **config.without_secrets(os.environ),
+            **SERVER_SETTINGS,
             "PREFECT_HOME": str(self.home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": self.url,
         }
 

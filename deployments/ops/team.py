@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.ops.postgres import Postgres
+from deployments.ops.prefect_server import SERVER_SETTINGS
 from deployments.ops.process import command_line, free_port, healthy, stop_pid, tail, wait_until
 from deployments.ops.supervisor import Program, Supervisor, stop_marked
 from tasks import config
@@ -45,7 +46,6 @@ POOL = "textgen"
 WORKER_TYPE = "textgen-warm"
 """The workers' type: `deployments.service.worker`, which starts runs warm."""
 PASSWORD_FILE = Path("secrets", "postgres-password")  # under the team's home
-LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 LOG_BATCH_SECONDS = "10"
 """How long a run's log lines gather before they are sent to Prefect (at the end, the rest)."""
 
@@ -192,11 +192,7 @@ class Team:
             PREFECT_API_URL=self.prefect_api,
             # Its access log (one line per request) is at INFO, off by default.
             PREFECT_SERVER_LOGGING_LEVEL="INFO" if self.access_log else "WARNING",
-            # The deployments' concurrency leases on disk (under its PREFECT_HOME), not in its
-            # memory: a server killed and started again still knows which run holds a slot,
-            # where one that forgot cancels a run starting then ("Deployment concurrency slot
-            # lost during provisioning": a push lost, seen in benchmarks/team_faults.py).
-            PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=LEASE_STORAGE,
+            **SERVER_SETTINGS,
         )
         mlflow_db = self.postgres.url("mlflow", "postgresql+psycopg2")
         artifacts = (self.home / "artifacts").as_uri()

@@ -116,32 +116,30 @@ def apply_links(
     for link in links:
         # The flow checks every run against its link: no parameter can make it clone another
         # repository. References only: the worker resolves them in its own environment.
-        env = {"env": {config.LINK.name: link.public_json()}}
+        # Both deployments of a link: its pool, its link's env, and nothing to build or push.
+        shared: dict[str, Any] = {
+            "name": link.name,
+            "work_pool_name": pool,
+            "job_variables": {"env": {config.LINK.name: link.public_json()}},
+            "build": False,
+            "push": False,
+            "print_next_steps": False,
+        }
         ids[link.name] = flow.deploy(  # type: ignore[union-attr]
-            name=link.name,
-            work_pool_name=pool,
             parameters={"repo_url": link.url, "branch": link.branch},
             triggers=triggers(link.url, link.branch),
             concurrency_limit=one_at_a_time(),
-            job_variables=env,
             description=f"Text generation for every push to {link.branch} of {link.url}",
             tags=["textgen", "on-push", LINK_TAG],
-            build=False,
-            push=False,
-            print_next_steps=False,
+            **shared,
         )
         # Its matrix cells, on the pool's free workers while the version's run makes its own
         # (tasks.cells): no trigger, no limit but the workers'.
         kept.add(
             cell_flow.deploy(  # type: ignore[union-attr]
-                name=link.name,
-                work_pool_name=pool,
-                job_variables=env,
                 description=f"Matrix cells of the versions of {link.url}@{link.branch}",
                 tags=["textgen", "cells", LINK_TAG],
-                build=False,
-                push=False,
-                print_next_steps=False,
+                **shared,
             )
         )
     kept |= set(ids.values())
