@@ -15,7 +15,8 @@ each repository's last push is a version. It reports generations executed agains
 push → Running latency (p50/p95), throughput, CPU seconds spent by the workers and by the
 servers per generation, and the servers' database work (PostgreSQL transactions and rows
 inserted) per push and per version, the HTTP requests each server served per push (from their
-access logs), and per second once the service is idle.
+access logs), and per second once the service is idle. Last, `--alone` pushes one at a time,
+each once the one before is a version: push → Running with nothing queued before it.
 
     .venv/bin/python benchmarks/scale.py [--repos 6] [--pushes 120] [--seconds 120] [--workers 1,3]
 """
@@ -36,6 +37,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +306,23 @@ def settled(target: Target, repos: Repos, pushes: list[Push]) -> bool:
     return not any(r["state_type"] in UNFINISHED for r in flow_runs(target.prefect_api))
 
 
+def one_at_a_time(target: Target, repos: Repos, count: int) -> list[float]:
+    """Push → Running of pushes made one at a time, each once the one before is a version: the
+    start itself, with nothing queued before it (the burst schedule measures the queueing)."""
+    latencies = []
+    for index in range(count):
+        push = repos.push(f"repo{index % len(repos.bare)}", 5000 + index)
+        wait_for(partial(settled, target, repos, [push]), 240, "a push on its own", interval=0.5)
+        started = [
+            api_seconds(run["start_time"])
+            for run in flow_runs(target.prefect_api)
+            if run["parameters"].get("commit_sha") == push.sha and run["start_time"]
+        ]
+        latencies.append(min(t for t in started if t is not None) - push.at)
+        time.sleep(1)
+    return sorted(latencies)
+
+
 def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[str, Any]:
     """Judge the history: classify every accepted push, check the numbering, count."""
     runs = mlflow_runs(target.tracking_uri, repos.bare)
@@ -468,11 +487,9 @@ def team(root: Path, repos: Repos, workers: int) -> Iterator[tuple[Target, Team]
                 **{name: service.servers[name].pid for name in ("prefect", "mlflow")},
                 "postgres": postmaster_pid(service.postgres),
             },
-            str(
-                make_url(service.postgres.url("mlflow", "postgresql+psycopg2")).set(
-                    password=service.postgres.password
-                )
-            ),
+            make_url(service.postgres.url("mlflow", "postgresql+psycopg2"))
+            .set(password=service.postgres.password)
+            .render_as_string(hide_password=False),
             {name: service.servers[name].log for name in ("prefect", "mlflow")},
         )
         yield target, service
@@ -536,6 +553,9 @@ def measure(
         for name, log in logs.items():
             idle = (requests_served(log) - idle_before[name]) / args.idle
             row.result[f"{name} server requests per s, idle"] = idle
+        alone = one_at_a_time(target, repos, args.alone)
+        row.result["push to Running, one at a time, p50 s"] = statistics.median(alone)
+        row.result["push to Running, one at a time, p95 s"] = alone[int(0.95 * (len(alone) - 1))]
     return row
 
 
@@ -547,6 +567,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,3", help="team rows: worker counts")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds idle, counted after")
+    parser.add_argument("--alone", type=int, default=10, help="pushes one at a time, at the end")
     args = parser.parse_args()
     print_header(
         f"scale: {args.repos} repositories, {args.pushes} pushes in bursts over {args.seconds:g} s"
