@@ -276,10 +276,19 @@ def mlflow_runs(tracking_uri: str, bare: dict[str, Path]) -> dict[str, list[Any]
     return runs
 
 
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def p95(values: list[float]) -> float | None:
+    """The 95th percentile: the sorted values' one at rank floor(0.95 (n - 1))."""
+    return sorted(values)[int(0.95 * (len(values) - 1))] if values else None
+
+
 _VERSIONED = """
-SELECT e.name, commit.value FROM runs r
+SELECT e.name, sha.value FROM runs r
 JOIN experiments e ON e.experiment_id = r.experiment_id
-JOIN tags commit ON commit.run_uuid = r.run_uuid AND commit.key = 'mlflow.source.git.commit'
+JOIN tags sha ON sha.run_uuid = r.run_uuid AND sha.key = 'mlflow.source.git.commit'
 JOIN tags outcome ON outcome.run_uuid = r.run_uuid AND outcome.key = 'textgen.outcome'
 WHERE outcome.value IN ('new', 'reused')
 """
@@ -397,7 +406,6 @@ def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[s
     first = min(p.at for p in pushes)
     generations = versions_total - warm
     minutes = (max(ends) - first) / 60 if ends else float("nan")
-    latencies.sort()
     return {
         "pushes": len(pushes),
         "accepted": sum(p.accepted for p in pushes),
@@ -410,8 +418,8 @@ def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[s
         "unfinished flow runs (Prefect)": unfinished,
         "tips without a version": tips_not_versions,
         "generations": generations,
-        "push to Running p50 s": statistics.median(latencies) if latencies else None,
-        "push to Running p95 s": latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
+        "push to Running p50 s": median(latencies),
+        "push to Running p95 s": p95(latencies),
         "runs started": len(latencies),
         "window min": minutes,
         "generations per min": generations / minutes if ends else None,
@@ -554,8 +562,8 @@ def measure(
             idle = (requests_served(log) - idle_before[name]) / args.idle
             row.result[f"{name} server requests per s, idle"] = idle
         alone = one_at_a_time(target, repos, args.alone)
-        row.result["push to Running, one at a time, p50 s"] = statistics.median(alone)
-        row.result["push to Running, one at a time, p95 s"] = alone[int(0.95 * (len(alone) - 1))]
+        row.result["push to Running, one at a time, p50 s"] = median(alone)
+        row.result["push to Running, one at a time, p95 s"] = p95(alone)
     return row
 
 
