@@ -609,6 +609,10 @@ def test_a_matrixs_cells_run_on_both_workers_and_a_killed_workers_cell_runs_agai
         "every flow run of the push to end",
     )
     assert [r.info.run_id for r in topology.runs("alpha") if r.info.status == "RUNNING"] == []
+    # Failures are told once per push, by the version's run: the crashed cell, made again,
+    # was told to nobody.
+    told = [n.get("subject", "") for n in topology.notes]
+    assert not [s for s in told if killed["name"] in s], told
     wait_for(lambda: topology.team.states()[worker.name] == "RUNNING", 120, "the worker back")
 
 

@@ -48,7 +48,54 @@ def test_the_declared_automations_are_valid_prefect_automations() -> None:
     ]
     assert "${" not in AUTOMATIONS.read_text().split("automations:", 1)[1].replace(
         "${ZOMBIE_SECONDS}", ""
-    ).replace("${NOTIFY_BLOCK_ID}", "").replace("${MLFLOW_UI}", "")
+    ).replace("${NOTIFY_BLOCK_ID}", "").replace("${MLFLOW_UI}", "").replace("${CELL_FLOW}", "")
+
+
+def _state_event(flow: str, tags: list[str]) -> tuple[object, list[object]]:
+    """A flow run's Failed event's resource and related resources, as Prefect's server emits
+    them (`prefect.server.models.events`)."""
+    from prefect.server.events.schemas.events import RelatedResource, Resource
+
+    run = Resource.model_validate({"prefect.resource.id": "prefect.flow-run.1"})
+    related = [
+        RelatedResource.model_validate(
+            {
+                "prefect.resource.id": "prefect.flow.2",
+                "prefect.resource.name": flow,
+                "prefect.resource.role": "flow",
+            }
+        ),
+        RelatedResource.model_validate(
+            {
+                "prefect.resource.id": "prefect.deployment.3",
+                "prefect.resource.name": "alpha",
+                "prefect.resource.role": "deployment",
+            }
+        ),
+        *(
+            RelatedResource.model_validate(
+                {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+            )
+            for tag in tags
+        ),
+    ]
+    return run, related
+
+
+def test_failures_notify_once_per_push_not_once_per_matrix_cell() -> None:
+    """A failed cell fails its version's run with the cell's reason: only the version's run
+    is notified, judged by Prefect's own trigger matching."""
+    from prefect.server.events.schemas.automations import EventTrigger
+
+    from tasks.cells import CELL_FLOW_NAME
+    from tasks.names import FLOW_NAME
+
+    notify = automations(45, "5d2f8a52-1c4e-4a8e-9b3a-0c8e7f6d5a41", "")[1]
+    trigger = EventTrigger.model_validate(notify.trigger.model_dump(mode="json"))
+    assert trigger.covers_resources(*_state_event(FLOW_NAME, ["textgen", "on-push"]))
+    assert not trigger.covers_resources(*_state_event(CELL_FLOW_NAME, ["textgen", "cells"]))
+    # Runs that are not the project's are not notified either.
+    assert not trigger.covers_resources(*_state_event(FLOW_NAME, ["other"]))
 
 
 def _command(service: dict[str, object]) -> list[str]:

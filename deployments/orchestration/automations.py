@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from tasks.cells import CELL_FLOW_NAME
+
 AUTOMATIONS = Path(__file__).resolve().parents[1] / "automations.yaml"
 NOTIFY_BLOCK = "textgen-failures"
 NOTIFY_AUTOMATION = "textgen: notify on failed or crashed runs"
@@ -23,6 +25,7 @@ def automations(zombie_seconds: float, notify_block_id: str | None, mlflow_ui: s
         ZOMBIE_SECONDS=str(int(zombie_seconds)),
         NOTIFY_BLOCK_ID=notify_block_id or "",
         MLFLOW_UI=mlflow_ui,
+        CELL_FLOW=CELL_FLOW_NAME,
     )
     return [
         AutomationCore.model_validate(item)
