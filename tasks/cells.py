@@ -11,7 +11,8 @@ process, through the zombie automation for a dead worker; or Pending for `PENDIN
 handed out again, up to `ATTEMPTS` times. A cell that fails (a prompt past the model's context,
 say) fails the version with the cell's error. Each cell run writes its rows into the version's
 MLflow run, as `cell-runs/<flow run id>.json`; the version is recorded, as without a pool, once
-every cell is in. A cell run that starts after its version's run ended does nothing.
+every cell is in. A cell run that starts after its version's run ended does nothing; when the
+version's run crashes, the reaper cancels the cell runs it left (`deployments.service.repair`).
 """
 
 from __future__ import annotations

@@ -109,6 +109,64 @@ def test_a_crashed_run_is_retried_once_when_newest_and_else_marked_superseded() 
     assert by_commit[(new, 2)].state.type.value == "SCHEDULED"  # type: ignore[attr-defined]
 
 
+def test_a_crashed_version_runs_queued_and_running_cell_runs_are_cancelled() -> None:
+    """A version's run killed outright leaves its matrix cells' subflow runs: the reaper that
+    sees the crash cancels those not ended (a queued one at once, a running one through its
+    worker), and leaves ended ones and other runs' cells alone."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Crashed, Running
+
+    from deployments.service.repair import ORPHANED, retry_crashed_runs
+
+    @flow(name="orphan-version")
+    def version(commit_sha: str = "", trigger: str = "manual", attempt: int = 1) -> None:
+        pass
+
+    @flow(name="orphan-cell")
+    def cell(cell: str = "") -> None:
+        pass
+
+    @task(name="orphan-hand-out")
+    def hand_out() -> None:
+        pass
+
+    sha = "e" * 40
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(client.create_flow(version), "orphans")
+        cell_deployment = client.create_deployment(client.create_flow(cell), "orphans")
+
+        def run_with_cells(states: list[object]) -> tuple[object, list[object]]:
+            parent = client.create_flow_run_from_deployment(
+                deployment_id, parameters={"commit_sha": sha, "trigger": "push"}
+            )
+            cells = []
+            for index, state in enumerate(states):
+                handed = client.create_task_run(hand_out, parent.id, dynamic_key=str(index))
+                child = client.create_flow_run_from_deployment(
+                    cell_deployment, parameters={"cell": str(index)}, parent_task_run_id=handed.id
+                )
+                if state is not None:
+                    client.set_flow_run_state(child.id, state, force=True)  # type: ignore[arg-type]
+                cells.append(child)
+            return parent, cells
+
+        crashed, orphans = run_with_cells([None, Running(), Completed()])
+        client.set_flow_run_state(crashed.id, Crashed(message="killed"), force=True)  # type: ignore[attr-defined]
+        going, theirs = run_with_cells([None])
+        client.set_flow_run_state(going.id, Running(), force=True)  # type: ignore[attr-defined]
+    item = Watched(deployment_id, RepoLocation.parse("https://example.com/org/o.git"), "main")
+
+    assert retry_crashed_runs([item], lambda _: sha).started == 1
+    with get_client(sync_client=True) as client:
+        queued, running, ended = (client.read_flow_run(c.id).state for c in orphans)  # type: ignore[attr-defined]
+        other = client.read_flow_run(theirs[0].id).state  # type: ignore[attr-defined]
+    assert queued.type.value == "CANCELLED"  # no worker had it: Prefect ends it at once
+    assert running.type.value == "CANCELLING" and running.message == ORPHANED
+    assert ended.type.value == "COMPLETED"
+    assert other.type.value == "SCHEDULED"  # a run going: its cells are its own
+
+
 def test_the_reaper_looks_for_dead_runs_often_while_busy_and_seldom_when_idle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,9 +32,11 @@ def flow_runs(
     newest_first: bool = True,
     limit: int = 200,
     flow_name: str | None = None,
+    parent: Any = None,
 ) -> list[Any]:
-    """Flow runs of a deployment (a list: of any of them; or of a flow), in `states` (any when
-    empty), newest first by expected start time (oldest first without `newest_first`)."""
+    """Flow runs of a deployment (a list: of any of them; or of a flow; or the subflow runs of
+    the flow run `parent`), in `states` (any when empty), newest first by expected start time
+    (oldest first without `newest_first`)."""
     from prefect.client.schemas import filters as F
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
@@ -45,13 +47,16 @@ def flow_runs(
     if deployment_id is not None:
         ids = list(deployment_id) if isinstance(deployment_id, list | tuple) else [deployment_id]
         deployments = F.DeploymentFilter(id=F.DeploymentFilterId(any_=ids))
-    runs = F.FlowRunFilter(state=F.FlowRunFilterState(type=F.FlowRunFilterStateType(any_=wanted)))
+    runs = F.FlowRunFilter(
+        state=F.FlowRunFilterState(type=F.FlowRunFilterStateType(any_=wanted)) if wanted else None,
+        parent_flow_run_id=F.FlowRunFilterParentFlowRunId(any_=[parent]) if parent else None,
+    )
     newest, oldest = FlowRunSort.EXPECTED_START_TIME_DESC, FlowRunSort.EXPECTED_START_TIME_ASC
     return list(
         api.read_flow_runs(
             flow_filter=flows,
             deployment_filter=deployments,
-            flow_run_filter=runs if wanted else None,
+            flow_run_filter=runs if wanted or parent else None,
             sort=newest if newest_first else oldest,
             limit=limit,
         )

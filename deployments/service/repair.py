@@ -177,6 +177,7 @@ def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str |
                 continue
             # Marked first: a reaper that dies here loses a retry, never doubles one.
             api.update_flow_run(run.id, tags=[*run.tags, RETRIED_TAG])
+            cancel_orphan_cells(api, run)
             sha = queries.commit_of(run)
             latest = newest(item)
             why = run.state.message if run.state else ""
@@ -203,6 +204,25 @@ def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str |
             )
             started += 1
     return Reaped(started, len(runs) - len(crashed))
+
+
+ORPHANED = "Its version's run crashed; the retry, if any, makes its own cells"
+
+
+def cancel_orphan_cells(api: Any, run: Any) -> int:
+    """Cancel the matrix cell runs a crashed version's run left queued or generating: their
+    rows would go into its FAILED MLflow run, and the workers they take are wanted by its
+    retry's cells. Cancelling, as the version's run cancels a cell it no longer needs: Prefect
+    ends one no worker started at once, and a started one's worker stops its process. Returns
+    how many were cancelled."""
+    from prefect.states import Cancelling
+
+    going = queries.flow_runs(api, states=["SCHEDULED", "PENDING", "RUNNING"], parent=run.id)
+    for cell in going:
+        api.set_flow_run_state(cell.id, Cancelling(message=ORPHANED))
+    if going:
+        logger.info("Flow run %s crashed; cancelled its %d cell run(s)", run.name, len(going))
+    return len(going)
 
 
 class Failures:
