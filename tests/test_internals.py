@@ -4,7 +4,9 @@ test fails loudly, naming what changed, when a new version of the library moves 
 - Prefect: how a served run's process starts (`service.warm`), `run_flow_in_subprocess` of
   `prefect.runner._starter_direct` (the override point of its `DirectSubprocessStarter`); the
   executor a warm worker runs its runs through (`service.worker`), as Prefect's process worker
-  does: `FlowRunExecutorContext.create_executor`, its control channel, `ProcessHandle`.
+  does: `FlowRunExecutorContext.create_executor`, its control channel, `ProcessHandle`; and
+  the cache of the objects a run's events name (`prefect.events.related.RESOURCE_CACHE`),
+  which the warm worker fills for its runs.
 - transformers: what generate() will use for a pipeline call (`tasks.generate`), the pipeline's
   `_prepare_generate_kwargs` and `GenerationConfig._get_default_generation_params`; for
   batched prompts (`tasks.batching`), `_prepare_generation_config` and the order of the
@@ -126,3 +128,16 @@ def test_uvicorn_keeps_its_open_connections() -> None:
     assert "self.transport = transport" in inspect.getsource(H11Protocol.connection_made), (
         "uvicorn's connections no longer keep their transport: the receiver's deadline closes it"
     )
+
+
+def test_prefects_event_client_caches_related_objects_as_the_warm_worker_fills_them() -> None:
+    import prefect.events.related as related
+
+    source = inspect.getsource(related._get_and_cache_related_object)
+    assert isinstance(related.RESOURCE_CACHE, dict) and 'f"{kind}.{obj_id}"' in source, (
+        "prefect.events.related no longer caches related objects under `kind.id` in "
+        "RESOURCE_CACHE: a warm run's events read them again (deployments/service/worker.py)"
+    )
+    kinds = inspect.getsource(related.related_resources_from_run_context)
+    for kind in ("flow", "deployment", "work-queue", "work-pool"):
+        assert f'kind="{kind}"' in kinds, f"Prefect's events no longer relate a run's {kind}"

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -53,7 +56,12 @@ def pool(
     work.git("remote", "add", "origin", str(bare))
 
     prefect = PrefectServer(root / "prefect")
-    prefect.start()
+    # Its access log (a line per request), read by the test of what a run asks.
+    os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
+    try:
+        prefect.start()
+    finally:
+        os.environ.pop("PREFECT_SERVER_LOGGING_LEVEL")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     env = {
         **os.environ,
@@ -101,6 +109,7 @@ def pool(
             "env": env,
             "tracking_uri": tracking_uri,
             "worker": services[0],
+            "server_log": prefect.home / "server.log",
         }
     finally:
         for service in services:
@@ -151,6 +160,47 @@ def test_the_worker_starts_runs_warm_with_the_last_model_loaded(pool: dict[str, 
     # Forked from the fork server that loaded the model the run before used: nothing to load.
     assert second.data.metrics["load_seconds"] == 0.0  # type: ignore[attr-defined]
     assert second.data.tags["textgen.outcome"] == "new"  # type: ignore[attr-defined]
+
+
+def _asked(log: Path, start: int) -> Counter[str]:
+    """The requests the server's access log holds past byte `start`, by method and endpoint."""
+    with log.open("rb") as lines:
+        lines.seek(start)
+        text = lines.read().decode(errors="replace")
+    return Counter(
+        f"{m[1]} {re.sub('[0-9a-f-]{36}', '{id}', m[2])}"
+        for m in re.finditer(r'"(GET|POST|PATCH|PUT|DELETE) (/api/[^ ?"]+)', text)
+    )
+
+
+def test_a_warm_run_asks_the_server_nothing_its_worker_already_read(
+    pool: dict[str, object],
+) -> None:
+    """The worker hands a warm run the flow, deployment, work pool and work queue its events
+    name, and its default result storage (asked of the server at most once a minute): a run
+    after the first asks for none of them again."""
+    work, model, log = pool["work"], pool["model"], pool["server_log"]
+    assert isinstance(work, GitRepo) and isinstance(log, Path)
+    counts = []
+    for seed in (31, 32):
+        start = log.stat().st_size
+        sha = work.commit({"textgen.yaml": settings_yaml(model, random_seed=seed)})
+        work.git("push", "--quiet", "origin", "main")
+        run = wait_for(
+            partial(run_of, str(pool["tracking_uri"]), Path(str(pool["bare"])), sha),
+            180,
+            f"a run of {sha[:7]}",
+        )
+        assert run.data.tags["textgen.outcome"] == "new"  # type: ignore[attr-defined]
+        counts.append(_asked(log, start))
+    second = counts[1]
+    assert second["GET /api/admin/storage"] == 0, second
+    assert second["GET /api/work_queues/{id}"] == 0, second
+    # Prefect's own worker reads the deployment twice (it exists; its job variables) and the
+    # flow once, for the job configuration; the run's process reads neither again.
+    assert second["GET /api/deployments/{id}"] <= 2, second
+    assert second["GET /api/flows/{id}"] <= 1, second
+    assert second["POST /api/flow_runs/{id}/set_state"] >= 3, second  # the log is read right
 
 
 def test_prefect_deployment_run_with_a_quoted_sha(pool: dict[str, object]) -> None:
