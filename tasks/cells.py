@@ -17,6 +17,7 @@ version's run crashes, the reaper cancels the cell runs it left (`deployments.se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -339,15 +340,19 @@ class PrefectPool:
         return error_of(stored) if "error" in stored else Done.from_dict(stored)
 
     def cancel(self, ids: list[Any]) -> None:
-        from prefect.client.orchestration import get_client
-        from prefect.states import Cancelling
+        cancel_cell_runs(ids, "The version's run ended without this cell")
 
-        # Cancelling: Prefect ends one no worker started at once, and a started one's worker
-        # stops its process.
-        message = "The version's run ended without this cell"
+
+def cancel_cell_runs(ids: list[Any], message: str, client: Any = None) -> None:
+    """Set cell runs Cancelling, saying why: Prefect ends one no worker started at once, and a
+    started one's worker stops its process. Best effort: a cell run left over writes only its
+    file. `client`: a synchronous Prefect client already open, else one is opened."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with contextlib.nullcontext(client) if client else get_client(sync_client=True) as api:
         for run_id in ids:
             try:
-                with get_client(sync_client=True) as client:
-                    client.set_flow_run_state(run_id, Cancelling(message=message))
-            except Exception as exc:  # best effort: a cell run left over writes only its file
+                api.set_flow_run_state(run_id, Cancelling(message=message))
+            except Exception as exc:
                 logger.warning("Could not cancel cell run %s: %s", run_id, exc)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 from deployments.orchestration import queries
 from deployments.service.outbox import Outbox
-from tasks import recovery, versions
+from tasks import cells, recovery, versions
 from tasks.errors import NoExperimentError
 from tasks.names import PUSH, SUPERSEDED
 from tasks.repo import RepoLocation
@@ -212,14 +212,10 @@ ORPHANED = "Its version's run crashed; the retry, if any, makes its own cells"
 def cancel_orphan_cells(api: Any, run: Any) -> int:
     """Cancel the matrix cell runs a crashed version's run left queued or generating: their
     rows would go into its FAILED MLflow run, and the workers they take are wanted by its
-    retry's cells. Cancelling, as the version's run cancels a cell it no longer needs: Prefect
-    ends one no worker started at once, and a started one's worker stops its process. Returns
-    how many were cancelled."""
-    from prefect.states import Cancelling
-
+    retry's cells. Cancelled as the version's run cancels a cell it no longer needs
+    (`cells.cancel_cell_runs`). Returns how many were cancelled."""
     going = queries.flow_runs(api, states=["SCHEDULED", "PENDING", "RUNNING"], parent=run.id)
-    for cell in going:
-        api.set_flow_run_state(cell.id, Cancelling(message=ORPHANED))
+    cells.cancel_cell_runs([cell.id for cell in going], ORPHANED, api)
     if going:
         logger.info("Flow run %s crashed; cancelled its %d cell run(s)", run.name, len(going))
     return len(going)

@@ -15,13 +15,13 @@ deployment runs another flow, starts as the process worker starts it (`python -m
 prefect.engine`).
 
 A warm run asks the Prefect server less than a process worker's: 7 requests fewer per run,
-which tests/test_workpool.py checks from the server's access log. The worker hands the run's process what it
-already read for the run's job configuration (the flow, the deployment, the work pool, and the
-work queue, read once), for the related resources Prefect attaches to the run's events (`Known`),
-which a fresh process reads again; and, when neither Prefect's settings nor the server name a
-default result storage (the server's answer is read at most once a minute), the flow's result
-storage is the local storage path it would default to, which each of the run's tasks otherwise
-asks the server for (`GET /api/admin/storage`).
+which tests/test_workpool.py checks from the server's access log. The worker hands the run's
+process what it already read for the run's job configuration (the flow, the deployment, the
+work pool, and the work queue, read once), for the related resources Prefect attaches to the
+run's events (`Known`), which a fresh process reads again; and, when neither Prefect's settings
+nor the server name a default result storage (the server's answer is read at most once a
+minute), the flow's result storage is the local storage path it would default to, which each
+of the run's tasks otherwise asks the server for (`GET /api/admin/storage`).
 
 When a run's process dies (SIGKILL, the kernel's OOM killer), the worker sees it at once: Prefect's
 executor marks the flow run Crashed, which frees the deployment's slot, and the worker ends the
@@ -77,7 +77,8 @@ class WarmJobConfiguration(ProcessJobConfiguration):
 
     warm_flow: str = Field(default=FLOW)
     _read: dict[str, Any] = PrivateAttr(default_factory=dict)
-    """What the worker read to prepare it: the run's flow, deployment and work pool."""
+    """What the worker read to prepare it (the run's flow, deployment and work pool), by the
+    keys Prefect's event client caches them under (`Known`)."""
 
     def prepare_for_flow_run(
         self,
@@ -91,7 +92,12 @@ class WarmJobConfiguration(ProcessJobConfiguration):
         super().prepare_for_flow_run(
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
-        self._read = {"flow": flow, "deployment": deployment, "work-pool": work_pool}
+        read = {
+            f"flow.{getattr(flow, 'id', '')}": flow,
+            f"deployment.{getattr(deployment, 'id', '')}": deployment,
+            f"work-pool.{getattr(work_pool, 'name', '')}": work_pool,
+        }
+        self._read = {key: found for key, found in read.items() if found is not None}
 
 
 class Known:
@@ -245,17 +251,14 @@ class WarmWorker(ProcessWorker):
     async def _told(self, flow: Any, flow_run: FlowRun, configuration: WarmJobConfiguration) -> Any:
         """The flow to start, given what the run's process would otherwise ask the server:
         the objects its events name (`Known`), and its default result storage."""
-        objects = {
-            f"{kind}.{found.name if kind == 'work-pool' else found.id}": found
-            for kind, found in configuration._read.items()
-            if found is not None
-        }
+        objects = dict(configuration._read)
         if flow_run.work_queue_id is not None:
             queue = await self._work_queue(flow_run.work_queue_id)
             objects[f"work-queue.{queue.id}"] = queue
         options: dict[str, Any] = {"on_running": [*flow.on_running_hooks, Known(objects)]}
-        storage = await self._local_result_storage(configuration)
-        if flow.result_storage is None and storage is not None:
+        if flow.result_storage is None and (
+            storage := await self._local_result_storage(configuration)
+        ):
             from prefect.settings import get_current_settings
 
             # As Prefect defaults them: persisted by the setting, in its local storage path.
