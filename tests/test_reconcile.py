@@ -174,7 +174,7 @@ def test_the_reaper_looks_for_dead_runs_often_while_busy_and_seldom_when_idle(
 
     repo = RepoLocation.parse("https://example.com/org/idle.git")
     outbox = Outbox(tmp_path / "outbox.sqlite")
-    reaper = Reaper([Watched("d", repo, "main")], outbox, dead_every=3, idle_every=60)
+    reaper = Reaper([Watched("d", repo, "main")], outbox, dead_seconds=15, dead_idle_seconds=300)
     looked: list[int] = []
     seen = [Reaped(0, 0)]
     now = [1000.0]
@@ -186,24 +186,65 @@ def test_the_reaper_looks_for_dead_runs_often_while_busy_and_seldom_when_idle(
 
     monkeypatch.setattr("deployments.service.repair.retry_crashed_runs", read)
     monkeypatch.setattr("deployments.service.repair.time.monotonic", lambda: now[0])
-    monkeypatch.setattr(reaper, "end_dead_runs", lambda item: looked.append(reaper.passes))
+    monkeypatch.setattr(reaper, "end_dead_runs", lambda item: looked.append(int(now[0] - 1000)))
 
     def passes(count: int) -> list[int]:
+        """`count` passes 5 s apart: the seconds (from the start) at which it looked."""
         looked.clear()
         for _ in range(count):
             reaper.check()
             now[0] += 5.0
         return list(looked)
 
-    assert passes(120) == [0, 60]  # idle from the start: every 60th pass (5 min)
-    seen[0] = Reaped(0, 1)  # a run going: every 3rd pass (15 s)
-    assert passes(9) == [120, 123, 126]
+    assert passes(120) == [0, 300]  # idle from the start: every 5 min
+    seen[0] = Reaped(0, 1)  # a run going: every 15 s
+    assert passes(9) == [600, 615, 630]
     seen[0] = Reaped(0, 0)  # and for BUSY_SECONDS after the last was seen
-    assert passes(15) == [129, 132, 135, 138]
-    assert passes(45) == [180]
+    assert passes(15) == [645, 660, 675, 690]
+    assert passes(60) == [990]  # idle: 5 min after the last look
     seen[0] = Reaped(1, 0)  # a crashed run started again
-    assert passes(3) == [189]
+    assert passes(3) == [1020]
     seen[0] = Reaped(0, 0)
-    assert passes(60) == [192, 195, 198, 201, 240]
+    reaper.pushed()  # a push sent to Prefect: busy for BUSY_SECONDS from now
+    assert passes(15) == [1035, 1050, 1065, 1080]
+    assert passes(60) == [1380]
     seen[0] = ConnectionError("Prefect away")  # what Prefect would say is unknown: busy
-    assert passes(3) == [252]
+    assert passes(3) == [1410]
+
+
+def test_the_idle_reaper_reads_prefect_once_a_minute_and_a_push_makes_it_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reaper's own loop, on a short clock: idle, one retry read per `idle_seconds`; after
+    a push sent, one per `seconds`, even while pushes keep coming faster than that."""
+
+    from deployments.service.repair import Reaped, Reaper
+
+    repo = RepoLocation.parse("https://example.com/org/idle.git")
+    reads: list[float] = []
+
+    def read(watched: object, newest: object) -> Reaped:
+        reads.append(time.monotonic())
+        return Reaped(0, 0)
+
+    monkeypatch.setattr("deployments.service.repair.retry_crashed_runs", read)
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    reaper = Reaper([Watched("d", repo, "main")], outbox, seconds=0.05, idle_seconds=30.0)
+    monkeypatch.setattr(reaper, "end_dead_runs", lambda item: None)
+    reaper.start()
+    try:
+        time.sleep(0.6)
+        assert len(reads) == 1  # the first pass, then idle: the next is 30 s away
+        reaper.pushed()
+        time.sleep(0.6)
+        assert 4 <= len(reads) - 1 <= 13  # every 0.05 s (12 in 0.6 s), however loaded
+        burst = len(reads)
+        for _ in range(60):  # pushes every 0.01 s: each one must not put the pass off
+            reaper.pushed()
+            time.sleep(0.01)
+        assert len(reads) - burst >= 4
+    finally:
+        reaper.stopping.set()
+        reaper.pushed()
+        reaper.join(timeout=5)
+    assert not reaper.is_alive()

@@ -325,11 +325,13 @@ class Reaper(RepairLoop):
     (or are published, when they held their number), and crashed push runs run once more.
     Prefect itself marks a run whose worker died Crashed (the heartbeat automation), and a warm
     worker marks a run whose process died Crashed at once and ends its MLflow runs; this
-    thread does the rest, from the receiver's machine: the retries every `seconds` (one read
-    for every deployment), the dead runs' MLflow records every `dead_every` passes while the
-    service is busy (runs going, or a crashed run started again, in the last `BUSY_SECONDS`; or
-    Prefect not answering), and every `idle_every` passes once it is idle: an idle service asks
-    MLflow almost nothing. (A version's run also ends its repository's dead runs as it starts.)"""
+    thread does the rest, from the receiver's machine. While the service is busy (a push sent
+    to Prefect, runs going, or a crashed run started again, in the last `BUSY_SECONDS`; or
+    Prefect not answering) it reads the retries every `seconds` (one read for every
+    deployment) and the dead runs' MLflow records every `dead_seconds`; once idle, every
+    `idle_seconds` and `dead_idle_seconds`: an idle service asks Prefect once a minute and
+    MLflow almost nothing. A push sent wakes it (`pushed`). (A version's run also ends its
+    repository's dead runs as it starts.)"""
 
     loop = "reaper"
     BUSY_SECONDS = 60.0
@@ -339,32 +341,56 @@ class Reaper(RepairLoop):
         watched: list[Watched],
         outbox: Outbox,
         seconds: float = 5.0,
-        dead_every: int = 3,
-        idle_every: int = 60,
+        idle_seconds: float = 60.0,
+        dead_seconds: float = 15.0,
+        dead_idle_seconds: float = 300.0,
     ) -> None:
         super().__init__(watched, outbox, seconds)
-        self.dead_every = dead_every
-        self.idle_every = idle_every
-        self.passes = 0
+        self.idle_seconds = idle_seconds
+        self.dead_seconds = dead_seconds
+        self.dead_idle_seconds = dead_idle_seconds
+        self.wake = threading.Event()
         self.busy_until = 0.0
-        """Until when (monotonic) what the last retry pass saw keeps the reaper busy."""
+        """Until when (monotonic) the service counts as busy: what the last retry pass saw, or
+        the last push sent."""
+        self.dead_at = float("-inf")
+        """When (monotonic) the dead runs were last looked for."""
         self.experiments: dict[str, Experiment] = {}
         """Each repository's experiment, once it has one."""
 
+    def busy(self) -> bool:
+        """Whether the service was busy in the last `BUSY_SECONDS`."""
+        return time.monotonic() < self.busy_until
+
+    def pushed(self) -> None:
+        """A push's event reached Prefect: its run may start, and crash, at any moment."""
+        self.busy_until = max(self.busy_until, time.monotonic() + self.BUSY_SECONDS)
+        self.wake.set()
+
     def run(self) -> None:
-        """Check every `seconds`."""
-        while not self.stopping.wait(self.seconds):
+        """Check every `seconds` while busy, every `idle_seconds` when idle; a push sent
+        brings an idle wait's end to at most `seconds` away."""
+        due = time.monotonic() + self.seconds
+        while not self.stopping.is_set():
+            woken = self.wake.wait(max(0.0, due - time.monotonic()))
+            self.wake.clear()
+            if woken:
+                due = min(due, time.monotonic() + self.seconds)
+                continue
+            if self.stopping.is_set():
+                break
             self.check()
+            due = time.monotonic() + (self.seconds if self.busy() else self.idle_seconds)
 
     def check(self) -> None:
         """One pass: the retries, and now and then the dead runs."""
         self.attempt("retry crashed runs", self.retry)
-        every = self.dead_every if time.monotonic() < self.busy_until else self.idle_every
-        if self.passes % every == 0:
+        every = self.dead_seconds if self.busy() else self.dead_idle_seconds
+        if time.monotonic() - self.dead_at >= every:
+            self.dead_at = time.monotonic()
             for item in self.watched:
                 dead = partial(self.end_dead_runs, item)
                 self.attempt(f"end the dead runs of {item.repo.url}", dead)
-        self.passes += 1
 
     def retry(self) -> None:
         """Run the crashed push runs once more, when they are still the newest."""
@@ -374,10 +400,10 @@ class Reaper(RepairLoop):
                 self.watched, lambda i: self.outbox.latest(i.repo, i.branch)
             )
         except Exception:  # Prefect not answering: what it would say is unknown
-            self.busy_until = busy
+            self.busy_until = max(self.busy_until, busy)
             raise
         if reaped.started or reaped.active:
-            self.busy_until = busy
+            self.busy_until = max(self.busy_until, busy)
 
     def end_dead_runs(self, item: Watched) -> None:
         """End the MLflow runs of the repository whose process is gone (none before its first)."""

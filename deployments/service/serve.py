@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from deployments.ops.mlflow_ui import MlflowUI
@@ -79,13 +80,21 @@ def start_receiver(
         for t in targets
         if deployments and deployments.get(t.name) is not None
     ]
-    janitor = None
+    sent: list[Callable[[], None]] = []  # woken when events reached Prefect
     if watched:
         janitor = Janitor(watched, outbox)
         threads.append(janitor)
+        sent.append(janitor.wake.set)
         if reap:
-            threads.append(Reaper(watched, outbox))
-    threads.append(Emitter(outbox, after_send=janitor.wake.set if janitor else None))
+            reaper = Reaper(watched, outbox)
+            threads.append(reaper)
+            sent.append(reaper.pushed)
+
+    def told() -> None:
+        for wake in sent:
+            wake()
+
+    threads.append(Emitter(outbox, after_send=told if sent else None))
     reporting = [(t.link, t.token) for t in targets if t.link is not None and t.token]
     if reporting:
         threads.append(Reporter(outbox.path, reporting, deployments or {}, reap=reap))
