@@ -117,7 +117,7 @@ def test_a_crashed_version_runs_queued_and_running_cell_runs_are_cancelled() -> 
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Crashed, Running
 
-    from deployments.service.repair import ORPHANED, retry_crashed_runs
+    from deployments.service.repair import CELLS_ENDED_TAG, ORPHANED, retry_crashed_runs
 
     @flow(name="orphan-version")
     def version(commit_sha: str = "", trigger: str = "manual", attempt: int = 1) -> None:
@@ -136,9 +136,11 @@ def test_a_crashed_version_runs_queued_and_running_cell_runs_are_cancelled() -> 
         deployment_id = client.create_deployment(client.create_flow(version), "orphans")
         cell_deployment = client.create_deployment(client.create_flow(cell), "orphans")
 
-        def run_with_cells(states: list[object]) -> tuple[object, list[object]]:
+        def run_with_cells(
+            states: list[object], trigger: str = "push"
+        ) -> tuple[object, list[object]]:
             parent = client.create_flow_run_from_deployment(
-                deployment_id, parameters={"commit_sha": sha, "trigger": "push"}
+                deployment_id, parameters={"commit_sha": sha, "trigger": trigger}
             )
             cells = []
             for index, state in enumerate(states):
@@ -155,16 +157,24 @@ def test_a_crashed_version_runs_queued_and_running_cell_runs_are_cancelled() -> 
         client.set_flow_run_state(crashed.id, Crashed(message="killed"), force=True)  # type: ignore[attr-defined]
         going, theirs = run_with_cells([None])
         client.set_flow_run_state(going.id, Running(), force=True)  # type: ignore[attr-defined]
+        manual, its_cells = run_with_cells([Running()], trigger="manual")
+        client.set_flow_run_state(manual.id, Crashed(message="killed"), force=True)  # type: ignore[attr-defined]
     item = Watched(deployment_id, RepoLocation.parse("https://example.com/org/o.git"), "main")
 
-    assert retry_crashed_runs([item], lambda _: sha).started == 1
+    assert retry_crashed_runs([item], lambda _: sha).started == 1  # the push run, not the manual
     with get_client(sync_client=True) as client:
         queued, running, ended = (client.read_flow_run(c.id).state for c in orphans)  # type: ignore[attr-defined]
         other = client.read_flow_run(theirs[0].id).state  # type: ignore[attr-defined]
+        manual_cell = client.read_flow_run(its_cells[0].id).state  # type: ignore[attr-defined]
+        tags = client.read_flow_run(manual.id).tags  # type: ignore[attr-defined]
     assert queued.type.value == "CANCELLED"  # no worker had it: Prefect ends it at once
     assert running.type.value == "CANCELLING" and running.message == ORPHANED
     assert ended.type.value == "COMPLETED"
     assert other.type.value == "SCHEDULED"  # a run going: its cells are its own
+    assert manual_cell.type.value == "CANCELLING"  # a manual run is not retried; its cells end
+    assert CELLS_ENDED_TAG in tags
+    # Each crashed run is handled once: the next pass starts nothing more.
+    assert retry_crashed_runs([item], lambda _: sha).started == 0
 
 
 def test_the_reaper_looks_for_dead_runs_often_while_busy_and_seldom_when_idle(

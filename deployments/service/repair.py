@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 RETRIED_TAG = "textgen-retried"
 """The Prefect tag of a crashed push run the reaper has retried (each is retried once)."""
+CELLS_ENDED_TAG = "textgen-cells-ended"
+"""The Prefect tag of a crashed manual run whose cell runs the reaper has ended (a manual run
+is not retried: its user starts it again)."""
 RUN_GRACE_SECONDS = 30.0
 """How long after Prefect took a push event its deployment trigger has to start a run."""
 
@@ -162,8 +165,9 @@ ACTIVE = ("PENDING", "RUNNING", "CANCELLING")
 def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str | None]) -> Reaped:
     """Start a crashed push run once more (on whichever worker takes it) when its commit is
     still its branch's newest push (`newest`), at most once per run, never a retry's retry; one
-    a newer push replaced is marked superseded (Cancelled, the message saying why). One read
-    for every watched deployment, which also counts their runs going."""
+    a newer push replaced is marked superseded (Cancelled, the message saying why). Every
+    crashed run's cell runs still going are ended (`cancel_orphan_cells`), a manual run's too.
+    One read for every watched deployment, which also counts their runs going."""
     from prefect.states import Cancelled
 
     items = {item.deployment_id: item for item in watched}
@@ -173,7 +177,11 @@ def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str |
         crashed = [r for r in runs if r.state_type.value == "CRASHED"]
         for run in crashed:
             item = items.get(run.deployment_id)
-            if item is None or RETRIED_TAG in run.tags or not queries.automatic(run):
+            if item is None or RETRIED_TAG in run.tags or CELLS_ENDED_TAG in run.tags:
+                continue
+            if not queries.automatic(run):
+                api.update_flow_run(run.id, tags=[*run.tags, CELLS_ENDED_TAG])
+                cancel_orphan_cells(api, run)
                 continue
             # Marked first: a reaper that dies here loses a retry, never doubles one.
             api.update_flow_run(run.id, tags=[*run.tags, RETRIED_TAG])
