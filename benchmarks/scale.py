@@ -15,10 +15,13 @@ each repository's last push is a version. It reports generations executed agains
 push → Running latency (p50/p95), throughput, CPU seconds spent by the workers and by the
 servers per generation, and the servers' database work (PostgreSQL transactions and rows
 inserted) per push and per version, the HTTP requests each server served per push (from their
-access logs), and per second once the service is idle. Last, `--alone` pushes one at a time,
-each once the one before is a version: push → Running with nothing queued before it.
+access logs), and per second once the service is idle (`--settle` seconds after the drain:
+the reaper reads Prefect every 5 s for a minute after the last run, once a minute after).
+Last, `--alone` pushes one at a time, each once the one before is a version: push → Running
+with nothing queued before it.
 
     .venv/bin/python benchmarks/scale.py [--repos 6] [--pushes 120] [--seconds 120] [--workers 1,3]
+        [--idle 30] [--settle 0]
 """
 
 from __future__ import annotations
@@ -550,7 +553,8 @@ def measure(
             row.result[f"{name} server requests per push, top"] = {
                 path: round(count / accepted, 2) for path, count in served.most_common(8)
             }
-        # The service idle: nothing pushed, nothing running.
+        # The service idle: nothing pushed, nothing running (after `--settle` seconds more).
+        time.sleep(args.settle)
         idle_before = {name: requests_served(log) for name, log in logs.items()}
         idle_cpu_before = {name: tree_cpu(p) for name, p in target.servers.items()}
         time.sleep(args.idle)
@@ -575,6 +579,9 @@ def main() -> None:
     parser.add_argument("--workers", default="1,3", help="team rows: worker counts")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds idle, counted after")
+    parser.add_argument(
+        "--settle", type=float, default=0.0, help="seconds waited before the idle count"
+    )
     parser.add_argument("--alone", type=int, default=10, help="pushes one at a time, at the end")
     args = parser.parse_args()
     print_header(
