@@ -210,3 +210,55 @@ def test_compose_and_the_supervised_topology_have_the_same_policies(tmp_path: Pa
     assert _command(services["worker"])[_command(services["worker"]).index("--type") + 1] == (
         WORKER_TYPE
     )
+
+
+@pytest.mark.slow
+def test_a_run_left_pending_by_a_dead_worker_is_crashed_by_the_zombie_automation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed as it starts a run leaves the run Pending, holding its deployment's
+    slot: the automation, on a real Prefect server, crashes it; a run that goes on to Running
+    and ends is left alone."""
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Pending, Running
+
+    from deployments.orchestration.automations import apply_automations
+    from tests.servers import PrefectServer, wait_for
+
+    server = PrefectServer(tmp_path / "prefect")
+    server.start()
+    try:
+        monkeypatch.setenv("PREFECT_API_URL", server.api_url)
+
+        @flow(name="zombie-target")
+        def target() -> None:
+            pass
+
+        with get_client(sync_client=True) as client:
+            apply_automations(client, 10, None, "")
+            deployment = client.create_deployment(
+                client.create_flow(target), "zombies", tags=["textgen"]
+            )
+            stuck = client.create_flow_run_from_deployment(deployment)
+            moving = client.create_flow_run_from_deployment(deployment)
+            client.set_flow_run_state(stuck.id, Pending())
+            client.set_flow_run_state(moving.id, Pending())
+            time.sleep(2)
+            client.set_flow_run_state(moving.id, Running())
+            time.sleep(2)
+            client.set_flow_run_state(moving.id, Completed())
+            ended = time.monotonic()
+
+            def state(run: object) -> object:
+                return client.read_flow_run(run.id).state  # type: ignore[attr-defined]
+
+            wait_for(lambda: state(stuck).type.value == "CRASHED", 90, "the Pending run Crashed")  # type: ignore[attr-defined]
+            assert "not Running after Pending" in state(stuck).message  # type: ignore[attr-defined]
+            # Past the automation's 10 s and the server's 5 s proactive pass.
+            time.sleep(max(0.0, ended + 16 - time.monotonic()))
+            assert state(moving).type.value == "COMPLETED"  # type: ignore[attr-defined]
+    finally:
+        server.stop()
