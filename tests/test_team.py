@@ -471,7 +471,7 @@ def test_a_worker_killed_mid_run_leaves_nothing_running(topology: Topology) -> N
     note = wait_for(
         lambda: [n for n in topology.notes if sha in n.get("body", "")], 120, "a notification"
     )[0]
-    assert str(beta.bare) in note["body"] and "heartbeats" in note["body"]
+    assert str(beta.bare) in note["body"] and "no heartbeat" in note["body"]
     assert "/runs/flow-run/" in note["body"]
     assert f"{topology.team.mlflow_uri}/#/experiments/" in note["body"]
     # Nobody started the worker again: supervisord did.
