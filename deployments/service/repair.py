@@ -179,13 +179,13 @@ def retry_crashed_runs(watched: list[Watched], newest: Callable[[Watched], str |
             item = items.get(run.deployment_id)
             if item is None or RETRIED_TAG in run.tags or CELLS_ENDED_TAG in run.tags:
                 continue
-            if not queries.automatic(run):
-                api.update_flow_run(run.id, tags=[*run.tags, CELLS_ENDED_TAG])
-                cancel_orphan_cells(api, run)
-                continue
+            automatic = queries.automatic(run)
             # Marked first: a reaper that dies here loses a retry, never doubles one.
-            api.update_flow_run(run.id, tags=[*run.tags, RETRIED_TAG])
+            tag = RETRIED_TAG if automatic else CELLS_ENDED_TAG
+            api.update_flow_run(run.id, tags=[*run.tags, tag])
             cancel_orphan_cells(api, run)
+            if not automatic:
+                continue  # a manual run is its user's to start again
             sha = queries.commit_of(run)
             latest = newest(item)
             why = run.state.message if run.state else ""
