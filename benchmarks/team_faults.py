@@ -12,12 +12,18 @@ once per scenario and nobody restarts anything by hand:
   every worker, connections hanging rather than refused;
 - a worker SIGKILLed with its fork server and its run.
 
-After each fault, once the server answers again, one more push: it must become a version. The
-checker (`scale.check`) then classifies every accepted push (a version, a recorded skip, a run
-Prefect shows Superseded, a recorded failure, else lost), checks the numbering and that nothing
-is left RUNNING in MLflow or unfinished in Prefect.
+After each fault, once the server answers again, one more push: it must become a version (within
+`--next-within` seconds). One that does not leaves what Prefect showed of it then, for whoever
+looks into it, in `stalled-<fault>.json` next to the benchmark's repositories: its
+repository's flow runs with their states and concurrency leases, the deployment's concurrency
+limit, the leases on the server's disk, the work queues and workers, and the worker's and the
+receiver's log lines that name its runs. The checker (`scale.check`) then classifies every
+accepted push (a version, a recorded skip, a run Prefect shows Superseded, a recorded failure,
+else lost), checks the numbering and that nothing is left RUNNING in MLflow or unfinished in
+Prefect.
 
     .venv/bin/python benchmarks/team_faults.py [--workers 2] [--burst 4] [--freeze 30]
+        [--only SUBSTRING] [--next-within 600]
 """
 
 from __future__ import annotations
@@ -25,18 +31,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 from _common import bench_dir, print_header
-from scale import Push, Repos, check, settled, team
+from scale import Push, Repos, check, flow_runs, settled, team
 
 from deployments.ops.process import healthy
-from deployments.ops.team import Team
+from deployments.ops.team import POOL, Team
 from tests.conftest import build_tiny_gpt2
 from tests.servers import wait_for
 
@@ -91,6 +100,10 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=4, help="pushes in flight at each fault")
     parser.add_argument("--freeze", type=float, default=30.0)
     parser.add_argument("--lead", type=float, default=3.0, help="seconds from burst to fault")
+    parser.add_argument("--only", default="", help="only the faults whose name has this")
+    parser.add_argument(
+        "--next-within", type=float, default=600.0, help="seconds the next push has to be a version"
+    )
     args = parser.parse_args()
     print_header(f"team faults: {args.workers} workers, {args.repos} repositories")
     root = bench_dir() / "team_faults"
@@ -111,6 +124,8 @@ def main() -> None:
         warm = [repos.push(n, 1) for n in names]
         wait_for(lambda: settled(target, repos, warm), 600, "warm-up", interval=2)
         for name, strike, answers in faults(service, args.freeze):
+            if args.only.lower() not in name.lower():
+                continue
             for index in range(args.burst):
                 seed += 1
                 pushes.append(repos.push(names[index % len(names)], seed))
@@ -125,10 +140,12 @@ def main() -> None:
             pushes.append(last)
             during[last.sha] = f"after {name}"
             try:
-                wait_for(lambda p=last: settled(target, repos, [p]), 600, f"{name}: next push")
+                next_push = partial(settled, target, repos, [last])
+                wait_for(next_push, args.next_within, f"{name}: next push")
                 after: float | None = time.time() - last.at
             except Exception as exc:  # recorded, judged below
-                after, note = None, f"{note}; next push: {exc}"
+                kept = stalled(service, repos, last, root / f"stalled-{_slug(name)}.json")
+                after, note = None, f"{note}; next push: {exc}; what Prefect showed: {kept}"
             outcomes.append(Outcome(name, back, after, note))
             print(json.dumps(outcomes[-1].__dict__), flush=True)
         wait_for(lambda: settled(target, repos, pushes), 900, "drain", interval=2)
@@ -149,6 +166,48 @@ def main() -> None:
             f"| next push a version after {version} | {outcome.note} |"
         )
     print(json.dumps(result, indent=1, default=str))
+
+
+def stalled(service: Team, repos: Repos, push: Push, path: Path) -> Path:
+    """Keep what Prefect shows of a push that did not become a version, in `path`."""
+    api = service.prefect_api
+    runs = [
+        r for r in flow_runs(api) if r["parameters"].get("repo_url") == str(repos.bare[push.repo])
+    ]
+    deployments = {r["deployment_id"] for r in runs} - {None}
+    leases = service.home / "prefect" / "concurrency_leases"
+    logs = {w.name: w.log for w in [*service.workers, service.servers["receiver"]]}
+    ids = {r["id"] for r in runs}
+    shown = {
+        "push": {"repo": push.repo, "sha": push.sha, "at": push.at},
+        "flow runs": [_run(r) for r in runs],
+        "deployments": [httpx.get(f"{api}/deployments/{d}", timeout=30).json() for d in deployments],
+        "leases on disk": {p.name: p.read_text() for p in sorted(leases.glob("*.json"))},
+        "work queues": httpx.post(f"{api}/work_pools/{POOL}/queues/filter", json={}, timeout=30).json(),
+        "workers": httpx.post(f"{api}/work_pools/{POOL}/workers/filter", json={}, timeout=30).json(),
+        "log lines naming its runs": {
+            name: [line for line in log.read_text().splitlines() if any(i in line for i in ids)][-40:]
+            for name, log in logs.items()
+        },
+    }  # fmt: skip
+    path.write_text(json.dumps(shown, indent=1, default=str))
+    return path
+
+
+def _run(run: dict[str, Any]) -> dict[str, Any]:
+    state = run.get("state") or {}
+    keys = ("id", "name", "state_type", "state_name", "created", "expected_start_time",
+            "next_scheduled_start_time", "start_time", "end_time", "work_queue_name", "tags")  # fmt: skip
+    return {
+        **{key: run.get(key) for key in keys},
+        "commit": run["parameters"].get("commit_sha"),
+        "message": state.get("message"),
+        "lease": (state.get("state_details") or {}).get("deployment_concurrency_lease_id"),
+    }
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def failures(tracking_uri: str, repos: Repos, during: dict[str, str]) -> list[str]:
