@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -287,8 +288,9 @@ def median(values: list[float]) -> float | None:
 
 
 def p95(values: list[float]) -> float | None:
-    """The 95th percentile: the sorted values' one at rank floor(0.95 (n - 1))."""
-    return sorted(values)[int(0.95 * (len(values) - 1))] if values else None
+    """The 95th percentile, by nearest rank: the sorted values' ceil(0.95 n)-th (of two values,
+    the larger; never below the median)."""
+    return sorted(values)[math.ceil(0.95 * len(values)) - 1] if values else None
 
 
 _VERSIONED = """
