@@ -322,13 +322,14 @@ def settled(target: Target, repos: Repos, pushes: list[Push]) -> bool:
     done = versioned(target.mlflow_db)
     if any((experiment_name(str(repos.bare[name])), sha) not in done for name, sha in last.items()):
         return False
-    return not any(
-        r["state_type"] in UNFINISHED or awaits_reaper(r) for r in flow_runs(target.prefect_api)
-    )
+    return not any(is_unfinished(r) for r in flow_runs(target.prefect_api))
 
 
-def awaits_reaper(run: dict[str, Any]) -> bool:
-    """A crashed run of a team's link that the reaper has not tagged retried or ended yet."""
+def is_unfinished(run: dict[str, Any]) -> bool:
+    """A flow run still going, or a crashed run of a team's link that the reaper has not
+    tagged retried or ended yet (it may start it once more)."""
+    if run["state_type"] in UNFINISHED:
+        return True
     tags = set(run["tags"])
     return (
         run["state_type"] == "CRASHED"
@@ -408,7 +409,7 @@ def check(target: Target, repos: Repos, pushes: list[Push], warm: int) -> dict[s
         if numbers:
             missing += max(numbers) - len(set(numbers))
         running += sum(1 for r in runs[name] if r.info.status == "RUNNING")
-    unfinished = sum(1 for r in prefect if r["state_type"] in UNFINISHED or awaits_reaper(r))
+    unfinished = sum(1 for r in prefect if is_unfinished(r))
     last = {p.repo: p.sha for p in pushes}
     tips_not_versions = sum(
         1
